@@ -1,0 +1,22 @@
+"""twa_jax: Trainable Weight Averaging for JAX, optax and flax.
+
+  import twa_jax as twa
+  basis = twa.Basis.from_snapshots(snapshots)
+  tx = twa.twa(basis, learning_rate=2.0)
+"""
+
+from twa_jax.averaging import averaging_coefficients
+from twa_jax.averaging import swa
+from twa_jax.basis import Basis
+from twa_jax.basis import orthonormalize
+from twa_jax.transform import project
+from twa_jax.transform import scale_by_subspace
+from twa_jax.transform import SubspaceState
+from twa_jax.transform import twa
+from twa_jax.tree import ParamSpec
+
+__all__ = [
+    "Basis", "ParamSpec", "SubspaceState", "averaging_coefficients",
+    "orthonormalize", "project", "scale_by_subspace", "swa", "twa",
+]
+__version__ = "0.1.0"
