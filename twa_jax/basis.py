@@ -200,6 +200,21 @@ class Basis:
                            **layout_kwargs)
 
   @classmethod
+  def from_store(cls, store, steps: Sequence[int] | None = None, *,
+                 rtol: float | None = None, dtype=jnp.float32,
+                 **layout_kwargs) -> Basis:
+    """Basis of snapshots read one at a time from a `TrajectoryStore`.
+
+    Args:
+      store: an open `twa_jax.TrajectoryStore`.
+      steps: the steps to use (default: all complete snapshots).
+      rtol, dtype, **layout_kwargs: as for :meth:`from_snapshots`.
+    """
+    spec, matrix = store.read_matrix(steps)
+    return cls.from_matrix(spec, matrix, rtol=rtol, dtype=dtype,
+                           **layout_kwargs)
+
+  @classmethod
   def from_matrix(cls, spec: tree_lib.ParamSpec, matrix, *,
                   rtol: float | None = None, dtype=jnp.float32,
                   **layout_kwargs) -> Basis:
