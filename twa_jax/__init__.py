@@ -10,13 +10,17 @@ from twa_jax.averaging import swa
 from twa_jax.basis import Basis
 from twa_jax.basis import orthonormalize
 from twa_jax.transform import project
+from twa_jax.transform import ProjectState
+from twa_jax.transform import restore_basis
 from twa_jax.transform import scale_by_subspace
+from twa_jax.transform import strip_basis
 from twa_jax.transform import SubspaceState
 from twa_jax.transform import twa
 from twa_jax.tree import ParamSpec
 
 __all__ = [
-    "Basis", "ParamSpec", "SubspaceState", "averaging_coefficients",
-    "orthonormalize", "project", "scale_by_subspace", "swa", "twa",
+    "Basis", "ParamSpec", "ProjectState", "SubspaceState",
+    "averaging_coefficients", "orthonormalize", "project", "restore_basis",
+    "scale_by_subspace", "strip_basis", "swa", "twa",
 ]
 __version__ = "0.1.0"

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ import scipy.linalg
 from twa_jax import tree as tree_lib
 
 PyTree = Any
+AxisName = str | tuple[str, ...]
 _CHUNK = 1 << 15  # columns per float64 Gram block: keeps the float64 copy small
 
 
@@ -53,13 +54,18 @@ def _columns64(x: jax.Array, start, size: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1).astype(jnp.float64)
 
 
-def _gram64(a: jax.Array) -> jax.Array:
-  """a @ a.T accumulated in float64 over column blocks (call under x64)."""
+def _gram64(a: jax.Array, axis_name: AxisName | None = None) -> jax.Array:
+  """a @ a.T accumulated in float64 over column blocks (call under x64).
+
+  With `axis_name` (inside `jax.shard_map`, columns sharded over that mesh
+  axis), the per-device Grams are summed with one psum of n x n floats.
+  """
   def body(gram, start, size):
     block = _columns64(a, start, size)
     return gram + block @ block.T
-  return _over_columns(a.shape[1], body,
+  gram = _over_columns(a.shape[1], body,
                        jnp.zeros((a.shape[0], a.shape[0]), jnp.float64))
+  return gram if axis_name is None else jax.lax.psum(gram, axis_name)
 
 
 def _combine64(c: jax.Array, v: jax.Array, dtype) -> jax.Array:
@@ -71,21 +77,46 @@ def _combine64(c: jax.Array, v: jax.Array, dtype) -> jax.Array:
                        jnp.zeros((c.shape[0], v.shape[1]), dtype))
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _center(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _center(w: jax.Array, axis_name: AxisName | None = None
+            ) -> tuple[jax.Array, jax.Array]:
   """Rows w_i - w_r (i != r) and w_r itself, r = n // 2; their float64 Gram."""
   r = w.shape[0] // 2
   v = (w - w[r]).at[r].set(w[r])
-  return v, _gram64(v)
+  return v, _gram64(v, axis_name)
 
 
-@functools.partial(jax.jit, donate_argnums=1)
-def _combine_and_gram(c: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _combine_and_gram(c: jax.Array, v: jax.Array,
+                      axis_name: AxisName | None = None
+                      ) -> tuple[jax.Array, jax.Array]:
   q = _combine64(c, v, jnp.float32)
-  return q, _gram64(q)
+  return q, _gram64(q, axis_name)
 
 
-_combine = jax.jit(_combine64, static_argnums=2, donate_argnums=1)
+class ColumnPasses(NamedTuple):
+  """The device side of :func:`orthonormalize`: its passes over the columns.
+
+  `twa_jax.sharding` supplies column-sharded versions (the same functions
+  under `jax.shard_map`, Grams summed by psum); the host side is shared.
+
+  Attributes:
+    put: host float64 matrix -> device array (replicated where sharded).
+    center: W -> (V, V V^T), see `_center`; consumes W.
+    combine_and_gram: (C, V) -> (Q = C V, Q Q^T); consumes V.
+    combine: (C, Q, dtype) -> C Q rounded to dtype; consumes Q.
+  """
+
+  put: Callable[[np.ndarray], jax.Array]
+  center: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+  combine_and_gram: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+  combine: Callable[[jax.Array, jax.Array, Any], jax.Array]
+
+
+LOCAL_PASSES = ColumnPasses(
+    put=jnp.asarray,
+    center=jax.jit(_center, donate_argnums=0),
+    combine_and_gram=jax.jit(_combine_and_gram, donate_argnums=1),
+    combine=jax.jit(_combine64, static_argnums=2, donate_argnums=1),
+)
 
 
 def default_rtol(eps: float) -> float:
@@ -94,7 +125,8 @@ def default_rtol(eps: float) -> float:
 
 
 def orthonormalize(matrix: jax.Array | np.ndarray, *, rtol: float,
-                   dtype=jnp.float32) -> tuple[jax.Array, np.ndarray]:
+                   dtype=jnp.float32, passes: ColumnPasses = LOCAL_PASSES
+                   ) -> tuple[jax.Array, np.ndarray]:
   """Rank-revealing orthonormal basis of the row space of `matrix`.
 
   CholeskyQR2 on a better-conditioned generating set: the rows are replaced
@@ -112,6 +144,8 @@ def orthonormalize(matrix: jax.Array | np.ndarray, *, rtol: float,
     rtol: directions whose singular value of W is below `rtol` times the
       largest one are dropped.
     dtype: storage dtype of the result.
+    passes: the device passes over the columns (default: one device;
+      `twa_jax.sharding` passes column-sharded ones).
 
   Returns:
     The basis rows (k x D, orthonormal, ordered by decreasing singular value
@@ -123,7 +157,7 @@ def orthonormalize(matrix: jax.Array | np.ndarray, *, rtol: float,
   w = jnp.asarray(matrix, jnp.float32)
   n = w.shape[0]
   with jax.enable_x64(True):
-    v, gram = _center(w)
+    v, gram = passes.center(w)
     gram = np.asarray(gram)
     # Pass 1: whiten the normalized generating set; drop exact dependencies.
     norms = np.sqrt(np.diag(gram))
@@ -133,7 +167,7 @@ def orthonormalize(matrix: jax.Array | np.ndarray, *, rtol: float,
     if not keep.any():
       raise ValueError("snapshots: every snapshot is zero; the span is empty.")
     c1 = (evecs[:, keep] / np.sqrt(evals[keep])).T * scale[None, :]
-    q, gram2 = _combine_and_gram(jnp.asarray(c1), v)
+    q, gram2 = passes.combine_and_gram(passes.put(c1), v)
     del v
     # Pass 2 (CholeskyQR2): re-orthonormalize, then rank-reveal on W itself.
     chol = np.linalg.cholesky(np.asarray(gram2))
@@ -147,7 +181,7 @@ def orthonormalize(matrix: jax.Array | np.ndarray, *, rtol: float,
     _, svals, zt = np.linalg.svd(r, full_matrices=False)
     kept = svals > rtol * svals[0]
     rotation = zt[kept] @ chol_inv
-    vectors = _combine(jnp.asarray(rotation), q, jnp.dtype(dtype))
+    vectors = passes.combine(passes.put(rotation), q, jnp.dtype(dtype))
   return vectors, svals[kept]
 
 
