@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from twa_jax import quantization
 from twa_jax import tree as tree_lib
 
 PyTree = Any
@@ -39,14 +41,14 @@ class Layout(Protocol):
     ...
 
 
-def _over_columns(cols: int, body, carry):
-  """Folds body(carry, start, size) over column blocks of width _CHUNK."""
-  full = cols // _CHUNK
+def over_columns(cols: int, body, carry, chunk: int = _CHUNK):
+  """Folds body(carry, start, size) over column blocks of width `chunk`."""
+  full = cols // chunk
   if full:
     carry = jax.lax.fori_loop(
-        0, full, lambda i, c: body(c, i * _CHUNK, _CHUNK), carry)
-  if cols % _CHUNK:
-    carry = body(carry, full * _CHUNK, cols % _CHUNK)
+        0, full, lambda i, c: body(c, i * chunk, chunk), carry)
+  if cols % chunk:
+    carry = body(carry, full * chunk, cols % chunk)
   return carry
 
 
@@ -63,7 +65,7 @@ def _gram64(a: jax.Array, axis_name: AxisName | None = None) -> jax.Array:
   def body(gram, start, size):
     block = _columns64(a, start, size)
     return gram + block @ block.T
-  gram = _over_columns(a.shape[1], body,
+  gram = over_columns(a.shape[1], body,
                        jnp.zeros((a.shape[0], a.shape[0]), jnp.float64))
   return gram if axis_name is None else jax.lax.psum(gram, axis_name)
 
@@ -73,7 +75,7 @@ def _combine64(c: jax.Array, v: jax.Array, dtype) -> jax.Array:
   def body(out, start, size):
     block = (c @ _columns64(v, start, size)).astype(dtype)
     return jax.lax.dynamic_update_slice_in_dim(out, block, start, axis=1)
-  return _over_columns(v.shape[1], body,
+  return over_columns(v.shape[1], body,
                        jnp.zeros((c.shape[0], v.shape[1]), dtype))
 
 
@@ -156,7 +158,9 @@ def orthonormalize(matrix: jax.Array | np.ndarray, *, rtol: float,
   """
   w = jnp.asarray(matrix, jnp.float32)
   n = w.shape[0]
-  with jax.enable_x64(True):
+  with jax.enable_x64(True), warnings.catch_warnings():
+    # Donation only helps where shapes match (k == n); the rest is expected.
+    warnings.filterwarnings("ignore", "Some donated buffers were not usable")
     v, gram = passes.center(w)
     gram = np.asarray(gram)
     # Pass 1: whiten the normalized generating set; drop exact dependencies.
@@ -211,8 +215,8 @@ class Basis:
 
   @classmethod
   def from_snapshots(cls, snapshots: Sequence[PyTree] | PyTree, *,
-                     rtol: float | None = None,
-                     dtype=jnp.float32, **layout_kwargs) -> Basis:
+                     rtol: float | None = None, dtype=jnp.float32,
+                     granularity="global", **layout_kwargs) -> Basis:
     """Orthonormal basis of span{w_1..w_n}.
 
     Args:
@@ -222,8 +226,13 @@ class Basis:
       rtol: directions whose singular value is below `rtol` times the
         largest are dropped; default 10 x the epsilon of the coarsest
         snapshot dtype (1.2e-6 for float32).
-      dtype: storage dtype of P (float32 or bfloat16); products accumulate
-        in float32.
+      dtype: storage dtype of P: float32, bfloat16, or "int8" / "int4"
+        (quantized per group with a scale and zero point, see
+        `twa_jax.quantization`: 4x / 8x smaller, no longer exactly
+        orthonormal); products accumulate in float32.
+      granularity: "global" (one basis, n coefficients), "leaf" (a basis
+        per parameter leaf) or a callable from leaf path to block name;
+        the latter two return a `twa_jax.blocks.BlockBasis`.
       **layout_kwargs: `mesh`, `axis`, `layout` for a sharded basis.
 
     Returns:
@@ -231,31 +240,42 @@ class Basis:
     """
     spec, matrix = tree_lib.stack_snapshots(snapshots)
     return cls.from_matrix(spec, matrix, rtol=rtol, dtype=dtype,
-                           **layout_kwargs)
+                           granularity=granularity, **layout_kwargs)
 
   @classmethod
   def from_store(cls, store, steps: Sequence[int] | None = None, *,
                  rtol: float | None = None, dtype=jnp.float32,
-                 **layout_kwargs) -> Basis:
+                 granularity="global", **layout_kwargs) -> Basis:
     """Basis of snapshots read one at a time from a `TrajectoryStore`.
 
     Args:
       store: an open `twa_jax.TrajectoryStore`.
       steps: the steps to use (default: all complete snapshots).
-      rtol, dtype, **layout_kwargs: as for :meth:`from_snapshots`.
+      rtol, dtype, granularity, **layout_kwargs: as for
+        :meth:`from_snapshots`.
     """
     spec, matrix = store.read_matrix(steps)
     return cls.from_matrix(spec, matrix, rtol=rtol, dtype=dtype,
-                           **layout_kwargs)
+                           granularity=granularity, **layout_kwargs)
 
   @classmethod
   def from_matrix(cls, spec: tree_lib.ParamSpec, matrix, *,
                   rtol: float | None = None, dtype=jnp.float32,
-                  **layout_kwargs) -> Basis:
+                  granularity="global", **layout_kwargs) -> Basis:
     """Basis of the rows of a flattened snapshot matrix (n x D, consumed)."""
-    dtype = jnp.dtype(dtype)
+    if granularity != "global":
+      from twa_jax import blocks  # pylint: disable=g-import-not-at-top
+      return blocks.block_basis(spec, matrix, granularity, rtol=rtol,
+                                dtype=dtype, **layout_kwargs)
+    low_bit = dtype if dtype in quantization.BITS else None
+    dtype = jnp.dtype(jnp.float32 if low_bit else dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(f"dtype: basis storage must be floating point, got {dtype}.")
+      raise TypeError(f"dtype: basis storage must be floating point, "
+                      f"'int8' or 'int4'; got {dtype}.")
+    if low_bit and layout_kwargs:
+      raise NotImplementedError(
+          f"dtype={low_bit!r}: low-bit storage of a sharded basis is not "
+          "supported yet; shard a float32 or bfloat16 basis.")
     if matrix.shape[1] != spec.num_params:
       raise ValueError(f"matrix has {matrix.shape[1]} columns, the parameter "
                        f"tree has {spec.num_params} entries.")
@@ -265,6 +285,8 @@ class Basis:
       return sharding.sharded_basis(spec, matrix, rtol=rtol, dtype=dtype,
                                     **layout_kwargs)
     vectors, _ = orthonormalize(matrix, rtol=rtol, dtype=dtype)
+    if low_bit:
+      vectors = quantization.quantize(vectors, low_bit)
     return cls(vectors, spec, int(vectors.shape[0]))
 
   @property
@@ -308,11 +330,15 @@ class Basis:
 
 def _matvec(vectors: jax.Array, flat: jax.Array) -> jax.Array:
   """P^T g, float32 accumulation whatever the storage dtype."""
+  if isinstance(vectors, quantization.QuantizedVectors):
+    return quantization.matvec(vectors, flat)
   return jnp.dot(vectors, flat.astype(vectors.dtype),
                  preferred_element_type=jnp.float32)
 
 
 def _vecmat(beta: jax.Array, vectors: jax.Array) -> jax.Array:
   """P beta, float32 accumulation whatever the storage dtype."""
+  if isinstance(vectors, quantization.QuantizedVectors):
+    return quantization.vecmat(beta, vectors)
   return jnp.dot(beta.astype(vectors.dtype), vectors,
                  preferred_element_type=jnp.float32)

@@ -15,6 +15,7 @@ import jax
 import optax
 
 from twa_jax.basis import Basis
+from twa_jax.blocks import BlockBasis
 
 
 class ProjectState(NamedTuple):
@@ -130,7 +131,7 @@ def scale_by_subspace(basis: Basis, base_optimizer: optax.GradientTransformation
 
 
 def _is_basis(node) -> bool:
-  return isinstance(node, Basis)
+  return isinstance(node, (Basis, BlockBasis))
 
 
 def strip_basis(opt_state: optax.OptState) -> optax.OptState:

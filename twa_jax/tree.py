@@ -35,7 +35,7 @@ class ParamSpec:
     paths, shapes, dtypes = [], [], []
     for path, leaf in leaves:
       name = jax.tree_util.keystr(path) or "<root>"
-      dtype = np.dtype(getattr(leaf, "dtype", np.result_type(leaf)))
+      dtype = _dtype(leaf)
       if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
             f"{what}: leaf {name} has dtype {dtype}; only floating-point "
@@ -79,7 +79,7 @@ class ParamSpec:
       if leaf_shape != shape:
         raise ValueError(
             f"{what}: leaf {name} has shape {leaf_shape}, expected {shape}.")
-      leaf_dtype = np.dtype(getattr(leaf, "dtype", np.result_type(leaf)))
+      leaf_dtype = _dtype(leaf)
       if not jnp.issubdtype(leaf_dtype, jnp.floating):
         raise TypeError(
             f"{what}: leaf {name} has non-float dtype {leaf_dtype}.")
@@ -114,6 +114,11 @@ class ParamSpec:
             offsets[:-1], offsets[1:], self.shapes, dtypes)
     ]
     return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+def _dtype(leaf) -> np.dtype:
+  """The dtype of an array or Python scalar leaf (without converting arrays)."""
+  return np.dtype(leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf))
 
 
 def _structure_difference(spec: ParamSpec, leaves_with_path) -> str:

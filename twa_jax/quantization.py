@@ -1,0 +1,139 @@
+"""Low-bit storage of the basis: int8 and packed int4 codes.
+
+Each basis vector is cut into groups of `group` consecutive entries; each
+group keeps a float32 scale and offset (the value of code 0, i.e. the zero
+point), so an entry is stored as `code * scale + offset` with an error of at
+most scale / 2. int4 codes are packed two per byte, so P takes 1/4 (int8) or
+1/8 (int4) of its float32 size, plus 8 bytes per group. In an int4 group,
+the low nibbles hold its first half and the high nibbles its second half, so
+unpacking is two contiguous slices.
+
+The products dequantize one column block at a time inside a loop, so no
+full-precision copy of P is ever materialized. A quantized basis is no longer
+exactly orthonormal: `project` then computes Q Q^T g with Q the dequantized
+vectors, an update that still lies in span(Q), close to (but not exactly)
+the orthogonal projection onto the snapshots' span.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_BLOCK_GROUPS = 16  # groups dequantized per loop iteration
+
+BITS = {"int8": 8, "int4": 4}
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["codes", "scale", "offset"],
+    meta_fields=["bits", "group"])
+@dataclasses.dataclass(frozen=True)
+class QuantizedVectors:
+  """Quantized k x C basis rows (C a multiple of `group`).
+
+  Attributes:
+    codes: uint8, k x C (int8) or k x C/2 (int4, two codes per byte).
+    scale: float32, k x C/group.
+    offset: float32, k x C/group, the value of code 0 in each group.
+    bits: 8 or 4.
+    group: entries per scale and offset.
+  """
+
+  codes: jax.Array
+  scale: jax.Array
+  offset: jax.Array
+  bits: int
+  group: int
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """Logical (k, C) shape, including the zero padding up to a group."""
+    return (self.scale.shape[0], self.scale.shape[1] * self.group)
+
+  @property
+  def dtype(self) -> str:
+    return f"int{self.bits}"
+
+  @property
+  def nbytes(self) -> int:
+    return self.codes.nbytes + self.scale.nbytes + self.offset.nbytes
+
+  def dequantize(self, start, size: int) -> jax.Array:
+    """Float32 columns [start, start + size) (both multiples of `group`)."""
+    rows = self.shape[0]
+    per_byte = 8 // self.bits
+    codes = jax.lax.dynamic_slice_in_dim(
+        self.codes, start // per_byte, size // per_byte, axis=1)
+    groups = size // self.group
+    if self.bits == 4:  # each group: low nibbles hold its first half
+      codes = codes.reshape(rows, groups, self.group // 2)
+      codes = jnp.concatenate([codes & 0xF, codes >> 4], axis=-1)
+    first = start // self.group
+    scale = jax.lax.dynamic_slice_in_dim(self.scale, first, groups, axis=1)
+    offset = jax.lax.dynamic_slice_in_dim(self.offset, first, groups, axis=1)
+    values = (codes.reshape(rows, groups, self.group).astype(jnp.float32)
+              * scale[..., None] + offset[..., None])
+    return values.reshape(rows, size)
+
+
+def quantize(vectors: jax.Array, dtype: str, group: int = 256
+             ) -> QuantizedVectors:
+  """Quantizes basis rows to "int8" or "int4" with per-group scale/offset.
+
+  Args:
+    vectors: k x D float basis rows.
+    dtype: "int8" or "int4".
+    group: entries per scale and offset (even, > 0).
+
+  Returns:
+    The quantized rows, zero-padded to a multiple of `group` columns.
+  """
+  if dtype not in BITS:
+    raise ValueError(f"dtype: unknown low-bit storage {dtype!r}; "
+                     f"use one of {sorted(BITS)}.")
+  if group <= 0 or group % 2:
+    raise ValueError(f"group must be a positive even number, got {group}.")
+  bits = BITS[dtype]
+  rows, cols = vectors.shape
+  padded = -(-cols // group) * group
+  x = jnp.pad(vectors.astype(jnp.float32), ((0, 0), (0, padded - cols)))
+  x = x.reshape(rows, padded // group, group)
+  low, high = x.min(axis=-1), x.max(axis=-1)
+  levels = 2 ** bits - 1
+  scale = jnp.where(high > low, (high - low) / levels, 1.0)
+  codes = jnp.clip(jnp.round((x - low[..., None]) / scale[..., None]), 0, levels)
+  codes = codes.astype(jnp.uint8)
+  if bits == 4:
+    half = group // 2
+    codes = codes[..., :half] | (codes[..., half:] << 4)
+  return QuantizedVectors(codes.reshape(rows, -1), scale, low, bits, group)
+
+
+def _block(q: QuantizedVectors) -> int:
+  return q.group * _BLOCK_GROUPS
+
+
+def matvec(q: QuantizedVectors, flat: jax.Array) -> jax.Array:
+  """Q g (k,) for g of length C, float32, one dequantized block at a time."""
+  from twa_jax.basis import over_columns  # pylint: disable=g-import-not-at-top  # basis imports this module
+  def body(acc, start, size):
+    g = jax.lax.dynamic_slice_in_dim(flat, start, size)
+    return acc + q.dequantize(start, size) @ g.astype(jnp.float32)
+  return over_columns(q.shape[1], body, jnp.zeros((q.shape[0],), jnp.float32),
+                      chunk=_block(q))
+
+
+def vecmat(beta: jax.Array, q: QuantizedVectors) -> jax.Array:
+  """beta Q (C,) float32, one dequantized block at a time."""
+  from twa_jax.basis import over_columns  # pylint: disable=g-import-not-at-top  # basis imports this module
+  beta = beta.astype(jnp.float32)
+  def body(out, start, size):
+    return jax.lax.dynamic_update_slice_in_dim(
+        out, beta @ q.dequantize(start, size), start, axis=0)
+  return over_columns(q.shape[1], body, jnp.zeros((q.shape[1],), jnp.float32),
+                      chunk=_block(q))
