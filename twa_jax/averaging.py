@@ -30,7 +30,7 @@ def swa(snapshots: Sequence[PyTree] | PyTree) -> PyTree:
 
 
 def averaging_coefficients(params: PyTree, snapshots: Sequence[PyTree] | PyTree,
-                           basis: Basis | None = None) -> jax.Array:
+                           basis=None) -> jax.Array | dict[str, jax.Array]:
   """Coefficients alpha with sum_i alpha_i w_i = params (least squares).
 
   The paper's Appendix D reads these off a trained TWA solution; they sum to
@@ -42,16 +42,20 @@ def averaging_coefficients(params: PyTree, snapshots: Sequence[PyTree] | PyTree,
   Args:
     params: a parameter tree (e.g. the TWA solution).
     snapshots: the snapshots w_1..w_n.
-    basis: their basis, if already built (saves an orthonormalization).
+    basis: their `Basis` or `BlockBasis`, if already built (saves an
+      orthonormalization).
 
   Returns:
-    alpha, shape (n,), float32.
+    alpha, shape (n,), float32; for a layer-wise `BlockBasis`, a dict of
+    such vectors, one per block.
   """
   spec, matrix = tree_lib.stack_snapshots(snapshots)
   basis = basis or Basis.from_matrix(spec, matrix.copy())
   spec.check(params, what="averaging_coefficients: params")
   coords = jax.jit(jax.vmap(lambda row: basis.coordinates(spec.unravel(row))))
-  b = np.asarray(coords(jnp.asarray(matrix)), np.float64)
-  beta = np.asarray(basis.coordinates(params), np.float64)
-  alpha, *_ = np.linalg.lstsq(b.T, beta, rcond=None)
-  return jnp.asarray(alpha, jnp.float32)
+  def solve(b, beta):
+    alpha, *_ = np.linalg.lstsq(np.asarray(b, np.float64).T,
+                                np.asarray(beta, np.float64), rcond=None)
+    return jnp.asarray(alpha, jnp.float32)
+  return jax.tree.map(solve, coords(jnp.asarray(matrix)),
+                      basis.coordinates(params))
