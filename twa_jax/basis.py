@@ -284,6 +284,9 @@ class Basis:
       from twa_jax import sharding  # pylint: disable=g-import-not-at-top
       return sharding.sharded_basis(spec, matrix, rtol=rtol, dtype=dtype,
                                     **layout_kwargs)
+    if matrix.shape[1] < _CHUNK:  # pad small D to a power of two: few compiles
+      cols = 1 << max(matrix.shape[1] - 1, 0).bit_length()
+      matrix = np.pad(matrix, ((0, 0), (0, cols - matrix.shape[1])))
     vectors, _ = orthonormalize(matrix, rtol=rtol, dtype=dtype)
     if low_bit:
       vectors = quantization.quantize(vectors, low_bit)

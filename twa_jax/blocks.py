@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from twa_jax import tree as tree_lib
@@ -119,7 +120,9 @@ def block_basis(spec: tree_lib.ParamSpec, matrix: np.ndarray,
       dtype, mesh, axis, layout).
 
   Returns:
-    The block basis, blocks in order of first appearance.
+    The block basis, blocks in order of first appearance. A block whose
+    entries are zero in every snapshot (an empty leaf, a frozen zero bias)
+    gets an empty basis: its updates are projected to zero.
   """
   names = block_names(spec, granularity)
   order = list(dict.fromkeys(names))
@@ -133,9 +136,9 @@ def block_basis(spec: tree_lib.ParamSpec, matrix: np.ndarray,
         tuple(spec.dtypes[i] for i in idx))
     columns = np.concatenate(
         [matrix[:, offsets[i]:offsets[i + 1]] for i in idx], axis=1)
-    try:
+    if not columns.any():  # e.g. an empty leaf, or one that stays zero
+      bases.append(Basis(jnp.zeros((0, columns.shape[1])), sub, 0))
+    else:
       bases.append(Basis.from_matrix(sub, columns, **basis_kwargs))
-    except ValueError as e:
-      raise ValueError(f"block {name!r}: {e}") from e
     members.append(idx)
   return BlockBasis(tuple(bases), spec, tuple(order), tuple(members))

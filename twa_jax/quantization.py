@@ -81,6 +81,7 @@ class QuantizedVectors:
     return values.reshape(rows, size)
 
 
+@functools.partial(jax.jit, static_argnames=("dtype", "group"))
 def quantize(vectors: jax.Array, dtype: str, group: int = 256
              ) -> QuantizedVectors:
   """Quantizes basis rows to "int8" or "int4" with per-group scale/offset.
