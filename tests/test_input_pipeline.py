@@ -1,0 +1,345 @@
+"""Input pipeline: loaders, deterministic batches, augmentation, errors."""
+
+import pathlib
+import threading
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from twa_jax.training import input_pipeline as ip
+
+CIFAR10_NPZ = pathlib.Path("/work/data/cifar10.npz")
+
+
+def _config(**fields) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(fields)
+
+
+def _indexed_dataset(n=50, hw=8, augmentation="cifar") -> ip.Dataset:
+  """Random uint8 images whose label is their index (to trace examples)."""
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (n, hw, hw, 3), dtype=np.uint8)
+  y = np.arange(n, dtype=np.int32)
+  return ip.Dataset("indexed", x, y, x[:7], y[:7], n,
+                    np.zeros(3, np.float32), np.ones(3, np.float32),
+                    augmentation)
+
+
+@pytest.fixture(scope="module")
+def npz_path(tmp_path_factory) -> pathlib.Path:
+  rng = np.random.default_rng(1)
+  offsets = np.array([100, 50, 20], np.uint8)  # distinct channel means
+  path = tmp_path_factory.mktemp("npz") / "tiny.npz"
+  np.savez(path,
+           x_train=(rng.integers(0, 100, (300, 32, 32, 3)) + offsets
+                    ).astype(np.uint8),
+           y_train=rng.integers(0, 5, 300), x_test=rng.integers(
+               0, 256, (40, 32, 32, 3), dtype=np.uint8),
+           y_test=rng.integers(0, 5, 40))
+  return path
+
+
+def _labels(batches) -> list[np.ndarray]:
+  return [b["label"] for b in batches]
+
+
+# ------------------------------------------------------------------ loaders
+
+
+def test_digits():
+  ds = ip.load_dataset(_config(name="digits"))
+  assert (ds.num_train, ds.num_test, ds.num_classes) == (1437, 360, 10)
+  assert ds.input_shape == (8, 8, 1) and ds.augmentation == "none"
+  assert ds.x_train.min() == 0.0 and ds.x_train.max() == 1.0
+  again = ip.load_dataset(_config(name="digits"))
+  np.testing.assert_array_equal(ds.x_test, again.x_test)  # fixed split
+  assert set(np.unique(ds.y_test)) == set(range(10))
+  # No augmentation, no rescaling: batches are the stored [0, 1] pixels.
+  batch = next(ip.train_batches(ds, 32, seed=0, epoch=0))
+  assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
+  rows = {ds.x_train[i].tobytes(): ds.y_train[i] for i in range(ds.num_train)}
+  for image, label in zip(batch["image"], batch["label"]):
+    assert rows[image.tobytes()] == label
+
+
+def test_npz_loads_prefixes_and_normalizes(npz_path):
+  ds = ip.load_dataset(_config(name="npz", path=str(npz_path),
+                               train_size=200, test_size=30))
+  assert (ds.name, ds.num_train, ds.num_test) == ("tiny", 200, 30)
+  assert ds.num_classes == 5 and ds.augmentation == "cifar"
+  assert ds.input_shape == (32, 32, 3) and ds.x_train.dtype == np.uint8
+  with np.load(npz_path) as arrays:
+    np.testing.assert_array_equal(ds.x_train, arrays["x_train"][:200])
+    np.testing.assert_array_equal(ds.y_test, arrays["y_test"][:30])
+  # Per-channel normalization: an unaugmented epoch has mean 0 and std 1.
+  images = np.concatenate([b["image"] for b in ip.train_batches(
+      ds, 50, seed=0, epoch=0, augment=False)]).astype(np.float64)
+  np.testing.assert_allclose(images.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
+  np.testing.assert_allclose(images.std(axis=(0, 1, 2)), 1.0, atol=1e-5)
+  np.testing.assert_allclose(ds.mean, [149.5, 99.5, 69.5], atol=0.5)
+
+
+def test_npz_errors(tmp_path, npz_path):
+  missing = tmp_path / "absent.npz"
+  with pytest.raises(FileNotFoundError, match="absent.npz"):
+    ip.load_dataset(_config(name="npz", path=str(missing)))
+  partial = tmp_path / "partial.npz"
+  np.savez(partial, x_train=np.zeros((4, 2)), y_train=np.zeros(4, int))
+  with pytest.raises(KeyError, match=r"partial.npz.*x_test, y_test"):
+    ip.load_dataset(_config(name="npz", path=str(partial)))
+  ragged = tmp_path / "ragged.npz"
+  np.savez(ragged, x_train=np.zeros((4, 2)), y_train=np.zeros(3, int),
+           x_test=np.zeros((2, 2)), y_test=np.zeros(2, int))
+  with pytest.raises(ValueError, match="x_train"):
+    ip.load_dataset(_config(name="npz", path=str(ragged)))
+  float_labels = tmp_path / "float_labels.npz"
+  np.savez(float_labels, x_train=np.zeros((4, 2)), y_train=np.zeros(4),
+           x_test=np.zeros((2, 2)), y_test=np.zeros(2, int))
+  with pytest.raises(ValueError, match="y_train.*integer"):
+    ip.load_dataset(_config(name="npz", path=str(float_labels)))
+  with pytest.raises(ValueError, match="config.path"):
+    ip.load_dataset(_config(name="npz"))
+  with pytest.raises(ValueError, match="config.train_size=301"):
+    ip.load_dataset(_config(name="npz", path=str(npz_path), train_size=301))
+  with pytest.raises(ValueError, match="config.test_size"):
+    ip.load_dataset(_config(name="npz", path=str(npz_path), test_size=0))
+  with pytest.raises(ValueError, match="config.augmentation.*'mixup'"):
+    ip.load_dataset(_config(name="npz", path=str(npz_path),
+                            augmentation="mixup"))
+
+
+def test_npz_flat_features_are_not_augmented(tmp_path):
+  path = tmp_path / "features.npz"
+  rng = np.random.default_rng(0)
+  np.savez(path, x_train=rng.normal(3.0, 2.0, (64, 5)).astype(np.float32),
+           y_train=np.arange(64) % 3, x_test=np.zeros((8, 5), np.float32),
+           y_test=np.arange(8) % 3)
+  ds = ip.load_dataset(_config(name="npz", path=str(path)))
+  assert ds.augmentation == "none" and ds.input_shape == (5,)
+  with pytest.raises(ValueError, match="needs HWC images"):
+    ip.load_dataset(_config(name="npz", path=str(path), augmentation="cifar"))
+  images = np.concatenate([b["image"] for b in ip.train_batches(
+      ds, 16, seed=0, epoch=0)])
+  np.testing.assert_allclose(images.mean(0), 0.0, atol=1e-5)
+  np.testing.assert_allclose(images.std(0), 1.0, atol=1e-5)
+
+
+@pytest.mark.skipif(not CIFAR10_NPZ.exists(),
+                    reason=f"{CIFAR10_NPZ} absent: decode it with "
+                    "../shared/data/cifar10/decode.py to run this test")
+def test_real_cifar10_npz():
+  ds = ip.load_dataset(_config(name="npz", path=str(CIFAR10_NPZ),
+                               train_size=5000, test_size=1000))
+  assert (ds.num_train, ds.num_test, ds.num_classes) == (5000, 1000, 10)
+  assert ds.augmentation == "cifar" and ds.input_shape == (32, 32, 3)
+  # The README's per-channel statistics of the full training set.
+  np.testing.assert_allclose(ds.mean / 255, [0.491, 0.482, 0.447], atol=0.01)
+  np.testing.assert_allclose(ds.std / 255, [0.245, 0.243, 0.261], atol=0.01)
+  assert np.bincount(ds.y_train, minlength=10).min() > 400  # balanced prefix
+  batch = next(ip.train_batches(ds, 128, seed=0, epoch=0))
+  assert batch["image"].shape == (128, 32, 32, 3)
+  assert np.isfinite(batch["image"]).all()
+
+
+def test_unknown_dataset():
+  with pytest.raises(ValueError, match="unknown dataset 'no_such_set'"):
+    ip.load_dataset(_config(name="no_such_set", data_dir="/nonexistent"))
+  with pytest.raises(ValueError, match="config.name"):
+    ip.load_dataset(_config(data_dir="/nonexistent"))
+
+
+def test_tfds_not_prepared_names_the_directory(tmp_path):
+  with pytest.raises(FileNotFoundError, match=f"'cifar10'.*{tmp_path}"):
+    ip.load_dataset(_config(name="cifar10", data_dir=str(tmp_path)))
+
+
+# --------------------------------------------------------------------- TFDS
+
+
+def test_tfds_cifar10_in_memory_with_mock_data():
+  with tfds.testing.mock_data(num_examples=24):
+    ds = ip.load_dataset(_config(name="cifar10", data_dir="/nonexistent",
+                                 train_size=20))
+  assert isinstance(ds.x_train, np.ndarray) and ds.x_train.dtype == np.uint8
+  assert ds.x_train.shape == (20, 32, 32, 3) and ds.num_test == 24
+  assert ds.num_classes == 10 and ds.augmentation == "cifar"
+  assert ds.y_train.dtype == np.int32 and ds.y_train.max() < 10
+  batch = next(ip.train_batches(ds, 8, seed=0, epoch=0))
+  assert batch["image"].shape == (8, 32, 32, 3)
+
+
+def test_tfds_imagenet_lazy_with_mock_data():
+  with tfds.testing.mock_data(num_examples=20):
+    ds = ip.load_dataset(_config(name="imagenet2012", data_dir="/nonexistent"))
+    with pytest.raises(ValueError, match="in_memory"):
+      ip.load_dataset(_config(name="imagenet2012", data_dir="/nonexistent",
+                              in_memory=True))
+  assert isinstance(ds.x_train, ip.SourceColumn) and ds.x_train.ragged
+  assert ds.num_classes == 1000 and ds.augmentation == "imagenet"
+  assert ds.input_shape == (224, 224, 3)
+  # Images of varying sizes come out as 224 x 224 crops.
+  sizes = {image.shape for image in ds.x_train[np.arange(6)]}
+  assert len(sizes) > 1
+  first = list(ip.train_batches(ds, 4, seed=3, epoch=1))
+  again = list(ip.train_batches(ds, 4, seed=3, epoch=1, prefetch=0))
+  assert len(first) == 5 and first[0]["image"].shape == (4, 224, 224, 3)
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  assert sorted(np.concatenate(_labels(first))) == sorted(
+      ds.y_train[np.arange(20)])
+  test = list(ip.eval_batches(ds, "test", 8))
+  assert [b["image"].shape[0] for b in test] == [8, 8, 4]
+  np.testing.assert_array_equal(np.concatenate(_labels(test)),
+                                ds.y_test[np.arange(20)])
+  train_part, holdout = ip.holdout_split(ds, 0.25, seed=0)
+  assert isinstance(holdout.x_train, ip.SourceColumn)
+  assert (train_part.num_train, holdout.num_train) == (15, 5)
+  assert not set(train_part.x_train.indices) & set(holdout.x_train.indices)
+
+
+# ------------------------------------------------------------------ batches
+
+
+def test_batches_are_deterministic_per_seed_and_epoch():
+  ds = _indexed_dataset()
+  run = lambda **kw: list(ip.train_batches(ds, 8, **kw))
+  a, b = run(seed=0, epoch=2), run(seed=0, epoch=2, prefetch=0)
+  assert len(a) == ip.steps_per_epoch(ds, 8) == 6  # remainder dropped
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+  labels = np.concatenate(_labels(a))
+  assert len(set(labels)) == 48  # each example at most once per epoch
+  other_epoch = np.concatenate(_labels(run(seed=0, epoch=3)))
+  other_seed = np.concatenate(_labels(run(seed=1, epoch=2)))
+  assert not np.array_equal(labels, other_epoch)
+  assert not np.array_equal(labels, other_seed)
+  # Resuming inside an epoch yields the rest of the same epoch.
+  rest = run(seed=0, epoch=2, start_step=4)
+  assert len(rest) == 2
+  for x, y in zip(rest, a[4:]):
+    np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_random_crop_flip_is_a_padded_window():
+  rng = np.random.default_rng(0)
+  images = rng.integers(1, 256, (200, 6, 5, 3), dtype=np.uint8)
+  out = ip.random_crop_flip(images, np.random.default_rng(1), pad=2)
+  assert out.shape == images.shape and out.dtype == np.uint8
+  padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  found = []
+  for i in range(len(images)):
+    matches = [(top, left, flip)
+               for top in range(5) for left in range(5) for flip in (0, 1)
+               if np.array_equal(
+                   out[i], (padded[i, top:top + 6, left:left + 5][:, ::-1]
+                            if flip else padded[i, top:top + 6, left:left + 5]))]
+    assert len(matches) == 1, i
+    found.append(matches[0])
+  tops, lefts, flips = np.array(found).T
+  assert set(tops) == set(lefts) == set(range(5))  # every offset occurs
+  assert 0.35 < flips.mean() < 0.65
+  unpadded = ip.random_crop_flip(images, np.random.default_rng(5), pad=0)
+  flipped = [np.array_equal(o, x[:, ::-1]) for o, x in zip(unpadded, images)]
+  kept = [np.array_equal(o, x) for o, x in zip(unpadded, images)]
+  assert all(np.logical_xor(flipped, kept)) and 0 < sum(flipped) < 200
+
+
+def test_augmentation_is_applied_only_in_training():
+  ds = _indexed_dataset(hw=16)
+  plain = next(ip.train_batches(ds, 16, seed=0, epoch=0, augment=False))
+  np.testing.assert_array_equal(plain["image"],
+                                ds.x_train[plain["label"]].astype(np.float32))
+  augmented = next(ip.train_batches(ds, 16, seed=0, epoch=0))
+  np.testing.assert_array_equal(augmented["label"], plain["label"])
+  assert not np.array_equal(augmented["image"], plain["image"])
+  assert augmented["image"].shape == plain["image"].shape
+
+
+def test_imagenet_transforms():
+  rng = np.random.default_rng(0)
+  wide = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+  sliver = rng.integers(0, 256, (10, 1000, 3), dtype=np.uint8)
+  evaluated = ip._imagenet_transform([wide, sliver], None)
+  assert evaluated.shape == (2, 224, 224, 3) and evaluated.dtype == np.uint8
+  # Evaluation: resize the short side to 256, take the centre 224.
+  flat = np.full((300, 400, 3), 7, np.uint8)
+  flat[:, :200] = 200
+  centre = ip._imagenet_transform([flat], None)[0]
+  assert (centre[:, :100] == 200).all() and (centre[:, -100:] == 7).all()
+  trained = ip._imagenet_transform([wide, sliver], np.random.default_rng(1))
+  assert trained.shape == (2, 224, 224, 3)
+  np.testing.assert_array_equal(
+      trained, ip._imagenet_transform([wide, sliver], np.random.default_rng(1)))
+  # A left-right ramp: flipped crops decrease along the width.
+  ramp = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None],
+                         (256, 256, 3)).copy()
+  crops = ip._imagenet_transform([ramp] * 40, np.random.default_rng(2))
+  slope = np.sign(crops[:, 112, -1, 0].astype(int) - crops[:, 112, 0, 0])
+  assert 5 < (slope < 0).sum() < 35 and (slope != 0).all()
+
+
+def test_eval_batches_cover_the_split_in_order():
+  ds = _indexed_dataset()
+  full = list(ip.eval_batches(ds, "train", 16))
+  assert [len(b["label"]) for b in full] == [16, 16, 16, 2]
+  np.testing.assert_array_equal(np.concatenate(_labels(full)), ds.y_train)
+  assert all(b["mask"].all() for b in full)
+  padded = list(ip.eval_batches(ds, "test", 4, pad=True))
+  assert [b["image"].shape for b in padded] == [(4, 8, 8, 3)] * 2
+  np.testing.assert_array_equal(padded[1]["mask"], [True, True, True, False])
+  np.testing.assert_array_equal(padded[1]["label"][:3], ds.y_test[4:])
+  with pytest.raises(ValueError, match="'valid'"):
+    next(ip.eval_batches(ds, "valid", 4))
+
+
+def test_holdout_split_is_disjoint_and_deterministic():
+  ds = _indexed_dataset()
+  train, holdout = ip.holdout_split(ds, 0.2, seed=0)
+  assert (train.num_train, holdout.num_train) == (40, 10)
+  assert not set(train.y_train) & set(holdout.y_train)
+  assert set(train.y_train) | set(holdout.y_train) == set(range(50))
+  np.testing.assert_array_equal(holdout.x_train, ds.x_train[holdout.y_train])
+  assert holdout.num_test == ds.num_test and holdout.mean is ds.mean
+  np.testing.assert_array_equal(
+      holdout.y_train, ip.holdout_split(ds, 0.2, seed=0)[1].y_train)
+  assert not np.array_equal(
+      holdout.y_train, ip.holdout_split(ds, 0.2, seed=1)[1].y_train)
+  for fraction in (0.0, 1.0, 0.001):
+    with pytest.raises(ValueError, match="fraction"):
+      ip.holdout_split(ds, fraction, seed=0)
+
+
+def test_batch_errors():
+  ds = _indexed_dataset()
+  with pytest.raises(ValueError, match="batch_size 51 exceeds"):
+    ip.steps_per_epoch(ds, 51)
+  with pytest.raises(ValueError, match="batch_size"):
+    ip.steps_per_epoch(ds, 0)
+  with pytest.raises(ValueError, match="non-negative"):
+    ip.train_batches(ds, 8, seed=-1, epoch=0)
+  with pytest.raises(ValueError, match="start_step"):
+    ip.train_batches(ds, 8, seed=0, epoch=0, start_step=7)
+
+
+def test_prefetch_propagates_errors_and_stops_when_closed():
+  def items():
+    yield from range(3)
+    raise RuntimeError("broken source")
+
+  got = []
+  with pytest.raises(RuntimeError, match="broken source"):
+    for item in ip._prefetch(items(), 2):
+      got.append(item)
+  assert got == [0, 1, 2]
+  prefetchers = lambda: [t for t in threading.enumerate()
+                         if t.name == "twa_input_prefetch"]
+  assert not prefetchers()
+  stream = ip._prefetch(iter(range(10**6)), 2)
+  assert next(stream) == 0
+  [thread] = prefetchers()
+  stream.close()
+  assert not thread.is_alive() and not prefetchers()

@@ -1,0 +1,313 @@
+"""Flax linen models of the paper's experiments and small CPU-scale networks.
+
+Every model is called as `model.apply(variables, x, train=...)` on NHWC images
+(the MLP also takes flat features). Models with batch norm keep its running
+statistics in the `batch_stats` collection and expose a `bn_momentum` field:
+`model.clone(bn_momentum=0.0)` makes one training-mode pass write the raw
+statistics of that batch, which is how the batch statistics are recomputed
+exactly after averaging. Only the `params` collection enters the TWA subspace.
+VGG16 uses dropout in training: pass `rngs={"dropout": key}` to `apply` when
+`train=True` (other models ignore that rng).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# He initialization (fan_out), as in the PyTorch reference models.
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _batch_norm(train: bool, momentum: float, **kwargs) -> nn.BatchNorm:
+  """PyTorch-equivalent batch norm (its momentum 0.1 is flax's 0.9)."""
+  return nn.BatchNorm(use_running_average=not train, momentum=momentum,
+                      epsilon=1e-5, **kwargs)
+
+
+class MLP(nn.Module):
+  """Fully connected ReLU network on flattened inputs.
+
+  Attributes:
+    num_classes: output logits.
+    hidden_sizes: widths of the hidden layers.
+    batch_norm: batch norm after each hidden layer (before the ReLU).
+    bn_momentum: running-average momentum of the batch norm.
+  """
+  num_classes: int
+  hidden_sizes: Sequence[int] = (256, 256)
+  batch_norm: bool = False
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = x.reshape((x.shape[0], -1))
+    for width in self.hidden_sizes:
+      x = nn.Dense(width, use_bias=not self.batch_norm)(x)
+      if self.batch_norm:
+        x = _batch_norm(train, self.bn_momentum)(x)
+      x = nn.relu(x)
+    return nn.Dense(self.num_classes)(x)
+
+
+class ConvNet(nn.Module):
+  """Plain 3x3-conv / batch-norm / ReLU network with max pooling.
+
+  Attributes:
+    num_classes: output logits.
+    channels: output channels of each conv layer.
+    pool_after: indices of the conv layers followed by a 2x2 max pool; the
+      last feature map is averaged globally before the linear classifier.
+    bn_momentum: running-average momentum of the batch norm.
+  """
+  num_classes: int
+  channels: Sequence[int] = (16, 32, 32, 64)
+  pool_after: Sequence[int] = (0, 1, 3)
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    for i, width in enumerate(self.channels):
+      x = nn.Conv(width, (3, 3), use_bias=False, kernel_init=_conv_init)(x)
+      x = nn.relu(_batch_norm(train, self.bn_momentum)(x))
+      if i in self.pool_after:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+class VGG(nn.Module):
+  """CIFAR VGG with batch norm (the SWA/TWA reference `VGG16BN`).
+
+  Conv layers carry biases; the classifier is dropout, 512, ReLU, dropout,
+  512, ReLU, num_classes, as in the reference code.
+
+  Attributes:
+    num_classes: output logits.
+    layers: conv widths, 0 standing for a 2x2 max pool.
+    dropout_rate: classifier dropout in training.
+    bn_momentum: running-average momentum of the batch norm.
+  """
+  num_classes: int
+  layers: Sequence[int] = (64, 64, 0, 128, 128, 0, 256, 256, 256, 0,
+                           512, 512, 512, 0, 512, 512, 512, 0)
+  dropout_rate: float = 0.5
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    for width in self.layers:
+      if width == 0:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      else:
+        x = nn.Conv(width, (3, 3), kernel_init=_conv_init)(x)
+        x = nn.relu(_batch_norm(train, self.bn_momentum)(x))
+    x = x.reshape((x.shape[0], -1))
+    for _ in range(2):
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+      x = nn.relu(nn.Dense(512)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs with a residual connection (ResNet-18/20).
+
+  Attributes:
+    features: output channels.
+    strides: stride of the first conv (and of the shortcut).
+    shortcut: "conv" (1x1 conv + BN projection when the shape changes, the
+      ImageNet ResNets) or "pad" (subsample and zero-pad channels, option A of
+      the CIFAR ResNets).
+    bn_momentum: running-average momentum of the batch norm.
+  """
+  features: int
+  strides: int = 1
+  shortcut: str = "conv"
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    bn = functools.partial(_batch_norm, train, self.bn_momentum)
+    y = nn.Conv(self.features, (3, 3), self.strides, use_bias=False,
+                kernel_init=_conv_init)(x)
+    y = nn.relu(bn()(y))
+    y = nn.Conv(self.features, (3, 3), use_bias=False,
+                kernel_init=_conv_init)(y)
+    y = bn()(y)
+    return nn.relu(y + _shortcut(self, x, y.shape[-1], bn))
+
+
+class Bottleneck(nn.Module):
+  """1x1, 3x3 (strided, as in ResNet v1.5), 1x1 convs; 4x expansion."""
+  features: int
+  strides: int = 1
+  shortcut: str = "conv"
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    bn = functools.partial(_batch_norm, train, self.bn_momentum)
+    y = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=_conv_init)(x)
+    y = nn.relu(bn()(y))
+    y = nn.Conv(self.features, (3, 3), self.strides, use_bias=False,
+                kernel_init=_conv_init)(y)
+    y = nn.relu(bn()(y))
+    y = nn.Conv(4 * self.features, (1, 1), use_bias=False,
+                kernel_init=_conv_init)(y)
+    y = bn()(y)
+    return nn.relu(y + _shortcut(self, x, y.shape[-1], bn))
+
+
+def _shortcut(block: nn.Module, x: jax.Array, features: int,
+              bn: Callable[[], nn.BatchNorm]) -> jax.Array:
+  """The residual branch of a post-activation block (inside its compact scope)."""
+  if block.strides == 1 and x.shape[-1] == features:
+    return x
+  if block.shortcut == "pad":
+    x = x[:, ::block.strides, ::block.strides, :]
+    extra = features - x.shape[-1]
+    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+  x = nn.Conv(features, (1, 1), block.strides, use_bias=False,
+              kernel_init=_conv_init, name="shortcut_conv")(x)
+  return bn(name="shortcut_bn")(x)
+
+
+class ResNet(nn.Module):
+  """Post-activation ResNet: ImageNet (7x7 stem + max pool) or CIFAR stem.
+
+  Attributes:
+    num_classes: output logits.
+    stage_sizes: blocks per stage.
+    block: `BasicBlock` or `Bottleneck`.
+    width: channels of the first stage (doubled at each later stage).
+    stem: "imagenet" or "cifar" (one 3x3 conv, no pooling).
+    shortcut: the blocks' shortcut type ("conv" or "pad").
+    bn_momentum: running-average momentum of the batch norm.
+  """
+  num_classes: int
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  block: type[nn.Module] = BasicBlock
+  width: int = 64
+  stem: str = "imagenet"
+  shortcut: str = "conv"
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.stem == "imagenet":
+      x = nn.Conv(self.width, (7, 7), 2, padding=[(3, 3), (3, 3)],
+                  use_bias=False, kernel_init=_conv_init)(x)
+      x = nn.relu(_batch_norm(train, self.bn_momentum)(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    else:
+      x = nn.Conv(self.width, (3, 3), use_bias=False, kernel_init=_conv_init)(x)
+      x = nn.relu(_batch_norm(train, self.bn_momentum)(x))
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for i in range(num_blocks):
+        x = self.block(self.width * 2**stage,
+                       strides=2 if stage > 0 and i == 0 else 1,
+                       shortcut=self.shortcut,
+                       bn_momentum=self.bn_momentum)(x, train)
+    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+class PreActBottleneck(nn.Module):
+  """Pre-activation bottleneck (BN, ReLU, conv) x 3; 4x expansion.
+
+  The projection shortcut (a 1x1 conv, when the shape changes) reads the
+  block's raw input, as in the reference PreResNet.
+  """
+  features: int
+  strides: int = 1
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    bn = functools.partial(_batch_norm, train, self.bn_momentum)
+    y = nn.Conv(self.features, (1, 1), use_bias=False,
+                kernel_init=_conv_init)(nn.relu(bn()(x)))
+    y = nn.Conv(self.features, (3, 3), self.strides, use_bias=False,
+                kernel_init=_conv_init)(nn.relu(bn()(y)))
+    y = nn.Conv(4 * self.features, (1, 1), use_bias=False,
+                kernel_init=_conv_init)(nn.relu(bn()(y)))
+    if self.strides != 1 or x.shape[-1] != y.shape[-1]:
+      x = nn.Conv(y.shape[-1], (1, 1), self.strides, use_bias=False,
+                  kernel_init=_conv_init, name="shortcut_conv")(x)
+    return x + y
+
+
+class PreResNet(nn.Module):
+  """CIFAR PreAct ResNet with bottlenecks: depth = 9 n + 2 (164: n = 18).
+
+  Attributes:
+    num_classes: output logits.
+    depth: 9 n + 2 layers.
+    bn_momentum: running-average momentum of the batch norm.
+  """
+  num_classes: int
+  depth: int = 164
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if (self.depth - 2) % 9:
+      raise ValueError(f"PreResNet depth must be 9n+2, got {self.depth}")
+    num_blocks = (self.depth - 2) // 9
+    x = nn.Conv(16, (3, 3), use_bias=False, kernel_init=_conv_init)(x)
+    for stage in range(3):
+      for i in range(num_blocks):
+        x = PreActBottleneck(16 * 2**stage,
+                             strides=2 if stage > 0 and i == 0 else 1,
+                             bn_momentum=self.bn_momentum)(x, train)
+    x = nn.relu(_batch_norm(train, self.bn_momentum)(x))
+    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "small_cnn": functools.partial(ConvNet, channels=(16, 32, 32, 64),
+                                   pool_after=(0, 1, 3)),
+    "cnn7": functools.partial(ConvNet, channels=(16, 32, 32, 64, 64, 128, 128),
+                              pool_after=(1, 3, 5)),
+    "resnet20": functools.partial(ResNet, stage_sizes=(3, 3, 3), width=16,
+                                  stem="cifar", shortcut="pad"),
+    "vgg16": VGG,
+    "preresnet164": functools.partial(PreResNet, depth=164),
+    "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2),
+                                  block=BasicBlock),
+    "resnet50": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3),
+                                  block=Bottleneck),
+}
+
+MODEL_NAMES: tuple[str, ...] = tuple(_MODELS)
+
+
+def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+  """Builds a model by name.
+
+  Args:
+    name: one of `MODEL_NAMES`: "mlp", "small_cnn" (~34k parameters),
+      "cnn7" (~0.29M), "resnet20" (~0.27M), "vgg16" (~15.2M), "preresnet164"
+      (~1.7M), "resnet18" (11.7M at 1000 classes), "resnet50" (25.6M).
+    num_classes: number of output logits.
+    **kwargs: fields of the model's module (e.g. `hidden_sizes` of the MLP,
+      `bn_momentum`, `dropout_rate` of VGG16).
+
+  Returns:
+    The flax module.
+
+  Raises:
+    ValueError: unknown name, non-positive num_classes or unknown field.
+  """
+  if name not in _MODELS:
+    raise ValueError(f"unknown model {name!r}; known models: "
+                     f"{', '.join(MODEL_NAMES)}")
+  if num_classes < 1:
+    raise ValueError(f"num_classes must be positive, got {num_classes}")
+  try:
+    return _MODELS[name](num_classes=num_classes, **kwargs)
+  except TypeError as e:
+    raise ValueError(f"model {name!r}: bad arguments {sorted(kwargs)}: {e}") from e
