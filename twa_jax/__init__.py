@@ -9,6 +9,8 @@ from twa_jax.averaging import averaging_coefficients
 from twa_jax.averaging import swa
 from twa_jax.basis import Basis
 from twa_jax.basis import orthonormalize
+from twa_jax.sampling import SamplingSchedule
+from twa_jax.store import TrajectoryStore
 from twa_jax.transform import project
 from twa_jax.transform import ProjectState
 from twa_jax.transform import restore_basis
@@ -22,5 +24,6 @@ __all__ = [
     "Basis", "ParamSpec", "ProjectState", "SubspaceState",
     "averaging_coefficients", "orthonormalize", "project", "restore_basis",
     "scale_by_subspace", "strip_basis", "swa", "twa",
+    "SamplingSchedule", "TrajectoryStore",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,10 @@
+"""PreResNet-164 on CIFAR-10: head stage (Table 3).
+
+See `configs/common.py` for the settings and the meaning of every field.
+"""
+
+from configs import common
+
+
+def get_config():
+  return common.cifar_head("cifar10", "preresnet164")

@@ -1,0 +1,207 @@
+"""Settings shared by the configs: one builder per kind of experiment.
+
+Every config file calls one of these and changes what differs. The fields:
+
+  name            label of the run (summary, table, default workdir).
+  seed            model initialization and data order.
+  phases          comma-separated subset of "sgd,swa,twa,report", run in order.
+  data            `twa_jax.training.input_pipeline.load_dataset` fields (name,
+                  path, data_dir, train_size, test_size, augmentation,
+                  download: let TFDS download and prepare the data) and
+                  holdout_fraction: >0 replaces the test split by that share
+                  of the training set (for tuning without touching test).
+  model           name and kwargs of `twa_jax.training.models.create_model`.
+  sgd             the regular training run that records the trajectory:
+                  optimizer ("sgd": momentum SGD with coupled weight decay as
+                  in PyTorch; "adam": Adam with coupled weight decay), epochs,
+                  batch_size, lr and its schedule ("step": times decay_factor
+                  after each fraction decay_at of the epochs; "swa": the SWA
+                  paper's constant, linear-to-swa_lr, constant schedule with
+                  swa_start), ema_decay (EMA of the parameters, every step),
+                  snapshots_per_epoch and include_initial (sampling).
+  averaging       the snapshots SWA, EMA (its end) and TWA use: unit "epoch"
+                  (snapshots taken after epochs start..end; 0 is the initial
+                  weights) or "index" (the store's snapshots start..end), both
+                  inclusive.
+  twa             TWA training in the span of those snapshots: optimizer
+                  ("sgd": `twa_jax.twa`, projected momentum SGD as in the
+                  paper; "adam": `twa_jax.scale_by_subspace` around Adam),
+                  epochs, lr, schedule as for sgd ("step" with decay_at,
+                  decay_factor and linear_epochs: the last epochs decay
+                  linearly to 0), weight_decay (lambda), start ("mean": head
+                  stage; "last": tail stage).
+  eval_batch_size examples per evaluation batch.
+  train_eval_size training examples used for the final train accuracy
+                  (None: all).
+  log_every_steps how often the progress bar fetches loss and accuracy.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base() -> ml_collections.ConfigDict:
+  """Defaults of every field (the CIFAR head-stage values of the paper)."""
+  c = ml_collections.ConfigDict()
+  c.name = "default"
+  c.seed = 0
+  c.phases = "sgd,swa,twa,report"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "digits"
+  c.data.path = config_dict.placeholder(str)
+  c.data.data_dir = config_dict.placeholder(str)
+  c.data.train_size = config_dict.placeholder(int)
+  c.data.test_size = config_dict.placeholder(int)
+  c.data.augmentation = config_dict.placeholder(str)
+  c.data.download = False
+  c.data.holdout_fraction = 0.0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "mlp"
+  c.model.kwargs = ml_collections.ConfigDict()
+
+  c.sgd = ml_collections.ConfigDict()
+  c.sgd.optimizer = "sgd"
+  c.sgd.epochs = 200
+  c.sgd.batch_size = 128
+  c.sgd.lr = 0.1
+  c.sgd.momentum = 0.9
+  c.sgd.nesterov = False
+  c.sgd.weight_decay = 1e-4
+  c.sgd.schedule = "step"
+  c.sgd.decay_at = (0.5, 0.75)
+  c.sgd.decay_factor = 0.1
+  c.sgd.linear_epochs = 0
+  c.sgd.swa_lr = 0.05
+  c.sgd.swa_start = 0
+  c.sgd.ema_decay = 0.999
+  c.sgd.snapshots_per_epoch = 1
+  c.sgd.include_initial = True
+
+  c.averaging = ml_collections.ConfigDict()
+  c.averaging.unit = "epoch"
+  c.averaging.start = 0
+  c.averaging.end = 100
+
+  c.twa = ml_collections.ConfigDict()
+  c.twa.optimizer = "sgd"
+  c.twa.epochs = 10
+  c.twa.lr = 2.0
+  c.twa.momentum = 0.9
+  c.twa.weight_decay = 1e-5
+  c.twa.schedule = "step"
+  c.twa.decay_at = (0.5, 0.75)
+  c.twa.decay_factor = 0.1
+  c.twa.linear_epochs = 0
+  c.twa.start = "mean"
+
+  c.eval_batch_size = 500
+  c.train_eval_size = config_dict.placeholder(int)
+  c.log_every_steps = 50
+  return c
+
+
+def cifar_head(dataset: str, model: str) -> ml_collections.ConfigDict:
+  """Head stage, Table 3: SGD 200 epochs; TWA from epochs 0-100 (+10).
+
+  SGD: batch 128, momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 at
+  epochs 100 and 150, one snapshot after every epoch plus the initial weights.
+  TWA: the 101 snapshots of epochs 0-100, started at their mean, 10 epochs
+  at lr 2 divided by 10 at 50% and 75% of them (epochs 5 and 8, as the
+  reference code rounds), lambda 1e-5.
+  """
+  c = base()
+  c.name = f"{dataset}_{model}"
+  c.data.name = dataset
+  c.model.name = model
+  return c
+
+
+# The SWA setting of Table 1 (reference: the SWA code's train.py with
+# --swa_start and --swa_lr): weight decay, epochs and first averaged epoch.
+_TAIL = {
+    "vgg16": dict(weight_decay=5e-4, epochs=300, swa_start=161),
+    "preresnet164": dict(weight_decay=3e-4, epochs=225, swa_start=126),
+}
+
+
+def cifar_tail(dataset: str, model: str,
+               swa_lr: float = 0.05) -> ml_collections.ConfigDict:
+  """Tail stage, Table 1: SWA's schedule, then SWA against TWA on its tail.
+
+  SGD: lr 0.1 held for the first half of `swa_start` epochs, decayed
+  linearly to `swa_lr` by 90% of it and held there (the SWA paper's
+  schedule); VGG16: weight decay 5e-4, 300 epochs, averaging epochs
+  161-300; PreResNet-164: 3e-4, 225 epochs, 126-225. The paper runs
+  swa_lr 0.05 and 0.10 (`--config.sgd.swa_lr=0.1`). TWA: 10 epochs at lr 2
+  divided by 10 at 50% and 75%, lambda 5e-5, started from the last snapshot.
+  """
+  if model not in _TAIL:
+    raise ValueError(f"no tail-stage setting for {model!r}; known: "
+                     f"{', '.join(_TAIL)}")
+  tail = _TAIL[model]
+  c = cifar_head(dataset, model)
+  c.name = f"{dataset}_{model}_tail"
+  c.sgd.epochs = tail["epochs"]
+  c.sgd.weight_decay = tail["weight_decay"]
+  c.sgd.schedule = "swa"
+  c.sgd.swa_start = tail["swa_start"]
+  c.sgd.swa_lr = swa_lr
+  c.averaging.start = tail["swa_start"]
+  c.averaging.end = tail["epochs"]
+  c.twa.weight_decay = 5e-5
+  c.twa.start = "last"
+  return c
+
+
+def cifar_adam(dataset: str, model: str) -> ml_collections.ConfigDict:
+  """Table A2: the head-stage setting with Adam as the base optimizer.
+
+  SGD phase: Adam at lr 1e-3 with coupled weight decay 1e-4 (PyTorch's
+  `Adam(weight_decay=...)`, as the reference training script), same epochs,
+  decay steps and sampling. TWA: 5 epochs at lr 3 with projected momentum
+  SGD (`twa_jax.twa`), as the reference TWA script, whose only optimizer is
+  SGD whatever trained the trajectory: lr 3 is a step size for the
+  parameters, not for Adam. `--config.twa.optimizer=adam` runs Adam on the
+  averaging coefficients instead (`twa_jax.scale_by_subspace`; give it an
+  Adam-sized lr).
+  """
+  c = cifar_head(dataset, model)
+  c.name = f"{dataset}_{model}_adam"
+  c.sgd.optimizer = "adam"
+  c.sgd.lr = 1e-3
+  c.twa.epochs = 5
+  c.twa.lr = 3.0
+  return c
+
+
+def imagenet(model: str) -> ml_collections.ConfigDict:
+  """ImageNet, Table 4: SGD 90 epochs; TWA from epochs 0-60 (300 snapshots).
+
+  SGD: batch 256, lr 0.1 divided by 10 every 30 epochs, weight decay 1e-4,
+  5 snapshots per epoch (plus the initial weights). TWA: lambda 1e-5,
+  started at the mean, one epoch at lr 0.3, one at 0.03, then one epoch
+  decaying linearly from 0.03 to 0. (The reference scripts run the last,
+  linear epoch as a separate "90+1" TWA on the snapshots of epochs 60-90:
+  set averaging.start=60, averaging.end=90, twa.epochs=1, twa.lr=0.03,
+  twa.decay_at=(), twa.linear_epochs=1 for that.)
+  """
+  c = base()
+  c.name = f"imagenet_{model}"
+  c.data.name = "imagenet2012"
+  c.model.name = model
+  c.sgd.epochs = 90
+  c.sgd.batch_size = 256
+  c.sgd.decay_at = (1 / 3, 2 / 3)
+  c.sgd.snapshots_per_epoch = 5
+  c.averaging.end = 60
+  c.twa.epochs = 3
+  c.twa.lr = 0.3
+  c.twa.decay_at = (0.5,)
+  c.twa.linear_epochs = 1
+  c.eval_batch_size = 250
+  c.train_eval_size = 50_000
+  return c

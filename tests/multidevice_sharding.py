@@ -1,0 +1,347 @@
+"""Sharded-basis checks on 8 simulated CPU devices, run by test_sharding.py.
+
+Not collected by the main suite (its name does not start with ``test_``):
+`tests/test_sharding.py` runs it with pytest in one subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 set before jax loads.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings, strategies as st
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import strategies
+import twa_jax as twa
+from twa_jax import sharding
+
+if jax.device_count() != 8:
+  raise RuntimeError(
+      "multidevice_sharding.py needs 8 devices: run it through "
+      "tests/test_sharding.py (XLA_FLAGS=--xla_force_host_platform_device_count=8).")
+
+KS = (2, 4, 8)
+LAYOUTS = ("basis", "params")
+N = 11  # snapshots: divisible by none of KS
+SHAPES = {"hidden": {"kernel": (5, 7), "bias": (7,)}, "head": (7, 3)}
+D = 63  # 35 + 7 + 21: divisible by none of KS
+TOL = dict(rtol=2e-5, atol=2e-6)
+
+
+def _mesh(k: int, axis_type=AxisType.Auto):
+  return jax.make_mesh((k,), ("x",), axis_types=(axis_type,),
+                       devices=jax.devices()[:k])
+
+
+def _tree(vector: np.ndarray):
+  leaves, treedef = jax.tree.flatten(SHAPES, is_leaf=lambda x: isinstance(x, tuple))
+  sizes = np.cumsum([0] + [math.prod(s) for s in leaves])
+  return jax.tree.unflatten(treedef, [
+      jnp.asarray(vector[a:b].reshape(s), jnp.float32)
+      for a, b, s in zip(sizes[:-1], sizes[1:], leaves)])
+
+
+def _snapshots(kind: str, seed: int = 0, n: int = N):
+  rng = np.random.default_rng(seed)
+  if kind == "trajectory":
+    w0 = rng.normal(size=D)
+    steps = rng.normal(size=(n, D)) * 0.02 / math.sqrt(D) * np.linalg.norm(w0)
+    rows = w0 + np.cumsum(steps, axis=0)
+  else:  # rank-deficient: duplicates and combinations of 4 rows
+    base = rng.normal(size=(4, D))
+    rows = np.concatenate([base, rng.normal(size=(n - 4, 4)) @ base])
+    rows[-1] = rows[0]
+  return [_tree(r) for r in rows]
+
+
+def _random_tree(seed: int):
+  return _tree(np.random.default_rng(seed).normal(size=D))
+
+
+def _plain(basis: twa.Basis) -> twa.Basis:
+  """The same basis vectors, unsharded and without padding."""
+  vectors = np.asarray(basis.vectors)[:basis.dim, :basis.num_params]
+  return twa.Basis(jnp.asarray(vectors), basis.spec, basis.dim)
+
+
+def _flat(tree) -> np.ndarray:
+  return np.concatenate([np.ravel(np.asarray(l, np.float64))
+                         for l in jax.tree.leaves(tree)])
+
+
+def _projector(basis: twa.Basis) -> np.ndarray:
+  q = np.asarray(basis.vectors, np.float64)[:basis.dim, :basis.num_params]
+  return q.T @ q
+
+
+_BASES = {}
+
+
+def _basis(k: int, layout: str, kind: str = "trajectory",
+           axis_type=AxisType.Auto) -> twa.Basis:
+  key = (k, layout, kind, axis_type)
+  if key not in _BASES:
+    _BASES[key] = twa.Basis.from_snapshots(
+        _snapshots(kind), mesh=_mesh(k, axis_type), axis="x", layout=layout)
+  return _BASES[key]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("k", KS)
+def test_shards_hold_what_the_layout_promises(k, layout):
+  basis = _basis(k, layout)
+  n = basis.dim
+  assert n == N and basis.num_params == D
+  assert basis.layout.kind == layout and basis.layout.num_shards == k
+  rows, cols = (-(-n // k) * k, D) if layout == "basis" else (n, -(-D // k) * k)
+  assert basis.vectors.shape == (rows, cols) == basis.layout.shape
+  shard = (rows // k, D) if layout == "basis" else (n, cols // k)
+  shards = basis.vectors.addressable_shards
+  assert len(shards) == k
+  assert {s.data.shape for s in shards} == {shard}
+  assert len({s.device for s in shards}) == k
+  # Padding rows / columns are exactly zero.
+  full = np.asarray(basis.vectors)
+  assert not full[n:].any() and not full[:, D:].any()
+  q = full[:n, :D].astype(np.float64)
+  np.testing.assert_allclose(q @ q.T, np.eye(n), atol=1e-5)
+
+
+# Explicit mesh axes (shardings as types) are checked on the largest mesh.
+CASES = [(k, layout, AxisType.Auto) for k in KS for layout in LAYOUTS] + [
+    (8, layout, AxisType.Explicit) for layout in LAYOUTS]
+
+
+@pytest.mark.parametrize("k,layout,axis_type", CASES)
+def test_products_equal_unsharded(k, layout, axis_type):
+  basis = _basis(k, layout, axis_type=axis_type)
+  plain = _plain(basis)
+  g = _random_tree(1)
+  beta = jnp.asarray(np.random.default_rng(2).normal(size=basis.dim), jnp.float32)
+  fns = {
+      "coordinates": lambda b, g, beta: b.coordinates(g),
+      "project": lambda b, g, beta: b.project(g),
+      "from_coordinates": lambda b, g, beta: b.from_coordinates(beta),
+  }
+  for name, fn in fns.items():
+    want = fn(plain, g, beta)
+    eager = [fn(basis, g, beta)] if k == 8 else []  # eager: compiles per op
+    for got in eager + [jax.jit(fn)(basis, g, beta)]:
+      assert jax.tree.structure(got) == jax.tree.structure(want), name
+      for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert x.shape == y.shape and x.dtype == y.dtype, name
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL,
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("k,layout,kind", [
+    (k, layout, "trajectory") for k in KS for layout in LAYOUTS] + [
+        (8, layout, "deficient") for layout in LAYOUTS])
+def test_orthonormalization_equals_unsharded_span(k, layout, kind):
+  """Same span; rank-deficient sets also run on random meshes below."""
+  sharded = _basis(k, layout, kind)
+  plain = twa.Basis.from_snapshots(_snapshots(kind))
+  assert sharded.dim == plain.dim == (N if kind == "trajectory" else 4)
+  np.testing.assert_allclose(_projector(sharded), _projector(plain), atol=2e-5)
+  # Every snapshot lies in the sharded span.
+  for w in _snapshots(kind)[::3]:
+    np.testing.assert_allclose(_flat(sharded.project(w)), _flat(w),
+                               rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=6)
+@given(strategies.snapshot_sets(kinds=("trajectory", "deficient")),
+       st.sampled_from((3, 5, 6, 7)), st.sampled_from(LAYOUTS))
+def test_random_trees_on_odd_meshes(snaps, k, layout):
+  """Random pytrees (D = 64 or 256, n in 1..8) on meshes of 3, 5, 6, 7."""
+  plain = twa.Basis.from_snapshots(snaps.snapshots)
+  sharded = twa.Basis.from_snapshots(snaps.snapshots, mesh=_mesh(k),
+                                     layout=layout)
+  assert sharded.dim == plain.dim
+  np.testing.assert_allclose(_projector(sharded), _projector(plain), atol=3e-5)
+  g = strategies.fill(snaps.layout, np.random.default_rng(0).normal(
+      size=plain.num_params))
+  np.testing.assert_allclose(_flat(sharded.project(g)),
+                             _flat(_plain(sharded).project(g)),
+                             rtol=1e-5, atol=1e-5)
+
+
+def _loss(params, batch):
+  x, y = batch
+  h = jnp.tanh(x @ params["hidden"]["kernel"] + params["hidden"]["bias"])
+  return jnp.mean((h @ params["head"] - y) ** 2)
+
+
+def _batch(seed: int):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.normal(size=(16, 5)), jnp.float32),
+          jnp.asarray(rng.normal(size=(16, 3)), jnp.float32))
+
+
+_START = _snapshots("trajectory")[N // 2]
+_BATCHES = [_batch(i) for i in range(3)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _step(tx, params, opt_state, batch):
+  grads = jax.grad(_loss)(params, batch)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def _run(tx, params, batches):
+  opt_state = tx.init(params)
+  for batch in batches:
+    params, opt_state = _step(tx, params, opt_state, batch)
+  return params, opt_state
+
+
+def _optimizers(basis, adam: bool):
+  txs = [twa.twa(basis, 0.5, weight_decay=1e-3)]
+  return txs + [twa.scale_by_subspace(basis, optax.adam(0.05))] if adam else txs
+
+
+@functools.cache
+def _unsharded_twa() -> np.ndarray:
+  """TWA steps with the unsharded basis (P P^T g: any basis of the span)."""
+  plain = twa.Basis.from_snapshots(_snapshots("trajectory"))
+  params, _ = _run(_optimizers(plain, False)[0], _START, _BATCHES)
+  return _flat(params)
+
+
+def _is_basis(x) -> bool:
+  return isinstance(x, twa.Basis)
+
+
+@pytest.mark.parametrize("k,layout,axis_type", CASES)
+def test_data_parallel_steps_equal_unsharded(k, layout, axis_type):
+  """twa.twa on every mesh; scale_by_subspace(adam) too on the largest."""
+  basis = _basis(k, layout, axis_type=axis_type)
+  mesh = basis.layout.mesh
+  replicated = NamedSharding(mesh, P())
+  params = jax.device_put(_START, replicated)
+  batches = [jax.device_put(b, NamedSharding(mesh, P("x"))) for b in _BATCHES]
+  adam = k == 8
+  for i, tx in enumerate(_optimizers(basis, adam)):
+    got, state = _run(tx, params, batches)
+    if i == 0:
+      want = _unsharded_twa()
+    else:  # Adam on coordinates depends on the basis, not only on its span.
+      want = _flat(_run(_optimizers(_plain(basis), adam)[i], _START, _BATCHES)[0])
+    np.testing.assert_allclose(_flat(got), want, rtol=1e-5, atol=1e-6)
+    # Updates keep the parameters' (replicated) sharding, and so does the
+    # optimizer state; the basis in the state keeps its layout.
+    stats, bases = [], []
+    for leaf in jax.tree.leaves(state, is_leaf=_is_basis):
+      (bases if _is_basis(leaf) else stats).append(leaf)
+    for leaf in jax.tree.leaves(got) + stats:
+      assert leaf.sharding.is_equivalent_to(replicated, leaf.ndim), leaf.sharding
+    assert bases and all(b.vectors.sharding.is_equivalent_to(basis.layout.sharding, 2)
+                         and b.layout == basis.layout for b in bases)
+    # The iterate stays in the span.
+    np.testing.assert_allclose(_flat(basis.project(got)), _flat(got),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("k", KS)
+def test_compiled_projection_communicates_what_layout_promises(k, layout):
+  """basis: one all-reduce of D; params: one all-reduce of n (and, for a
+  replicated result, one all-gather of the D/k slices), none larger."""
+  basis = _basis(k, layout)
+  g = _random_tree(3)
+  cols = basis.vectors.shape[1]
+  text = jax.jit(lambda b, g: b.project(g)).lower(basis, g).compile().as_text()
+  if layout == "basis":
+    want = [("all-reduce", D, 4 * D)]
+  else:
+    want = [("all-gather", cols, 4 * cols), ("all-reduce", N, 4 * N)]
+  assert sorted(sharding.collectives(text)) == want
+
+
+@pytest.mark.parametrize("k", KS)
+def test_params_layout_on_a_sharded_flat_vector_sends_only_n(k):
+  """Explicit axes, FSDP-style flat gradient sharded over the mesh."""
+  basis = _basis(k, "params", axis_type=AxisType.Explicit)
+  flat = basis.spec.ravel(_random_tree(3), pad_to=basis.vectors.shape[1])
+  flat = jax.device_put(flat, NamedSharding(basis.layout.mesh, P("x")))
+  fn = jax.jit(basis.layout.project)
+  assert sharding.collectives(
+      fn.lower(basis.vectors, flat).compile().as_text()) == [
+          ("all-reduce", N, 4 * N)]
+  out = fn(basis.vectors, flat)
+  assert out.sharding.is_equivalent_to(flat.sharding, 1)
+  want = _plain(basis).project(_random_tree(3))
+  np.testing.assert_allclose(np.asarray(out)[:D], _flat(want), **TOL)
+
+
+def test_two_dimensional_mesh_replicates_over_the_other_axis():
+  mesh = jax.make_mesh((2, 4), ("data", "model"),
+                       axis_types=(AxisType.Auto,) * 2)
+  snaps = _snapshots("trajectory")
+  for layout in LAYOUTS:
+    basis = twa.Basis.from_snapshots(snaps, mesh=mesh, axis="model",
+                                     layout=layout, dtype=jnp.bfloat16)
+    assert basis.vectors.dtype == jnp.bfloat16
+    assert len(basis.vectors.addressable_shards) == 8
+    want = (3, D) if layout == "basis" else (N, 16)
+    assert {s.data.shape for s in basis.vectors.addressable_shards} == {want}
+    g = _random_tree(4)
+    np.testing.assert_allclose(_flat(basis.project(g)),
+                               _flat(_plain(basis).project(g)),
+                               rtol=1e-5, atol=1e-5)
+  # Default axis on a 2-d mesh: both axes, k = 8.
+  basis = twa.Basis.from_snapshots(snaps, mesh=mesh)
+  assert basis.layout.axis == ("data", "model") and basis.layout.num_shards == 8
+  assert {s.data.shape for s in basis.vectors.addressable_shards} == {(2, D)}
+  np.testing.assert_allclose(_projector(basis), _projector(_basis(8, "basis")),
+                             atol=1e-6)
+
+
+def test_bad_arguments_are_named():
+  snaps = _snapshots("trajectory")[:3]
+  with pytest.raises(ValueError, match="layout"):
+    twa.Basis.from_snapshots(snaps, mesh=_mesh(2), layout="rows")
+  with pytest.raises(ValueError, match="axis: 'y'"):
+    twa.Basis.from_snapshots(snaps, mesh=_mesh(2), axis="y")
+  with pytest.raises(TypeError, match="mesh"):
+    twa.Basis.from_snapshots(snaps, mesh=jax.devices()[:2])
+
+
+def test_from_store_builds_the_same_sharded_basis(tmp_path):
+  snaps = _snapshots("trajectory")
+  with twa.TrajectoryStore(tmp_path / "store") as store:
+    for step, w in enumerate(snaps):
+      store.save(step, w)
+    store.wait_until_finished()
+    for layout in LAYOUTS:
+      basis = twa.Basis.from_store(store, mesh=_mesh(4), layout=layout)
+      assert basis.layout == _basis(4, layout).layout
+      np.testing.assert_allclose(_projector(basis), _projector(_basis(4, layout)),
+                                 atol=1e-6)
+
+
+def test_orthonormalization_only_reduces_grams_and_moves_rows_once():
+  """No device ever gathers W or P: n x n psums, then one all-to-all."""
+  k, mesh = 8, _mesh(8)
+  cols = -(-D // k) * k
+  w = sharding.put_columns(np.ones((N, D), np.float32), mesh, "x", cols)
+  assert {s.data.shape for s in w.addressable_shards} == {(N, cols // k)}
+  passes = sharding.column_passes(mesh, "x")
+  with jax.enable_x64(True):
+    text = passes.center.lower(w).compile().as_text()
+  assert sharding.collectives(text) == [("all-reduce", N * N, 8 * N * N)]
+  layout = sharding.BasisLayout(mesh, "x", N, D)
+  vectors = jax.device_put(jnp.ones((N, cols)), NamedSharding(mesh, P(None, "x")))
+  text = jax.jit(functools.partial(sharding._to_rows, layout)).lower(  # pylint: disable=protected-access
+      vectors).compile().as_text()
+  rows = layout.shape[0]
+  assert [c[0] for c in sharding.collectives(text)] == ["all-to-all"]
+  assert sharding.collectives(text)[0][1] <= rows * cols // k

@@ -1,0 +1,111 @@
+"""One process of the two-process sharded-TWA run in test_sharding.py.
+
+Usage: multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_JSON, with
+XLA_FLAGS=--xla_force_host_platform_device_count=4 (4 CPU devices each).
+Joins a `jax.distributed` run over localhost with gloo CPU collectives,
+builds a basis sharded over all processes' devices (each process feeding
+only its own devices), runs TWA steps on a batch sharded over the global
+mesh, and checks them against the unsharded single-process computation.
+Writes the results as JSON for the parent test to compare across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import twa_jax as twa
+
+LOCAL_DEVICES = 4
+N, SHAPES = 7, {"w": (9, 5), "b": (5,)}  # n = 7, D = 50: neither divides 8
+
+
+def _global(mesh, value: np.ndarray, spec: P) -> jax.Array:
+  """A global array of which this process fills only its own devices."""
+  return jax.make_array_from_callback(
+      value.shape, NamedSharding(mesh, spec), lambda index: value[index])
+
+
+def _loss(params, batch):
+  x, y = batch
+  return jnp.mean((jnp.tanh(x @ params["w"] + params["b"]) - y) ** 2)
+
+
+def _steps(tx, params, batches):
+  @jax.jit
+  def step(params, opt_state, batch):
+    grads = jax.grad(_loss)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = tx.init(params)
+  for batch in batches:
+    params, opt_state = step(params, opt_state, batch)
+  return params
+
+
+def _flat(tree) -> np.ndarray:
+  return np.concatenate([np.ravel(np.asarray(x, np.float64))
+                         for x in jax.tree.leaves(tree)])
+
+
+def main(process_id: int, num_processes: int, port: int, out: str) -> None:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
+                             num_processes=num_processes,
+                             process_id=process_id)
+  assert jax.process_count() == num_processes
+  assert jax.local_device_count() == LOCAL_DEVICES
+  k = jax.device_count()
+  mesh = jax.make_mesh((k,), ("x",), axis_types=(AxisType.Auto,))
+
+  rng = np.random.default_rng(0)  # the same data in every process
+  w0 = {name: rng.normal(size=shape).astype(np.float32)
+        for name, shape in SHAPES.items()}
+  snapshots = [jax.tree.map(
+      lambda x, i=i: x + np.float32(0.05 * i) * rng.normal(size=x.shape).astype(np.float32),
+      w0) for i in range(N)]
+  batches = [(rng.normal(size=(16, 9)).astype(np.float32),
+              rng.normal(size=(16, 5)).astype(np.float32)) for _ in range(3)]
+
+  plain = twa.Basis.from_snapshots(snapshots)
+  start = snapshots[N // 2]
+  want = _flat(_steps(twa.twa(plain, 0.5), start, batches))
+  p = np.asarray(plain.vectors, np.float64)[:, :plain.num_params]
+  projector = p.T @ p
+
+  results = {}
+  for layout in ("basis", "params"):
+    basis = twa.Basis.from_snapshots(snapshots, mesh=mesh, layout=layout)
+    shards = basis.vectors.addressable_shards
+    assert len(shards) == LOCAL_DEVICES, len(shards)
+    assert not basis.vectors.is_fully_addressable
+    vectors = multihost_utils.process_allgather(basis.vectors, tiled=True)
+    q = np.asarray(vectors, np.float64)[:basis.dim, :basis.num_params]
+    np.testing.assert_allclose(q.T @ q, projector, atol=2e-5)
+
+    params = jax.tree.map(lambda x: _global(mesh, x, P()), start)
+    sharded_batches = [tuple(_global(mesh, x, P("x")) for x in batch)
+                       for batch in batches]
+    got = _steps(twa.twa(basis, 0.5), params, sharded_batches)
+    for leaf in jax.tree.leaves(got):
+      assert leaf.sharding.is_fully_replicated, leaf.sharding
+    got = _flat(got)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    results[layout] = {"shard_shape": list(shards[0].data.shape),
+                       "params": got.tolist()}
+  results["unsharded"] = want.tolist()
+  with open(out, "w") as f:
+    json.dump(results, f)
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

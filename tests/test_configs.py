@@ -1,0 +1,170 @@
+"""Every config file builds and matches the paper's settings; validation."""
+
+import importlib.util
+import pathlib
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `from configs import common` in the files
+# pylint: disable=g-import-not-at-top,wrong-import-position
+
+from twa_jax.training import models
+from twa_jax.training import steps as steps_lib
+from twa_jax.training import train_lib
+
+CONFIG_FILES = sorted(p for p in (ROOT / "configs").glob("*.py")
+                      if p.stem not in ("__init__", "common"))
+
+
+def load(name: str) -> ml_collections.ConfigDict:
+  path = ROOT / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def snapshot_plan(config, steps_per_epoch):
+  planned = train_lib.planned_snapshot_steps(config.sgd, steps_per_epoch)
+  return planned, train_lib.select_snapshot_steps(config.averaging, planned,
+                                                  steps_per_epoch)
+
+
+def lr_per_epoch(section, epochs, spe=10):
+  schedule = steps_lib.learning_rate_schedule(section, epochs, spe)
+  return [float(schedule(e * spe)) for e in range(epochs)]
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_every_config_builds_and_validates(path):
+  config = load(path.stem)
+  assert isinstance(config, ml_collections.ConfigDict)
+  train_lib.validate_config(config)
+  assert train_lib.parse_phases(config.phases) == list(train_lib.PHASES)
+  assert config.model.name in models.MODEL_NAMES
+  planned, selected = snapshot_plan(config, steps_per_epoch=20)
+  assert selected[-1] <= config.sgd.epochs * 20
+  assert config.name in path.stem or path.stem == "default"
+
+
+def test_expected_config_files_exist():
+  names = {p.stem for p in CONFIG_FILES}
+  assert {"default", "cifar10_vgg16", "cifar100_vgg16", "cifar10_preresnet164",
+          "cifar100_preresnet164", "cifar10_vgg16_tail",
+          "cifar100_preresnet164_tail", "imagenet_resnet18",
+          "imagenet_resnet50", "cifar10_vgg16_adam", "cifar10_cpu"} <= names
+
+
+def test_head_stage_is_the_papers_table_3_setting():
+  c = load("cifar100_preresnet164")
+  assert (c.data.name, c.model.name) == ("cifar100", "preresnet164")
+  assert (c.sgd.epochs, c.sgd.batch_size, c.sgd.momentum, c.sgd.weight_decay,
+          c.sgd.optimizer) == (200, 128, 0.9, 1e-4, "sgd")
+  lrs = lr_per_epoch(c.sgd, 200)
+  np.testing.assert_allclose([lrs[0], lrs[99], lrs[100], lrs[149], lrs[150],
+                              lrs[199]],
+                             [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+  planned, selected = snapshot_plan(c, 391)
+  assert len(planned) == 201 and len(selected) == 101  # epochs 0..100
+  assert selected[0] == 0 and selected[-1] == 100 * 391
+  assert (c.twa.epochs, c.twa.lr, c.twa.weight_decay, c.twa.start) == (
+      10, 2.0, 1e-5, "mean")
+  # lr 2 divided by 10 at 50% and 75% of the TWA epochs (epochs 5 and 8).
+  np.testing.assert_allclose(lr_per_epoch(c.twa, 10),
+                             [2.0] * 5 + [0.2] * 3 + [0.02] * 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name,wd,epochs,start", [
+    ("cifar10_vgg16_tail", 5e-4, 300, 161),
+    ("cifar100_preresnet164_tail", 3e-4, 225, 126),
+])
+def test_tail_stage_is_the_swa_setting_of_table_1(name, wd, epochs, start):
+  c = load(name)
+  assert (c.sgd.weight_decay, c.sgd.epochs, c.sgd.schedule) == (wd, epochs,
+                                                                "swa")
+  assert c.sgd.swa_lr == 0.05 and c.sgd.swa_start == start
+  planned, selected = snapshot_plan(c, 10)
+  assert len(selected) == epochs - start + 1  # epochs start..end inclusive
+  assert selected[0] == start * 10 and selected[-1] == epochs * 10
+  assert (c.twa.epochs, c.twa.lr, c.twa.weight_decay, c.twa.start) == (
+      10, 2.0, 5e-5, "last")
+  lrs = lr_per_epoch(c.sgd, epochs)
+  # SWA's schedule, t = epoch / swa_start: 0.1 up to t = 0.5, linear down to
+  # swa_lr at t = 0.9, then constant.
+  half, late = start // 2, int(np.ceil(0.9 * start)) + 1
+  mid = int(0.7 * start)
+  assert lrs[0] == pytest.approx(0.1) and lrs[half] == pytest.approx(0.1)
+  assert lrs[late] == pytest.approx(0.05) and lrs[-1] == pytest.approx(0.05)
+  t = mid / start
+  assert lrs[mid] == pytest.approx(0.1 * (1 - 0.5 * (t - 0.5) / 0.4))
+
+
+def test_imagenet_is_the_papers_table_4_setting():
+  c = load("imagenet_resnet50")
+  assert (c.data.name, c.model.name, c.sgd.epochs, c.sgd.batch_size) == (
+      "imagenet2012", "resnet50", 90, 256)
+  lrs = lr_per_epoch(c.sgd, 90)
+  np.testing.assert_allclose([lrs[29], lrs[30], lrs[59], lrs[60], lrs[89]],
+                             [0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+  planned, selected = snapshot_plan(c, 5004)
+  assert len(selected) == 301  # 5 per epoch over epochs 0-60, plus initial
+  twa = steps_lib.learning_rate_schedule(c.twa, c.twa.epochs, 100)
+  np.testing.assert_allclose(
+      [float(twa(s)) for s in (0, 99, 100, 199, 200, 250, 299)],
+      [0.3, 0.3, 0.03, 0.03, 0.03, 0.015, 0.0003], rtol=1e-5)
+
+
+def test_adam_config_table_a2():
+  c = load("cifar10_vgg16_adam")
+  assert (c.sgd.optimizer, c.twa.epochs, c.twa.lr, c.twa.optimizer) == (
+      "adam", 5, 3.0, "sgd")
+
+
+def test_cpu_config_points_at_npz_data():
+  c = load("cifar10_cpu")
+  assert c.data.name == "npz"
+  assert c.data.path is None  # the user points it at a decoded CIFAR-10 file
+  assert models.create_model(c.model.name, 10, **c.model.kwargs.to_dict())
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("sgd.lr", 0.0, "learning rate must be positive"),
+    ("twa.lr", -1.0, "learning rate must be positive"),
+    ("sgd.epochs", 0, "positive integer"),
+    ("twa.epochs", -2, "positive integer"),
+    ("sgd.batch_size", 0, "must be positive"),
+    ("sgd.optimizer", "lion", "choose from"),
+    ("twa.start", "middle", "mean"),
+    ("averaging.end", 500, "averaging.end=500"),
+    ("averaging.unit", "hour", "averaging.unit"),
+    ("sgd.ema_decay", 1.0, "[0, 1)"),
+])
+def test_validation_names_the_bad_field(field, value, message):
+  c = load("default")
+  section, key = field.split(".")
+  c[section][key] = value
+  with pytest.raises(train_lib.ConfigError, match=rf"config\.{field}") as e:
+    train_lib.validate_config(c)
+  assert message in str(e.value)
+
+
+def test_unknown_phase_is_rejected():
+  with pytest.raises(train_lib.ConfigError, match="unknown or no phase"):
+    train_lib.parse_phases("sgd,fine-tune")
+  assert train_lib.parse_phases("report, twa") == ["twa", "report"]
+
+
+def test_averaging_index_range_beyond_the_plan_is_rejected():
+  c = load("default")
+  c.averaging.unit = "index"
+  c.averaging.end = 10_000
+  planned = train_lib.planned_snapshot_steps(c.sgd, 5)
+  with pytest.raises(train_lib.ConfigError, match="records 31 snapshots"):
+    train_lib.select_snapshot_steps(c.averaging, planned, 5)
+  c.averaging.end = 0
+  with pytest.raises(train_lib.ConfigError, match="only the initial weights"):
+    train_lib.select_snapshot_steps(c.averaging, planned, 5)

@@ -1,0 +1,362 @@
+"""Tests for twa_jax.store.TrajectoryStore."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import strategies
+import twa_jax as twa
+from twa_jax.store import INFO_FILE, TrajectoryStore
+
+# Deterministic snapshot of a step, shared with the writer subprocesses.
+PARAMS_SRC = textwrap.dedent("""
+    import hashlib
+    import jax
+    import ml_dtypes
+    import numpy as np
+
+    def params(step, rows=512):
+      rng = np.random.default_rng(step)
+      bias = rng.standard_normal(77).astype(ml_dtypes.bfloat16)
+      return {"dense": {"kernel": rng.standard_normal((rows, 1024), np.float32),
+                        "bias": bias},
+              "scales": [np.float32(step) * np.ones(3, np.float32)]}
+
+    def fingerprint(tree):
+      leaves, treedef = jax.tree_util.tree_flatten(tree)
+      return str(treedef) + "".join(
+          f"|{x.dtype}{x.shape}" + hashlib.sha256(x.tobytes()).hexdigest()
+          for x in map(np.asarray, leaves))
+    """)
+_ns = {}
+exec(PARAMS_SRC, _ns)  # pylint: disable=exec-used
+params, fingerprint = _ns["params"], _ns["fingerprint"]
+
+
+def _run(script, *args, **kwargs):
+  return subprocess.Popen(
+      [sys.executable, "-c", PARAMS_SRC + textwrap.dedent(script), *args],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _partial_saves(directory):
+  return [n for n in os.listdir(directory) if "orbax-checkpoint-tmp" in n]
+
+
+def _random_bits(layout, seed):
+  """A tree of `layout` with random bit patterns (NaN payloads included)."""
+  rng = np.random.default_rng(seed)
+  def fill(leaf):
+    dtype = np.dtype(leaf.dtype)
+    bits = rng.integers(0, 256, size=int(np.prod(leaf.shape)) * dtype.itemsize,
+                        dtype=np.uint8)
+    return bits.view(dtype).reshape(leaf.shape)
+  return jax.tree_util.tree_map(
+      fill, layout, is_leaf=lambda x: isinstance(x, strategies.Leaf))
+
+
+@settings(max_examples=8)
+@given(layout=strategies.layouts(
+    dtypes=(jnp.float32, jnp.bfloat16, jnp.float16)),
+       seed=st.integers(0, 2**31), as_jax=st.booleans())
+def test_round_trip_random_trees(layout, seed, as_jax):
+  tree = _random_bits(layout, seed)
+  if as_jax:
+    tree = jax.tree_util.tree_map(jnp.asarray, tree)
+  other = _random_bits(layout, seed + 1)
+  with tempfile.TemporaryDirectory() as directory:
+    with TrajectoryStore(directory) as store:
+      assert store.save(3, tree, metadata={"epoch": 1, "lr": 0.5})
+      assert store.save(1, other)
+    with TrajectoryStore(directory, read_only=True) as store:
+      assert store.steps() == [1, 3]
+      assert fingerprint(store.load(3)) == fingerprint(jax.device_get(tree))
+      assert fingerprint(store.load(1)) == fingerprint(other)
+      assert store.metadata(3) == {"epoch": 1, "lr": 0.5}
+      assert store.metadata(1) == {}
+      assert store.spec == twa.ParamSpec.of(tree)
+
+
+def test_reopen_in_fresh_process(tmp_path):
+  with TrajectoryStore(tmp_path / "s") as store:
+    for step in (0, 5, 10):
+      store.save(step, params(step, rows=8), metadata={"step": step})
+  reader = _run("""
+      import sys
+      import twa_jax as twa
+      with twa.TrajectoryStore(sys.argv[1], read_only=True) as store:
+        for step in store.steps():
+          meta, tree = store.metadata(step), store.load(step)
+          print(step, meta["step"], fingerprint(tree))
+      """, str(tmp_path / "s"))
+  out, err = reader.communicate(timeout=120)
+  assert reader.returncode == 0, err
+  assert out.splitlines() == [f"{s} {s} {fingerprint(params(s, rows=8))}"
+                              for s in (0, 5, 10)]
+
+
+def test_sigkill_during_save_keeps_complete_snapshots(tmp_path):
+  directory = tmp_path / "s"
+  writer = _run("""
+      import sys
+      from twa_jax.store import TrajectoryStore
+      store = TrajectoryStore(sys.argv[1])
+      for step in range(10_000):
+        store.save(step, params(step), metadata={"step": step})
+        print(step, flush=True)
+      """, str(directory))
+  try:
+    started = -1
+    while started < 3:  # steps 0..2 are complete once step 3 started
+      line = writer.stdout.readline()
+      assert line, writer.stderr.read()
+      started = int(line)
+    deadline = time.monotonic() + 60
+    while not _partial_saves(directory):
+      assert time.monotonic() < deadline, "no save ever in flight"
+    writer.send_signal(signal.SIGKILL)
+  finally:
+    writer.kill()
+    writer.communicate()
+  assert writer.returncode == -signal.SIGKILL
+  partial = _partial_saves(directory)
+  assert partial, "the kill did not land during a save"
+  in_flight = int(partial[0].split(".")[0])
+  with TrajectoryStore(directory, read_only=True) as store:
+    steps = store.steps()
+    assert steps == list(range(len(steps))) and len(steps) >= 3
+    assert in_flight not in steps
+    for step in steps:
+      assert fingerprint(store.load(step)) == fingerprint(params(step)), step
+      assert store.metadata(step) == {"step": step}
+  with TrajectoryStore(directory) as store:  # reopen and continue
+    assert store.save(in_flight, params(in_flight))
+    assert store.save(in_flight + 1, params(in_flight + 1))
+  with TrajectoryStore(directory, read_only=True) as store:
+    assert store.steps()[-2:] == [in_flight, in_flight + 1]
+    assert fingerprint(store.load(in_flight)) == fingerprint(params(in_flight))
+  assert not _partial_saves(directory)
+
+
+def test_save_copies_before_returning(tmp_path):
+  """The caller may delete (donate) or overwrite its arrays after save."""
+  tree = {"w": jnp.arange(4096, dtype=jnp.float32), "b": np.ones(5, np.float32)}
+  expected = jax.tree_util.tree_map(np.array, tree)
+  with TrajectoryStore(tmp_path / "s") as store:
+    store.save(0, tree)
+    tree["w"].delete()
+    tree["b"][:] = 7.0
+    store.wait_until_finished()
+    assert fingerprint(store.load(0)) == fingerprint(expected)
+
+
+def test_duplicate_step(tmp_path):
+  with TrajectoryStore(tmp_path / "s") as store:
+    assert store.save(2, params(2, rows=4), metadata={"a": 1})
+    assert not store.save(2, params(2, rows=4), metadata={"a": 2})  # no-op
+    with pytest.raises(ValueError, match="step 2 already holds a different"):
+      store.save(2, params(3, rows=4))
+    assert store.steps() == [2]
+    assert store.metadata(2) == {"a": 1}
+    assert fingerprint(store.load(2)) == fingerprint(params(2, rows=4))
+
+
+def test_layout_mismatch_names_the_leaf(tmp_path):
+  good = params(0, rows=4)
+  with TrajectoryStore(tmp_path / "s") as store:
+    store.save(0, good)
+    shape = params(1, rows=5)
+    with pytest.raises(ValueError, match=r"\['dense'\]\['kernel'\] has shape"):
+      store.save(1, shape)
+    dtype = params(1, rows=4)
+    dtype["scales"][0] = dtype["scales"][0].astype(np.float16)
+    with pytest.raises(ValueError,
+                       match=r"\['scales'\]\[0\] has dtype float16"):
+      store.save(1, dtype)
+    missing = params(1, rows=4)
+    del missing["dense"]["bias"]
+    with pytest.raises(ValueError, match=r"missing leaf \['dense'\]\['bias'\]"):
+      store.save(1, missing)
+    with pytest.raises(TypeError,
+                       match=r"\['dense'\]\['kernel'\] has non-float dtype"):
+      store.save(1, {**good, "dense": {**good["dense"],
+                                       "kernel": np.ones((4, 1024), np.int32)}})
+    store.wait_until_finished()
+    assert store.steps() == [0]
+  with TrajectoryStore(tmp_path / "s") as store:  # the layout is kept on disk
+    with pytest.raises(ValueError, match=r"\['dense'\]\['kernel'\] has shape"):
+      store.save(1, shape)
+
+
+def test_bad_save_arguments(tmp_path):
+  with TrajectoryStore(tmp_path / "s") as store:
+    tree = {"w": np.ones(3, np.float32)}
+    with pytest.raises(ValueError, match="non-negative integer"):
+      store.save(-1, tree)
+    with pytest.raises(ValueError, match="non-negative integer"):
+      store.save(1.0, tree)
+    with pytest.raises(TypeError, match="JSON-serializable"):
+      store.save(0, tree, metadata={"x": np.ones(2)})
+    with pytest.raises(TypeError, match="metadata must be a dict"):
+      store.save(0, tree, metadata=[1, 2])
+    with pytest.raises(TypeError, match=r"node at \['w'\] is a FrozenDict"):
+      from flax.core import FrozenDict  # pylint: disable=g-import-not-at-top
+      store.save(0, {"w": FrozenDict({"a": np.ones(2)})})
+    with pytest.raises(ValueError, match="no entries"):
+      store.save(0, {"w": None})
+    assert store.steps() == []
+    assert store.save(0, tree)  # nothing above was recorded
+
+
+def test_missing_step_names_existing_ones(tmp_path):
+  with TrajectoryStore(tmp_path / "s") as store:
+    for step in (0, 4):
+      store.save(step, {"w": np.ones(2, np.float32)})
+    missing = r"step 7 is not in the store.*stored steps: \[0, 4\]"
+    for method in (store.load, store.metadata):
+      with pytest.raises(ValueError, match=missing):
+        method(7)
+    with pytest.raises(ValueError, match=missing):
+      store.read_matrix([0, 7])
+
+
+def test_not_a_store(tmp_path):
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "notes.txt").write_text("hi")
+  with pytest.raises(ValueError, match=r"not a trajectory store.*notes\.txt"):
+    TrajectoryStore(tmp_path / "other")
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    TrajectoryStore(tmp_path / "absent", create=False)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    TrajectoryStore(tmp_path / "absent", read_only=True)
+  assert not (tmp_path / "absent").exists()
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="create=True"):
+    TrajectoryStore(tmp_path / "empty", read_only=True)
+  (tmp_path / "json").mkdir()
+  (tmp_path / "json" / INFO_FILE).write_text('{"format": "something else"}')
+  with pytest.raises(ValueError, match="not a trajectory store file"):
+    TrajectoryStore(tmp_path / "json")
+
+
+def test_incompatible_version(tmp_path):
+  with TrajectoryStore(tmp_path / "s") as store:
+    store.save(0, {"w": np.ones(2, np.float32)})
+  info_path = tmp_path / "s" / INFO_FILE
+  info = json.loads(info_path.read_text())
+  info["version"] = 99
+  info_path.write_text(json.dumps(info))
+  with pytest.raises(ValueError, match="format version 99.*reads version 1"):
+    TrajectoryStore(tmp_path / "s", read_only=True)
+
+
+def test_snapshot_differing_from_recorded_layout(tmp_path):
+  """Reads check every snapshot against the layout and name the step."""
+  with TrajectoryStore(tmp_path / "s") as store:
+    store.save(0, {"w": np.ones(3, np.float32), "v": np.ones(2, np.float32)})
+  info_path = tmp_path / "s" / INFO_FILE
+  info = json.loads(info_path.read_text())
+  info["layout"]["dtypes"][1] = "float16"
+  info_path.write_text(json.dumps(info))
+  with TrajectoryStore(tmp_path / "s", read_only=True) as store:
+    with pytest.raises(ValueError, match=r"step=0.*\['w'\] has dtype float32"):
+      store.load(0)
+    with pytest.raises(ValueError, match=r"step=0.*\['w'\] has dtype float32"):
+      store.read_matrix()
+
+
+def _listing(root):
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    for name in [""] + dirnames + filenames:
+      path = os.path.join(dirpath, name)
+      stat = os.stat(path)
+      out[path] = (stat.st_mtime_ns, stat.st_size)
+  return out
+
+
+def test_read_only_never_writes(tmp_path):
+  directory = tmp_path / "s"
+  with TrajectoryStore(directory) as store:
+    store.save(0, params(0, rows=4), metadata={"e": 0})
+    store.save(1, params(1, rows=4))
+  os.mkdir(directory / "7.orbax-checkpoint-tmp-123")  # a killed save's leftover
+  before = _listing(directory)
+  time.sleep(0.01)
+  with TrajectoryStore(directory, read_only=True) as store:
+    assert store.steps() == [0, 1]
+    store.load(1)
+    store.metadata(0)
+    store.read_matrix()
+    twa.Basis.from_store(store)
+    with pytest.raises(ValueError, match="read-only"):
+      store.save(2, params(2, rows=4))
+  assert _listing(directory) == before
+
+
+def test_from_store_equals_from_snapshots(tmp_path):
+  rng = np.random.default_rng(0)
+  start = {"a": {"kernel": rng.standard_normal((30, 20), np.float32)},
+           "b": [rng.standard_normal(17).astype(jnp.bfloat16)]}
+  snapshots = [start]
+  for _ in range(7):
+    snapshots.append(jax.tree_util.tree_map(
+        lambda x: (x + rng.standard_normal(x.shape)).astype(x.dtype),
+        snapshots[-1]))
+  with TrajectoryStore(tmp_path / "s") as store:
+    for step, snapshot in enumerate(snapshots):
+      store.save(10 * step, snapshot)
+    store.wait_until_finished()
+    basis = twa.Basis.from_store(store)
+    expected = twa.Basis.from_snapshots(snapshots)
+    assert basis.spec == expected.spec and basis.dim == expected.dim == 8
+    np.testing.assert_array_equal(basis.vectors, expected.vectors)
+    subset = twa.Basis.from_store(store, steps=[70, 0, 30])
+    expected = twa.Basis.from_snapshots([snapshots[i] for i in (7, 0, 3)])
+    np.testing.assert_array_equal(subset.vectors, expected.vectors)
+
+
+def test_read_matrix_errors(tmp_path):
+  with TrajectoryStore(tmp_path / "s") as store:
+    with pytest.raises(ValueError, match="no snapshots"):
+      store.read_matrix()
+    store.save(0, {"w": np.ones(3, np.float32)})
+    store.save(1, {"w": np.array([1.0, np.nan, 0.0], np.float32)})
+    with pytest.raises(ValueError, match=r"twice"):
+      store.read_matrix([0, 0])
+    with pytest.raises(ValueError, match=r"step 1: leaf \['w'\] contains NaN"):
+      store.read_matrix()
+    spec, matrix = store.read_matrix([0])
+    assert matrix.shape == (1, 3) and matrix.dtype == np.float32
+    assert spec == twa.ParamSpec.of({"w": np.ones(3, np.float32)})
+
+
+def test_closed_store(tmp_path):
+  store = TrajectoryStore(tmp_path / "s")
+  store.close()
+  store.close()
+  with pytest.raises(ValueError, match="closed"):
+    store.steps()
+
+
+def test_keys_orbax_would_confuse(tmp_path):
+  """Dotted keys (orbax joins names with '.'), int keys, tuples, None."""
+  tree = {"a.b": np.ones(2, np.float32), "a": {"b": np.zeros(2, np.float32)},
+          "a%2Eb": np.full(1, 5.0, np.float32), "": np.full(1, 4.0, np.float32),
+          "layers": {0: (np.ones(1, np.float32), None), 10: [np.ones(3)]}}
+  with TrajectoryStore(tmp_path / "s") as store:
+    store.save(0, tree)
+  with TrajectoryStore(tmp_path / "s", read_only=True) as store:
+    assert fingerprint(store.load(0)) == fingerprint(tree)

@@ -1,0 +1,280 @@
+"""train.py and its phase loop, end to end on scikit-learn's digits.
+
+The runs are tiny (a 32-unit MLP with batch norm, a few epochs of 22 steps)
+so that each takes seconds; the killed-and-resumed runs go through
+`train.py` in a subprocess and SIGKILL.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `from configs import ...`
+# pylint: disable=g-import-not-at-top,wrong-import-position
+
+from twa_jax.store import TrajectoryStore
+from twa_jax.training import input_pipeline
+from twa_jax.training import train_lib
+
+METHODS = ("sgd", "sgd_head", "swa", "ema", "twa")
+
+TINY = """
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.name = "tiny"
+  c.model.kwargs.hidden_sizes = (32,)
+  c.model.kwargs.batch_norm = True
+  c.sgd.epochs = {sgd_epochs}
+  c.sgd.batch_size = 64
+  c.sgd.lr = 0.1
+  c.averaging.end = {head}
+  c.twa.epochs = {twa_epochs}
+  c.twa.lr = 0.5
+  c.eval_batch_size = 360
+  return c
+"""
+
+
+def tiny_config(sgd_epochs=6, head=3, twa_epochs=2):
+  """The TINY config file's `get_config()` (the subprocess runs the file)."""
+  namespace = {}
+  exec(TINY.format(sgd_epochs=sgd_epochs, head=head, twa_epochs=twa_epochs),
+       namespace)  # pylint: disable=exec-used
+  return namespace["get_config"]()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """A workdir in which all phases of the tiny config ran."""
+  workdir = tmp_path_factory.mktemp("finished")
+  summary = train_lib.run(tiny_config(), workdir)
+  return workdir, summary
+
+
+def copy_workdir(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
+  shutil.copytree(src, dst)
+  return dst
+
+
+def without_times(summary):
+  out = json.loads(json.dumps(summary))
+  for row in out["results"].values():
+    row.pop("wall_time_s")
+  return out
+
+
+@pytest.mark.slow
+def test_all_phases_end_to_end(finished):
+  workdir, summary = finished
+  results = summary["results"]
+  assert tuple(results) == METHODS
+  for method, row in results.items():
+    assert set(row) == {"test_accuracy", "test_loss", "train_accuracy",
+                        "train_loss", "generalization_gap", "epochs",
+                        "wall_time_s"}, method
+    assert 0.6 < row["test_accuracy"] <= 1.0, (method, row)
+    assert row["generalization_gap"] == pytest.approx(
+        row["train_accuracy"] - row["test_accuracy"])
+    assert row["wall_time_s"] > 0
+  assert results["sgd"]["epochs"] == 6
+  assert results["sgd_head"]["epochs"] == results["swa"]["epochs"] == 3
+  assert results["ema"]["epochs"] == 3 and results["twa"]["epochs"] == 3 + 2
+  # TWA trains in the span that contains SWA's solution, starting there.
+  assert results["twa"]["train_loss"] < results["swa"]["train_loss"]
+  twa = summary["twa"]
+  assert twa["snapshots"] == 4 and len(twa["coefficients"]) == 4
+  assert twa["snapshot_epochs"] == [0, 1, 2, 3]
+  assert 1 <= twa["basis_dim"] <= 4
+  assert twa["coefficient_sum"] == pytest.approx(sum(twa["coefficients"]))
+  assert 0.5 < twa["coefficient_sum"] < 1.5
+  assert json.loads((workdir / "summary.json").read_text()) == summary
+  for plot in ("accuracy.png", "coefficients.png"):
+    assert (workdir / "plots" / plot).stat().st_size > 1000
+  records = train_lib.read_metrics(workdir)
+  assert [(r["phase"], r["epoch"]) for r in records] == (
+      [("sgd", e) for e in range(1, 7)] + [("twa", e) for e in range(1, 3)])
+  assert all(r["seconds"] > 0 and r["lr"] > 0 for r in records)
+  log = (workdir / "log.txt").read_text()
+  assert "sgd epoch 6/6" in log and "twa epoch 2/2" in log
+  with TrajectoryStore(workdir / "trajectory", read_only=True) as store:
+    assert store.steps() == [22 * e for e in range(7)]  # 1437 // 64 = 22
+    assert store.metadata(66) == {"epoch": 3}
+
+
+def test_rerun_skips_finished_phases(finished, tmp_path, capsys):
+  workdir = copy_workdir(finished[0], tmp_path / "w")
+  before = (workdir / "metrics.jsonl").read_text()
+  summary = train_lib.run(tiny_config(), workdir)
+  assert summary == finished[1]
+  assert (workdir / "metrics.jsonl").read_text() == before
+  assert "TWA (epochs 0-3)" in capsys.readouterr().out
+
+
+def test_batch_norm_recomputation_is_the_exact_average(finished):
+  """Against numpy: the first BN layer sees x @ W of every training batch."""
+  workdir, _ = finished
+  experiment = train_lib.Experiment.create(tiny_config(), workdir)
+  params, batch_stats = experiment.init_variables()
+  params = jax.tree.map(lambda p: p + 0.1 * np.random.default_rng(0)
+                        .standard_normal(p.shape).astype(p.dtype), params)
+  stats = experiment.recompute_batch_stats(params, batch_stats)
+  kernel = np.asarray(params["Dense_0"]["kernel"], np.float64)
+  means, variances = [], []
+  for batch in input_pipeline.train_batches(experiment.dataset, 64, seed=0,
+                                            epoch=0):
+    h = batch["image"].reshape(64, -1).astype(np.float64) @ kernel
+    means.append(h.mean(0))
+    variances.append(h.var(0))
+  np.testing.assert_allclose(stats["BatchNorm_0"]["mean"], np.mean(means, 0),
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(stats["BatchNorm_0"]["var"],
+                             np.mean(variances, 0), rtol=1e-4, atol=1e-5)
+
+
+def test_holdout_replaces_the_test_split(tmp_path):
+  config = tiny_config()
+  config.data.holdout_fraction = 0.25
+  experiment = train_lib.Experiment.create(config, tmp_path)
+  assert experiment.dataset.num_test == round(1437 * 0.25)
+  assert experiment.dataset.num_train == 1437 - round(1437 * 0.25)
+  train = {x.tobytes() for x in np.asarray(experiment.dataset.x_train)}
+  assert not any(x.tobytes() in train
+                 for x in np.asarray(experiment.dataset.x_test))
+
+
+def test_config_mismatch_with_a_started_phase_is_refused(finished, tmp_path):
+  workdir = copy_workdir(finished[0], tmp_path / "w")
+  config = tiny_config()
+  config.sgd.lr = 0.2
+  with pytest.raises(train_lib.ConfigError,
+                     match=r"sgd\.lr: 0\.1 there, 0\.2 now"):
+    train_lib.run(config, workdir)
+  config = tiny_config()
+  config.twa.lr = 0.25
+  with pytest.raises(train_lib.ConfigError, match=r"twa\.lr"):
+    train_lib.run(config, workdir)
+  # After deleting the TWA phase's folder, its settings may change.
+  shutil.rmtree(workdir / "twa")
+  config.phases = "twa"
+  config.twa.optimizer = "adam"  # TWA with Adam on the coefficients
+  config.twa.lr = 0.01
+  assert train_lib.run(config, workdir) is None
+  result = json.loads((workdir / "twa" / "result.json").read_text())
+  assert result["results"]["twa"]["test_accuracy"] > 0.6
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["twa"]["optimizer"] == "adam"
+
+
+def test_errors_before_training(finished, tmp_path):
+  def fails(config, match, workdir=None):
+    workdir = workdir or tmp_path / f"w{len(list(tmp_path.iterdir()))}"
+    with pytest.raises(train_lib.ConfigError, match=match):
+      train_lib.run(config, workdir)
+    assert not (pathlib.Path(workdir) / "metrics.jsonl").exists()
+    assert not (pathlib.Path(workdir) / "config.json").exists()
+
+  config = tiny_config()
+  config.data.name = "no_such_dataset"
+  fails(config, r"config\.data \(name='no_such_dataset'\)")
+  config = tiny_config()
+  config.model.name = "transformer"
+  fails(config, r"config\.model: unknown model 'transformer'")
+  config = tiny_config()
+  config.sgd.lr = -0.1
+  fails(config, r"config\.sgd\.lr=-0\.1")
+  config = tiny_config()
+  config.twa.epochs = 0
+  fails(config, r"config\.twa\.epochs=0")
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  fails(tiny_config(), "is not writable", workdir=blocker / "workdir")
+  config = tiny_config()
+  config.phases = "twa"
+  fails(config, "no trajectory store")
+
+
+def test_nan_loss_stops_naming_epoch_and_step(tmp_path):
+  config = tiny_config()
+  config.sgd.lr = 1e30
+  with pytest.raises(train_lib.TrainingDiverged,
+                     match=r"sgd: the training loss is NaN or infinite at "
+                     r"step \d+ \(epoch 1, step \d+ of 22\)"):
+    train_lib.run(config, tmp_path)
+  assert not (tmp_path / "sgd" / "result.json").exists()
+  with TrajectoryStore(tmp_path / "trajectory", read_only=True) as store:
+    assert store.steps() == [0]  # the initial weights were kept
+
+
+def _start(config_file, workdir, env):
+  return subprocess.Popen(
+      [sys.executable, str(ROOT / "train.py"), f"--config={config_file}",
+       f"--workdir={workdir}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_when(proc, workdir, phase, epochs, timeout=300):
+  """SIGKILLs `proc` once metrics.jsonl has `epochs` records of `phase`."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    records = [r for r in train_lib.read_metrics(workdir)
+               if r["phase"] == phase]
+    if len(records) >= epochs or proc.poll() is not None:
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, f"finished before the kill:\n{proc.stdout.read()}"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
+  sizes = dict(sgd_epochs=12, head=8, twa_epochs=4)
+  reference = train_lib.run(tiny_config(**sizes), tmp_path / "reference")
+  config_file = tmp_path / "tiny.py"
+  config_file.write_text(TINY.format(**sizes))
+  workdir = tmp_path / "killed"
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  _kill_when(_start(config_file, workdir, env), workdir, "sgd", 2)
+  assert not (workdir / "sgd" / "result.json").exists()
+  # The killed run's store lacks the end of the averaging range (epoch 8).
+  config = tiny_config(**sizes)
+  config.phases = "swa,twa"
+  with pytest.raises(train_lib.ConfigError,
+                     match=r"average the snapshots of epochs 0-8 \(9 "
+                     r"snapshots, steps 0-176\); the store .* lacks \d+ of"):
+    train_lib.run(config, workdir)
+  config.phases = "sgd"
+  train_lib.run(config, workdir)  # resumes and finishes SGD
+  proc = _start(config_file, workdir, env)
+  _kill_when(proc, workdir, "twa", 2)
+  assert not (workdir / "twa" / "result.json").exists()
+  summary = train_lib.run(tiny_config(**sizes), workdir)
+  assert without_times(summary) == without_times(reference)
+  records = train_lib.read_metrics(workdir)
+  assert [(r["phase"], r["epoch"]) for r in records] == (
+      [("sgd", e) for e in range(1, 13)] + [("twa", e) for e in range(1, 5)])
+  ref_records = train_lib.read_metrics(tmp_path / "reference")
+  for r, ref in zip(records, ref_records):
+    assert r["test_loss"] == ref["test_loss"] and r["lr"] == ref["lr"]
+
+
+def test_help_explains_phases_and_workdir():
+  out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"],
+                       cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout
+  for text in ("sgd", "swa", "twa", "report", "metrics.jsonl", "summary.json",
+               "--config.phases", "trajectory/"):
+    assert text in out, text

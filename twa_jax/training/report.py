@@ -1,0 +1,167 @@
+"""The report of a run: summary.json content, comparison table, plots."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+METHODS = ("sgd", "sgd_head", "swa", "ema", "twa")
+
+
+def summary(config: ml_collections.ConfigDict, dataset: str,
+            parts: dict[str, dict], steps_per_epoch: int) -> dict[str, Any]:
+  """Merges the phases' results into the summary.
+
+  Args:
+    config: the run's config.
+    dataset: the dataset's name.
+    parts: the `result.json` of each finished phase (sgd, swa, twa).
+    steps_per_epoch: training steps per epoch.
+
+  Returns:
+    {"name", "dataset", "model", "averaging", "steps_per_epoch", "results":
+    {method: row}, and "swa" / "twa" details when those phases ran}; a row
+    has test_accuracy, test_loss, train_accuracy, train_loss,
+    generalization_gap, epochs and wall_time_s.
+  """
+  results = {}
+  for part in parts.values():
+    results.update(part["results"])
+  out = {
+      "name": config.name,
+      "dataset": dataset,
+      "model": config.model.name,
+      "averaging": config.averaging.to_dict(),
+      "steps_per_epoch": steps_per_epoch,
+      "results": {m: results[m] for m in METHODS if m in results},
+  }
+  for phase in ("swa", "twa"):
+    if phase in parts:
+      out[phase] = parts[phase][phase]
+  return out
+
+
+def _labels(summary_: dict[str, Any]) -> dict[str, str]:
+  avg = summary_["averaging"]
+  unit = "epochs" if avg["unit"] == "epoch" else "snapshots"
+  head = summary_["results"].get("swa", summary_["results"].get("ema", {}))
+  head_epoch = head.get("epochs", "?")
+  return {"sgd": "SGD (full budget)",
+          "sgd_head": f"SGD (epoch {head_epoch})",
+          "swa": f"SWA ({unit} {avg['start']}-{avg['end']})",
+          "ema": f"EMA (epoch {head_epoch})",
+          "twa": f"TWA ({unit} {avg['start']}-{avg['end']})"}
+
+
+def table(summary_: dict[str, Any]) -> str:
+  """The comparison table printed at the end of a run."""
+  labels = _labels(summary_)
+  header = ("method", "epochs", "test acc", "train acc", "test loss", "gap",
+            "wall time")
+  rows = []
+  for method, r in summary_["results"].items():
+    epochs = r["epochs"]
+    if method == "twa" and "twa" in summary_:
+      epochs = f"{summary_['twa']['head_epochs']}+{summary_['twa']['epochs']}"
+    wall = "-" if r["wall_time_s"] is None else f"{r['wall_time_s']:.1f} s"
+    rows.append((labels[method], str(epochs),
+                 f"{100 * r['test_accuracy']:.2f}%",
+                 f"{100 * r['train_accuracy']:.2f}%", f"{r['test_loss']:.4f}",
+                 f"{100 * r['generalization_gap']:.2f}", wall))
+  widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+
+  def line(cells: Sequence[str]) -> str:
+    return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                     for i, (c, w) in enumerate(zip(cells, widths)))
+
+  out = [f"{summary_['name']}: {summary_['model']} on {summary_['dataset']}",
+         line(header), line(["-" * w for w in widths])]
+  out += [line(r) for r in rows]
+  if "twa" in summary_:
+    t = summary_["twa"]
+    out.append(f"TWA: {t['snapshots']} snapshots, basis dimension "
+               f"{t['basis_dim']}, started at the {t['start']}, averaging "
+               f"coefficients sum to {t['coefficient_sum']:.4f}")
+  out.append("gap = train accuracy - test accuracy (points); epochs = "
+             "training epochs spent, TWA: averaged range + its own")
+  return "\n".join(out)
+
+
+def plots(summary_: dict[str, Any], records: Sequence[dict[str, Any]],
+          directory: pathlib.Path) -> list[pathlib.Path]:
+  """Writes accuracy.png and (after TWA) coefficients.png.
+
+  Args:
+    summary_: the summary.
+    records: the metrics.jsonl records.
+    directory: where the PNG files go.
+
+  Returns:
+    The paths written.
+  """
+  # pylint: disable=g-import-not-at-top
+  from matplotlib import figure
+  from matplotlib.backends import backend_agg
+
+  directory.mkdir(parents=True, exist_ok=True)
+  labels = _labels(summary_)
+  results = summary_["results"]
+  paths = []
+
+  fig = figure.Figure(figsize=(7, 4.5))
+  backend_agg.FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  sgd = [r for r in records if r["phase"] == "sgd"]
+  if sgd:
+    ax.plot([r["epoch"] for r in sgd], [100 * r["test_accuracy"] for r in sgd],
+            label="SGD", color="tab:blue")
+  twa = [r for r in records if r["phase"] == "twa"]
+  if twa and "twa" in summary_:
+    head = summary_["twa"]["head_epochs"]
+    ax.plot([head + r["epoch"] for r in twa],
+            [100 * r["test_accuracy"] for r in twa], label="TWA (per epoch)",
+            color="tab:red")
+  markers = {"sgd_head": ("s", "tab:blue"), "swa": ("o", "tab:green"),
+             "ema": ("^", "tab:purple"), "twa": ("*", "tab:red")}
+  for method, (marker, color) in markers.items():
+    if method in results:
+      accuracy = 100 * results[method]["test_accuracy"]
+      ax.plot([results[method]["epochs"]], [accuracy], marker=marker,
+              color=color, linestyle="none",
+              markersize=10 if marker == "*" else 7,
+              label=f"{labels[method]}: {accuracy:.2f}%")
+  if "sgd" in results:
+    accuracy = 100 * results["sgd"]["test_accuracy"]
+    ax.axhline(accuracy, color="tab:blue", linestyle=":", linewidth=1,
+               label=f"{labels['sgd']}: {accuracy:.2f}%")
+  ax.set_xlabel("epochs of training")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(
+      f"{summary_['name']}: {summary_['model']} on {summary_['dataset']}")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="lower right")
+  fig.tight_layout()
+  paths.append(directory / "accuracy.png")
+  fig.savefig(paths[-1], dpi=120)
+
+  if "twa" in summary_:
+    t = summary_["twa"]
+    fig = figure.Figure(figsize=(7, 3.5))
+    backend_agg.FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(range(len(t["coefficients"])), t["coefficients"], color="tab:red",
+           width=0.8)
+    ax.axhline(1.0 / t["snapshots"], color="tab:green", linestyle="--",
+               linewidth=1, label=f"SWA: 1/{t['snapshots']}")
+    ax.axhline(0.0, color="black", linewidth=0.5)
+    ax.set_xlabel("snapshot index")
+    ax.set_ylabel("averaging coefficient")
+    ax.set_title(f"TWA averaging coefficients (sum {t['coefficient_sum']:.4f})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(directory / "coefficients.png")
+    fig.savefig(paths[-1], dpi=120)
+  return paths

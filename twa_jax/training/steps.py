@@ -1,0 +1,237 @@
+"""Jitted steps of the training world: train, evaluate, recompute batch norm.
+
+Also the learning-rate schedules and base optimizers the configs name. The
+same `make_train_step` serves SGD and TWA; TWA's basis travels in the
+optimizer state (`twa_jax.ProjectState`), so it is an input buffer of the
+compiled step, not a constant baked into it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+State = dict[str, Any]
+Metrics = dict[str, jax.Array]
+SCHEDULES = ("step", "swa")
+OPTIMIZERS = ("sgd", "adam")
+
+
+def milestone_epochs(decay_at, epochs: int) -> list[int]:
+  """Epochs after which a step schedule decays: ceil(fraction * epochs).
+
+  This is how the reference code rounds (10 epochs at 0.5, 0.75: 5 and 8).
+  """
+  return [math.ceil(round(f * epochs, 6)) for f in decay_at]
+
+
+def learning_rate_schedule(section: Any, epochs: int,
+                           steps_per_epoch: int) -> optax.Schedule:
+  """The per-step learning rate of a config section (`sgd` or `twa`).
+
+  "step": `lr`, multiplied by `decay_factor` after each milestone epoch of
+  the first `epochs - linear_epochs` epochs (see `milestone_epochs`); the
+  last `linear_epochs` epochs then decay linearly to 0. "swa": the SWA
+  paper's schedule, per epoch e with t = e / swa_start: `lr` for t <= 0.5,
+  linear to `swa_lr` at t = 0.9, `swa_lr` after.
+
+  Args:
+    section: the config section (fields lr, schedule, ...).
+    epochs: the phase's epochs.
+    steps_per_epoch: training steps per epoch.
+
+  Returns:
+    An optax schedule of the step count.
+  """
+  lr = float(section.lr)
+  if section.schedule == "swa":
+    ratio = float(section.swa_lr) / lr
+    swa_start = float(section.swa_start)
+
+    def swa_schedule(step):
+      t = (step // steps_per_epoch) / swa_start
+      factor = jnp.where(t <= 0.5, 1.0, jnp.where(
+          t <= 0.9, 1.0 - (1.0 - ratio) * (t - 0.5) / 0.4, ratio))
+      return lr * factor
+    return swa_schedule
+  linear = int(section.linear_epochs)
+  step_epochs = epochs - linear
+  boundaries: dict[int, float] = {}
+  for m in milestone_epochs(section.decay_at, step_epochs):
+    if 0 < m <= step_epochs:
+      step = m * steps_per_epoch
+      boundaries[step] = (boundaries.get(step, 1.0)
+                          * float(section.decay_factor))
+  constant = optax.piecewise_constant_schedule(lr, boundaries)
+  if not linear:
+    return constant
+  final = lr * math.prod(boundaries.values())
+  return optax.join_schedules(
+      [constant, optax.linear_schedule(final, 0.0, linear * steps_per_epoch)],
+      [step_epochs * steps_per_epoch])
+
+
+def base_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *,
+                   momentum: float, weight_decay: float,
+                   nesterov: bool = False) -> optax.GradientTransformation:
+  """PyTorch-style optimizers: weight decay added to the gradient first.
+
+  Args:
+    name: "sgd" (heavy-ball momentum) or "adam".
+    learning_rate: a float or schedule.
+    momentum: SGD momentum (ignored by Adam).
+    weight_decay: coupled L2 coefficient.
+    nesterov: Nesterov momentum (SGD).
+  """
+  if name == "sgd":
+    inner = optax.sgd(learning_rate, momentum=momentum or None,
+                      nesterov=nesterov)
+  elif name == "adam":
+    inner = optax.adam(learning_rate)
+  else:
+    raise ValueError(f"unknown optimizer {name!r}; known: {OPTIMIZERS}")
+  return optax.chain(optax.add_decayed_weights(weight_decay), inner)
+
+
+def variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
+  """The flax variables of a model (no `batch_stats` for models without BN)."""
+  out = {"params": params}
+  if batch_stats:
+    out["batch_stats"] = batch_stats
+  return out
+
+
+def new_metrics() -> Metrics:
+  """Zeroed on-device accumulators of one epoch of training."""
+  return {"loss": jnp.zeros((), jnp.float32),
+          "correct": jnp.zeros((), jnp.float32),
+          "count": jnp.zeros((), jnp.float32),
+          "nan_step": jnp.full((), -1, jnp.int32)}
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    *, ema_decay: float | None = None, seed: int = 0
+                    ) -> Callable[[State, Metrics, dict],
+                                  tuple[State, Metrics]]:
+  """One jitted training step, `(state, metrics, batch) -> (state, metrics)`.
+
+  The state is a dict: `step`, `params`, `batch_stats`, `opt_state` and,
+  when `ema_decay` is given, `ema` (an exponential moving average of the
+  parameters, updated after every step; started at zero, so divide it by
+  1 - ema_decay**step for the bias-corrected average, as Adam does). Both
+  state and metrics are donated.
+  `metrics` accumulates the epoch's summed loss, correct predictions and
+  example count on the device, and `nan_step`: the first step whose loss
+  was not finite (-1: none), so the host only syncs when it wants to.
+
+  Args:
+    model: the flax module.
+    tx: the optimizer.
+    ema_decay: EMA decay, or None for no EMA.
+    seed: dropout randomness, folded with the step number.
+
+  Returns:
+    The jitted step.
+  """
+
+  def step(state: State, metrics: Metrics, batch: dict):
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
+    labels = batch["label"]
+
+    def loss_fn(params):
+      logits, updates = _apply_train(
+          model, variables(params, state["batch_stats"]), batch["image"], rng)
+      loss = optax.softmax_cross_entropy_with_integer_labels(
+          logits, labels).mean()
+      return loss, (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state["params"])
+    deltas, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], deltas)
+    new_state = dict(state, step=state["step"] + 1, params=params,
+                     opt_state=opt_state,
+                     batch_stats=updates.get("batch_stats", {}))
+    if ema_decay is not None:
+      new_state["ema"] = jax.tree.map(
+          lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+          state["ema"], params)
+    n = labels.shape[0]
+    correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+    first_bad = (metrics["nan_step"] < 0) & ~jnp.isfinite(loss)
+    new_metrics_ = {
+        "loss": metrics["loss"] + loss * n,
+        "correct": metrics["correct"] + correct,
+        "count": metrics["count"] + n,
+        "nan_step": jnp.where(first_bad, state["step"] + 1,
+                              metrics["nan_step"]),
+    }
+    return new_state, new_metrics_
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _apply_train(model: nn.Module, variables_: dict, images: jax.Array,
+                 rng: jax.Array) -> tuple[jax.Array, dict]:
+  """Training-mode forward pass; returns logits and the updated collections."""
+  if "batch_stats" in variables_:
+    return model.apply(variables_, images, train=True, rngs={"dropout": rng},
+                       mutable=["batch_stats"])
+  return model.apply(variables_, images, train=True,
+                     rngs={"dropout": rng}), {}
+
+
+def make_eval_step(model: nn.Module) -> Callable[[jax.Array, dict, dict],
+                                                 jax.Array]:
+  """Jitted `(totals, variables, batch) -> totals + [loss, correct, count]`.
+
+  Evaluation mode (running batch statistics); the batch's `mask` excludes
+  padding. `totals` is donated.
+  """
+
+  def step(totals, variables_, batch):
+    logits = model.apply(variables_, batch["image"], train=False)
+    mask = batch["mask"].astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch["label"])
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    return totals + jnp.stack([jnp.sum(losses * mask), jnp.sum(correct * mask),
+                               jnp.sum(mask)])
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_batch_stats_step(model: nn.Module) -> Callable[..., PyTree]:
+  """Jitted `(sums, params, batch_stats, images) -> sums + n * batch stats`.
+
+  The raw statistics of one batch come from a training-mode pass of the
+  model cloned with `bn_momentum=0.0`: the running averages it writes are
+  exactly that batch's mean and variance. Summed with weight n (the batch
+  size) and divided by the total afterwards, they give the exact average
+  over one pass of the data, as `torch.optim.swa_utils.update_bn`. `sums`
+  is donated.
+  """
+  stats_model = model.clone(bn_momentum=0.0)
+
+  def step(sums, params, batch_stats, images):
+    _, updates = stats_model.apply(
+        {"params": params, "batch_stats": batch_stats}, images, train=True,
+        rngs={"dropout": jax.random.PRNGKey(0)}, mutable=["batch_stats"])
+    n = images.shape[0]
+    return jax.tree.map(lambda s, b: s + n * b, sums, updates["batch_stats"])
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def host(tree: PyTree) -> PyTree:
+  """A host copy of a device tree (numpy), e.g. to hand to an async save
+  while the step keeps donating the device buffers."""
+  return jax.tree.map(lambda x: np.array(x, copy=True), tree)
