@@ -92,8 +92,8 @@ def fill(layout, vector: np.ndarray) -> PyTree:
   out, offset = [], 0
   for leaf in leaves:
     size = math.prod(leaf.shape)
-    out.append(jnp.asarray(vector[offset:offset + size].reshape(leaf.shape),
-                           leaf.dtype))
+    values = vector[offset:offset + size].reshape(leaf.shape)
+    out.append(jnp.asarray(values.astype(leaf.dtype)))  # host cast: no compile
     offset += size
   return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -103,9 +103,16 @@ def flat(tree: PyTree) -> np.ndarray:
   leaves = jax.tree_util.tree_leaves(tree)
   if not leaves:
     return np.zeros((0,))
-  return np.concatenate(
-      [np.asarray(jnp.ravel(l).astype(jnp.float32), np.float64)
-       for l in leaves])
+  return np.concatenate([np.asarray(l).astype(np.float64).ravel() for l in leaves])
+
+
+def basis_rows(basis) -> np.ndarray:
+  """The basis rows P^T (dim x D, float64), after checking that any padding
+  rows and columns of `basis.vectors` are zero."""
+  vectors = np.asarray(basis.vectors, np.float64)
+  d = basis.num_params
+  assert not vectors[basis.dim:].any() and not vectors[:, d:].any()
+  return vectors[:basis.dim, :d]
 
 
 @dataclasses.dataclass
@@ -145,8 +152,20 @@ def _matrix(kind: str, n: int, d: int, rng: np.random.Generator) -> np.ndarray:
 KINDS = ("random", "trajectory", "deficient")
 
 
-def snapshot_sets(dtypes=(jnp.float32,), kinds=KINDS) -> st.SearchStrategy:
-  """Random `SnapshotSet`s over random layouts."""
+def fixed_layouts() -> st.SearchStrategy:
+  """A few fixed float32 layouts (nested containers, scalar and empty leaves,
+  a flax-style dict), for tests that jit per layout."""
+  nested = {"a": [Leaf((2, 3)), (Leaf(()), Leaf((0,)))], "b": {"c": Leaf((4,))}}
+  flax_style = {"params": {"Dense_0": {"kernel": Leaf((3, 4)), "bias": Leaf((4,))},
+                           "Dense_1": {"kernel": Leaf((4, 2)), "bias": Leaf((2,))}}}
+  return st.sampled_from([_pad(nested, jnp.float32),
+                          _pad(flax_style, jnp.float32),
+                          _pad(Leaf((5, 2)), jnp.float32)])
+
+
+def snapshot_sets(dtypes=(jnp.float32,), kinds=KINDS,
+                  layout_strategy=None) -> st.SearchStrategy:
+  """Random `SnapshotSet`s over random layouts (or `layout_strategy`'s)."""
   def build(layout, kind, n, seed):
     d = _size(layout)
     rng = np.random.default_rng(seed)
@@ -154,5 +173,7 @@ def snapshot_sets(dtypes=(jnp.float32,), kinds=KINDS) -> st.SearchStrategy:
     snapshots = [fill(layout, row) for row in rows]
     matrix = np.stack([flat(s) for s in snapshots])
     return SnapshotSet(layout, kind, matrix, snapshots)
-  return st.builds(build, layouts(dtypes), st.sampled_from(kinds),
+  if layout_strategy is None:
+    layout_strategy = layouts(dtypes)
+  return st.builds(build, layout_strategy, st.sampled_from(kinds),
                    st.sampled_from(NUM_SNAPSHOTS), st.integers(0, 2**32 - 1))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ class ParamSpec:
   @classmethod
   def of(cls, tree: PyTree, *, what: str = "parameters") -> ParamSpec:
     """Reads the layout of `tree`; every leaf must be a floating-point array."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(_unwrap(tree))
     paths, shapes, dtypes = [], [], []
     for path, leaf in leaves:
       name = jax.tree_util.keystr(path) or "<root>"
@@ -67,7 +68,8 @@ class ParamSpec:
       TypeError: a leaf is not floating point, or (with `check_dtypes`) its
         dtype differs.
     """
-    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(
+        _unwrap(tree))
     if treedef != self.treedef:
       raise ValueError(
           f"{what}: tree structure differs from the basis' parameters: "
@@ -116,6 +118,16 @@ class ParamSpec:
     return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
 
+def _unwrap(tree: PyTree) -> PyTree:
+  """Replaces flax NNX Variables by their values (`nnx.as_pure`).
+
+  `nnx.Optimizer` initializes with an `nnx.State` of Variables and updates
+  with the pure one; both must match the same layout.
+  """
+  nnx = sys.modules.get("flax.nnx")  # only present if the caller uses NNX
+  return tree if nnx is None else nnx.as_pure(tree)
+
+
 def _dtype(leaf) -> np.dtype:
   """The dtype of an array or Python scalar leaf (without converting arrays)."""
   return np.dtype(leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf))
@@ -156,7 +168,7 @@ def stack_snapshots(snapshots: Sequence[PyTree] | PyTree
     for i, snapshot in enumerate(snapshots):
       matrix[i] = flatten_snapshot(spec, snapshot, what=f"snapshot {i}")
     return spec, matrix
-  leaves, treedef = jax.tree_util.tree_flatten(snapshots)
+  leaves, treedef = jax.tree_util.tree_flatten(_unwrap(snapshots))
   if not leaves:
     raise ValueError("snapshots: the tree has no leaves.")
   counts = {int(np.shape(leaf)[0]) if np.ndim(leaf) else None for leaf in leaves}

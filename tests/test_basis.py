@@ -1,0 +1,223 @@
+"""Basis: orthonormality, reconstruction, projection properties, rank, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import strategies
+import twa_jax as twa
+from twa_jax import basis as basis_lib
+
+F32_EPS = float(jnp.finfo(jnp.float32).eps)
+BF16_EPS = float(jnp.finfo(jnp.bfloat16).eps)
+
+
+def _rtol(snaps: strategies.SnapshotSet) -> float:
+  eps = max(float(jnp.finfo(l.dtype).eps)
+            for l in jax.tree_util.tree_leaves(snaps.snapshots[0]))
+  return basis_lib.default_rtol(eps)
+
+
+def _rank_bounds(svals: np.ndarray, rtol: float) -> tuple[int, int]:
+  """Numerical rank at rtol; a range when singular values sit near the cut."""
+  cut = rtol * svals[0]
+  return int(np.sum(svals > 2.0 * cut)), int(np.sum(svals > 0.5 * cut))
+
+
+def _random_like(tree, rng):
+  """A float32 tree of the same structure and shapes with random entries."""
+  return jax.tree.map(
+      lambda l: jnp.asarray(rng.normal(size=l.shape).astype(np.float32)), tree)
+
+
+@given(strategies.snapshot_sets(strategies.DTYPES))
+def test_orthonormal_reconstructs_and_has_numerical_rank(snaps):
+  basis = twa.Basis.from_snapshots(snaps.snapshots)
+  p = strategies.basis_rows(basis)  # k x D rows
+  d = snaps.matrix.shape[1]
+  assert basis.num_params == d and p.shape == (basis.dim, d)
+  assert basis.vectors.dtype == jnp.float32
+  np.testing.assert_allclose(p @ p.T, np.eye(basis.dim), atol=1e-5)
+
+  rtol = _rtol(snaps)
+  svals = np.linalg.svd(snaps.matrix, compute_uv=False)
+  low, high = _rank_bounds(svals, rtol)
+  assert low <= basis.dim <= high, (svals / svals[0], basis.dim)
+  if snaps.kind != "deficient":
+    # Full-rank by construction (the drift is far above the cut for float32).
+    if rtol < 1e-5:
+      assert basis.dim == snaps.n
+
+  # ||w_i - P P^T w_i|| is at most the largest dropped singular value of W
+  # (below rtol * s_1) plus float32 rounding.
+  dropped = svals[basis.dim] if basis.dim < len(svals) else 0.0
+  bound = dropped + 20 * F32_EPS * svals[0]
+  for row, snapshot in zip(snaps.matrix, snaps.snapshots):
+    as_f32 = jax.tree.map(lambda l: l.astype(jnp.float32), snapshot)
+    projected = basis.project(as_f32)
+    assert jax.tree_util.tree_structure(projected) == jax.tree_util.tree_structure(snapshot)
+    err = np.linalg.norm(strategies.flat(projected) - row)
+    assert err <= bound, (err, bound)
+    # Same through coordinates and back, and the leaf dtypes are kept.
+    back = basis.from_coordinates(basis.coordinates(snapshot))
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(snapshot)):
+      assert a.dtype == b.dtype and a.shape == b.shape
+    scale = np.abs(row).max()
+    assert np.abs(strategies.flat(back) - row).max() <= (
+        bound + 2 * BF16_EPS * scale if rtol > 1e-5 else bound)
+
+
+@given(strategies.snapshot_sets(), st.integers(0, 2**32 - 1))
+def test_project_idempotent_and_symmetric(snaps, seed):
+  basis = twa.Basis.from_snapshots(snaps.snapshots)
+  rng = np.random.default_rng(seed)
+  x = _random_like(snaps.snapshots[0], rng)
+  y = _random_like(snaps.snapshots[0], rng)
+  px, py = basis.project(x), basis.project(y)
+  fx, fy, fpx, fpy = map(strategies.flat, (x, y, px, py))
+  nx, ny = np.linalg.norm(fx), np.linalg.norm(fy)
+  np.testing.assert_allclose(strategies.flat(basis.project(px)), fpx,
+                             atol=1e-5 * nx)
+  assert abs(fpx @ fy - fx @ fpy) <= 1e-5 * nx * ny
+  assert np.linalg.norm(fpx) <= nx * (1 + 1e-5)  # a contraction
+  # P P^T x agrees with the explicit float64 projector.
+  p = strategies.basis_rows(basis)
+  np.testing.assert_allclose(fpx, p.T @ (p @ fx), atol=1e-5 * nx)
+  np.testing.assert_allclose(np.asarray(basis.coordinates(x)), p @ fx,
+                             atol=1e-5 * nx)
+  # The residual is orthogonal to every snapshot.
+  residual = fx - fpx
+  np.testing.assert_allclose(snaps.matrix @ residual, 0.0,
+                             atol=1e-5 * nx * np.abs(snaps.matrix).max() * np.sqrt(len(fx)))
+
+
+@given(strategies.snapshot_sets(kinds=("random", "trajectory")))
+def test_bfloat16_storage(snaps):
+  """bfloat16 P: orthonormal and reconstructing to bfloat16 precision.
+
+  Tolerances: |P^T P - I| <= 0.02 (a few bfloat16 ulps, eps = 2^-7) and
+  relative reconstruction error <= 0.02; the products accumulate in float32.
+  """
+  basis = twa.Basis.from_snapshots(snaps.snapshots, dtype=jnp.bfloat16)
+  reference = twa.Basis.from_snapshots(snaps.snapshots)
+  assert basis.vectors.dtype == jnp.bfloat16 and basis.dim == reference.dim
+  p = strategies.basis_rows(basis)
+  np.testing.assert_allclose(p @ p.T, np.eye(basis.dim), atol=0.02)
+  for row, snapshot in zip(snaps.matrix, snaps.snapshots):
+    projected = strategies.flat(basis.project(snapshot))
+    assert np.linalg.norm(projected - row) <= 0.02 * np.linalg.norm(row)
+  coords = basis.coordinates(snaps.snapshots[0])
+  assert coords.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(coords),
+                             np.asarray(reference.coordinates(snaps.snapshots[0])),
+                             atol=0.02 * np.linalg.norm(snaps.matrix[0]))
+
+
+def test_nearly_collinear_trajectory_stays_orthonormal():
+  """Nearly collinear snapshots (cosine 0.99999): orthogonality kept."""
+  rng = np.random.default_rng(0)
+  d, n = 4096, 30
+  w0 = rng.normal(size=d)
+  steps = rng.normal(size=(n, d)) * 0.0045 / np.sqrt(d) * np.linalg.norm(w0)
+  w = (w0 + np.cumsum(steps, axis=0)).astype(np.float32)
+  w64 = w.astype(np.float64)
+  cos = np.sum(w64[1:] * w64[:-1], 1) / np.linalg.norm(w64[1:], axis=1) / np.linalg.norm(w64[:-1], axis=1)
+  assert cos.min() > 0.99999 - 1e-6
+  vectors, svals = twa.orthonormalize(w.copy(), rtol=1e-6)
+  p = np.asarray(vectors, np.float64)
+  assert p.shape == (n, d)
+  assert np.abs(p @ p.T - np.eye(n)).max() < 1e-5
+  np.testing.assert_allclose(svals, np.linalg.svd(w64, compute_uv=False), rtol=1e-4)
+  recon = (w64 @ p.T) @ p
+  assert np.abs(recon - w64).max() < 1e-5 * np.abs(w64).max()
+
+
+def test_duplicates_and_combinations_add_no_directions():
+  rng = np.random.default_rng(1)
+  a, b, c = (rng.normal(size=50).astype(np.float32) for _ in range(3))
+  snaps = [{"w": v} for v in (a, b, a, 2 * a - b, c, b, 0.5 * (a + c), a)]
+  basis = twa.Basis.from_snapshots(snaps)
+  assert basis.dim == 3
+  # A stacked tree of the same snapshots gives the same subspace.
+  stacked = {"w": np.stack([s["w"] for s in snaps])}
+  other = twa.Basis.from_snapshots(stacked)
+  p, q = (strategies.basis_rows(x) for x in (basis, other))
+  np.testing.assert_allclose(p.T @ p, q.T @ q, atol=1e-5)
+  # A zero snapshot adds nothing either; rtol can drop weak directions.
+  assert twa.Basis.from_snapshots(snaps + [{"w": np.zeros(50, np.float32)}]).dim == 3
+  weak = [{"w": a}, {"w": a + 1e-4 * c}]
+  assert twa.Basis.from_snapshots(weak).dim == 2
+  assert twa.Basis.from_snapshots(weak, rtol=1e-3).dim == 1
+
+
+def test_basis_passes_through_jit():
+  rng = np.random.default_rng(2)
+  snaps = [{"a": rng.normal(size=(3, 4)).astype(np.float32),
+            "b": rng.normal(size=(5,)).astype(np.float32)} for _ in range(3)]
+  basis = twa.Basis.from_snapshots(snaps)
+  leaves, treedef = jax.tree_util.tree_flatten(basis)
+  assert len(leaves) == 1 and leaves[0] is basis.vectors
+  x = _random_like(snaps[0], rng)
+
+  @jax.jit
+  def f(b, t):
+    return b.project(t), b.coordinates(t), b.from_coordinates(b.coordinates(t))
+
+  p1, c1, r1 = f(basis, x)
+  np.testing.assert_allclose(strategies.flat(p1), strategies.flat(basis.project(x)),
+                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(strategies.flat(r1), strategies.flat(p1), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(c1), np.asarray(basis.coordinates(x)),
+                             rtol=1e-6, atol=1e-6)
+  rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
+  assert rebuilt.spec == basis.spec and rebuilt.dim == basis.dim
+
+
+def test_zero_snapshots_rejected():
+  with pytest.raises(ValueError, match="zero"):
+    twa.Basis.from_snapshots([{"w": np.zeros(8, np.float32)}] * 2)
+
+
+@pytest.mark.parametrize("bad, error, pattern", [
+    ([], ValueError, "empty"),
+    ([{"w": np.ones(4, np.float32)}, {"w": np.ones(5, np.float32)}],
+     ValueError, r"snapshot 1: leaf \['w'\]"),
+    ([{"w": np.ones(4, np.float32)}, {"v": np.ones(4, np.float32)}],
+     ValueError, r"snapshot 1.*\['w'\]"),
+    ([{"w": np.ones(4, np.float32)}, {"w": np.ones(4, np.float16)}],
+     TypeError, r"snapshot 1: leaf \['w'\]"),
+    ([{"w": np.ones(4, np.int32)}], TypeError, r"\['w'\].*int32"),
+    ([{"w": np.ones(4, np.float32)}, {"w": np.array([1, np.nan, 1, 1], np.float32)}],
+     ValueError, r"snapshot 1: leaf \['w'\].*NaN"),
+    ([{"w": np.array([np.inf, 1, 1, 1], np.float32)}],
+     ValueError, r"snapshot 0: leaf \['w'\].*Inf"),
+])
+def test_from_snapshots_bad_input(bad, error, pattern):
+  with pytest.raises(error, match=pattern):
+    twa.Basis.from_snapshots(bad)
+
+
+def test_mismatched_trees_name_the_leaf():
+  snaps = [{"layer": {"w": np.ones((2, 3), np.float32) * i,
+                      "b": np.arange(3, dtype=np.float32) * i ** 2}}
+           for i in range(1, 3)]
+  basis = twa.Basis.from_snapshots(snaps)
+  wrong_shape = {"layer": {"w": jnp.ones((3, 2)), "b": jnp.ones(3)}}
+  missing = {"layer": {"w": jnp.ones((2, 3))}}
+  non_float = {"layer": {"w": jnp.ones((2, 3)), "b": jnp.ones(3, jnp.int32)}}
+  for method in (basis.project, basis.coordinates):
+    with pytest.raises(ValueError, match=r"\['layer'\]\['w'\].*\(3, 2\)"):
+      method(wrong_shape)
+    with pytest.raises(ValueError, match=r"missing leaf \['layer'\]\['b'\]"):
+      method(missing)
+    with pytest.raises(TypeError, match=r"\['layer'\]\['b'\].*int32"):
+      method(non_float)
+  with pytest.raises(ValueError, match=r"beta has shape \(3,\), expected \(2,\)"):
+    basis.from_coordinates(jnp.ones(3))
+  with pytest.raises(ValueError, match=r"beta has shape \(2, 1\)"):
+    basis.from_coordinates(jnp.ones((2, 1)))
+  with pytest.raises(TypeError, match="floating point"):
+    twa.Basis.from_snapshots(snaps, dtype=jnp.int8)
