@@ -320,3 +320,18 @@ def test_strip_and_restore_basis_round_trip():
     a, _ = tx.update(grad_fn(params), state, params)
     b, _ = tx.update(grad_fn(params), restored, params)
     _assert_trees_close(a, b, atol=0)
+
+
+def test_basis_of_finds_the_live_basis_after_a_donated_step():
+  rng = np.random.default_rng(7)
+  snaps = [{"w": rng.normal(size=12).astype(np.float32)} for _ in range(3)]
+  basis = twa.Basis.from_snapshots(snaps)
+  params = twa.swa(snaps)
+  tx = twa.twa(basis, 0.1)
+  state = tx.init(params)
+  step = jax.jit(tx.update, donate_argnums=1)
+  _, state = step({"w": jnp.ones(12)}, state, params)
+  live = twa.basis_of(state)
+  np.testing.assert_allclose(live.project(snaps[0])["w"], snaps[0]["w"], atol=1e-5)
+  with pytest.raises(ValueError, match="holds no basis"):
+    twa.basis_of(twa.strip_basis(state))

@@ -11,6 +11,7 @@ from twa_jax.basis import Basis
 from twa_jax.basis import orthonormalize
 from twa_jax.sampling import SamplingSchedule
 from twa_jax.store import TrajectoryStore
+from twa_jax.transform import basis_of
 from twa_jax.transform import project
 from twa_jax.transform import ProjectState
 from twa_jax.transform import restore_basis
@@ -22,7 +23,7 @@ from twa_jax.tree import ParamSpec
 
 __all__ = [
     "Basis", "ParamSpec", "ProjectState", "SubspaceState",
-    "averaging_coefficients", "orthonormalize", "project", "restore_basis",
+    "averaging_coefficients", "basis_of", "orthonormalize", "project", "restore_basis",
     "scale_by_subspace", "strip_basis", "swa", "twa",
     "SamplingSchedule", "TrajectoryStore",
 ]

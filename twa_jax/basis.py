@@ -26,6 +26,7 @@ from twa_jax import tree as tree_lib
 PyTree = Any
 AxisName = str | tuple[str, ...]
 _CHUNK = 1 << 15  # columns per float64 Gram block: keeps the float64 copy small
+_LOW_PRECISION_BLOCK = 4096  # columns per converted block in bfloat16 products
 
 
 class Layout(Protocol):
@@ -342,17 +343,43 @@ def _to_device(matrix: np.ndarray) -> jax.Array:
   return jax.block_until_ready(jnp.asarray(matrix, jnp.float32))
 
 
-def _matvec(vectors: jax.Array, flat: jax.Array) -> jax.Array:
-  """P^T g, float32 accumulation whatever the storage dtype."""
+def _column_blocks(vectors) -> tuple[Any, int] | None:
+  """For storage that XLA cannot multiply at full speed (bfloat16 on CPU,
+  int8/int4 codes): a function giving float32 columns [start, start + size)
+  and the block width; None for float32, which goes to one matrix product."""
   if isinstance(vectors, quantization.QuantizedVectors):
-    return quantization.matvec(vectors, flat)
-  return jnp.dot(vectors, flat.astype(vectors.dtype),
-                 preferred_element_type=jnp.float32)
+    return vectors.dequantize, vectors.block
+  if vectors.dtype == jnp.float32 or jax.default_backend() != "cpu":
+    return None  # accelerators multiply bfloat16 natively
+  def columns(start, size):
+    return jax.lax.dynamic_slice_in_dim(vectors, start, size, axis=1).astype(
+        jnp.float32)
+  return columns, _LOW_PRECISION_BLOCK
+
+
+def _matvec(vectors: jax.Array, flat: jax.Array) -> jax.Array:
+  """P^T g in float32 whatever the storage; never a float32 copy of P."""
+  blocks = _column_blocks(vectors)
+  if blocks is None:
+    return jnp.dot(vectors, flat.astype(vectors.dtype),
+                   preferred_element_type=jnp.float32)
+  columns, width = blocks
+  def body(acc, start, size):
+    return acc + columns(start, size) @ jax.lax.dynamic_slice_in_dim(
+        flat, start, size)
+  return over_columns(vectors.shape[1], body,
+                      jnp.zeros((vectors.shape[0],), jnp.float32), width)
 
 
 def _vecmat(beta: jax.Array, vectors: jax.Array) -> jax.Array:
-  """P beta, float32 accumulation whatever the storage dtype."""
-  if isinstance(vectors, quantization.QuantizedVectors):
-    return quantization.vecmat(beta, vectors)
-  return jnp.dot(beta.astype(vectors.dtype), vectors,
-                 preferred_element_type=jnp.float32)
+  """P beta in float32 whatever the storage; never a float32 copy of P."""
+  blocks = _column_blocks(vectors)
+  if blocks is None:
+    return jnp.dot(beta.astype(vectors.dtype), vectors,
+                   preferred_element_type=jnp.float32)
+  columns, width = blocks
+  def body(out, start, size):
+    return jax.lax.dynamic_update_slice_in_dim(
+        out, beta @ columns(start, size), start, axis=0)
+  return over_columns(vectors.shape[1], body,
+                      jnp.zeros((vectors.shape[1],), jnp.float32), width)

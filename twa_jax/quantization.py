@@ -60,6 +60,11 @@ class QuantizedVectors:
     return f"int{self.bits}"
 
   @property
+  def block(self) -> int:
+    """Columns dequantized per step of the products' loop."""
+    return self.group * _BLOCK_GROUPS
+
+  @property
   def nbytes(self) -> int:
     return self.codes.nbytes + self.scale.nbytes + self.offset.nbytes
 
@@ -113,28 +118,3 @@ def quantize(vectors: jax.Array, dtype: str, group: int = 256
     half = group // 2
     codes = codes[..., :half] | (codes[..., half:] << 4)
   return QuantizedVectors(codes.reshape(rows, -1), scale, low, bits, group)
-
-
-def _block(q: QuantizedVectors) -> int:
-  return q.group * _BLOCK_GROUPS
-
-
-def matvec(q: QuantizedVectors, flat: jax.Array) -> jax.Array:
-  """Q g (k,) for g of length C, float32, one dequantized block at a time."""
-  from twa_jax.basis import over_columns  # pylint: disable=g-import-not-at-top  # basis imports this module
-  def body(acc, start, size):
-    g = jax.lax.dynamic_slice_in_dim(flat, start, size)
-    return acc + q.dequantize(start, size) @ g.astype(jnp.float32)
-  return over_columns(q.shape[1], body, jnp.zeros((q.shape[0],), jnp.float32),
-                      chunk=_block(q))
-
-
-def vecmat(beta: jax.Array, q: QuantizedVectors) -> jax.Array:
-  """beta Q (C,) float32, one dequantized block at a time."""
-  from twa_jax.basis import over_columns  # pylint: disable=g-import-not-at-top  # basis imports this module
-  beta = beta.astype(jnp.float32)
-  def body(out, start, size):
-    return jax.lax.dynamic_update_slice_in_dim(
-        out, beta @ q.dequantize(start, size), start, axis=0)
-  return over_columns(q.shape[1], body, jnp.zeros((q.shape[1],), jnp.float32),
-                      chunk=_block(q))

@@ -134,6 +134,19 @@ def _is_basis(node) -> bool:
   return isinstance(node, (Basis, BlockBasis))
 
 
+def basis_of(opt_state: optax.OptState) -> Basis | BlockBasis:
+  """The basis an optimizer state carries (after a donated step, the live one).
+
+  Raises:
+    ValueError: the state holds no basis.
+  """
+  for node in jax.tree.leaves(opt_state, is_leaf=_is_basis):
+    if _is_basis(node):
+      return node
+  raise ValueError("basis_of: the optimizer state holds no basis (was it "
+                   "stripped, or built without twa.project/scale_by_subspace?).")
+
+
 def strip_basis(opt_state: optax.OptState) -> optax.OptState:
   """Replaces every `Basis` in an optimizer state by None (for checkpoints).
 

@@ -467,7 +467,7 @@ class Experiment:
     state, elapsed = self._train(
         "twa", state, train_step, schedule, epochs=cfg.epochs,
         data_seed=self.config.seed + 1, basis=basis)
-    basis = _basis_of(state["opt_state"])  # the steps donated the old buffers
+    basis = twa_jax.basis_of(state["opt_state"])  # the steps donated the old buffers
     start = time.perf_counter()
     last_epoch_test = self._last_record("twa")
     batch_stats = self.recompute_batch_stats(state["params"],
@@ -695,13 +695,6 @@ def _twa_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule,
       basis, steps_lib.base_optimizer(cfg.optimizer, schedule,
                                       momentum=cfg.momentum,
                                       weight_decay=cfg.weight_decay))
-
-
-def _basis_of(opt_state: optax.OptState) -> twa_jax.Basis:
-  """The basis an optimizer state carries."""
-  is_basis = lambda x: isinstance(x, twa_jax.Basis)
-  return next(x for x in jax.tree.leaves(opt_state, is_leaf=is_basis)
-              if is_basis(x))
 
 
 def _without_basis(state: dict) -> dict:

@@ -1,0 +1,403 @@
+"""Step overhead of TWA over plain SGD, JAX and PyTorch side by side.
+
+Issue 7, items 1-2 (and the step part of item 8). For every model and number
+of basis vectors n, one run alternates these sides on the same model, batch
+and basis (`common.alternate`: the order rotates each repeat) and keeps the
+median seconds per call:
+
+  jax_sgd        `twa_jax.training.steps.make_train_step` (train.py's step:
+                 jitted, state donated) with momentum SGD + weight decay
+  jax_twa        the same step with `twa_jax.twa(basis, lr)`: projection + SGD
+  jax_project    `basis.project(grads)` alone: flatten, P^T g, P beta, unflatten
+  jax_project_flat  the same on a one-leaf tree: the two products alone
+  copy           in-place `x + 1` on min(|P|, 1 GiB): the device's copy bandwidth
+  torch_sgd      PyTorch twin model, `torch.optim.SGD` (momentum, weight decay)
+  torch_twa      the paper's reference code: flatten grads, two `torch.mm`,
+                 write back into `.grad`, SGD step
+  torch_project  that projection alone
+
+Reported: the TWA/SGD step ratio of each framework (the paper's figure is
+1.02) as three estimates (see `summarize`), the projection times, and the projection
+bandwidth 2 |P| / time against the copy bandwidth (2 |buffer| / time). P is n
+random rows (timing does not depend on their values, and a random basis
+avoids an orthonormalization per configuration); PyTorch reads the very same
+buffer through DLPack. Combinations whose P exceeds --max-basis-gb are
+skipped and listed.
+
+  python benchmarks/step_overhead.py --models small_cnn,resnet20,vgg16 \
+      --ns 10,100,300 --batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import twa_jax  # pylint: disable=wrong-import-position
+from twa_jax import quantization  # pylint: disable=wrong-import-position
+from twa_jax.training import models  # pylint: disable=wrong-import-position
+from twa_jax.training import steps  # pylint: disable=wrong-import-position
+
+PyTree = Any
+
+NUM_CLASSES = 10
+IMAGE_SHAPE = (32, 32, 3)
+COPY_MAX_ELEMENTS = 1 << 28  # 1 GiB of float32: far beyond any cache
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = common.parser("step_overhead", __doc__.split("\n\n")[0])
+  p.add_argument("--models", default="small_cnn,resnet20,vgg16",
+                 help="comma-separated names from twa_jax.training.models")
+  p.add_argument("--ns", default="10,100,300",
+                 help="comma-separated numbers of basis vectors")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--max-basis-gb", type=float, default=12.0,
+                 help="skip (model, n) whose P needs more memory than this")
+  p.add_argument("--basis-dtype", default="float32",
+                 choices=("float32", "bfloat16", "int8", "int4"))
+  p.add_argument("--torch", default="auto", choices=("auto", "on", "off"),
+                 help="the PyTorch side: auto runs it when torch imports")
+  p.add_argument("--lr", type=float, default=0.05)
+  p.add_argument("--momentum", type=float, default=0.9)
+  p.add_argument("--weight-decay", type=float, default=5e-4)
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  if args.smoke:  # small_cnn, n = 3, batch 4, 2 repeats
+    args.models, args.ns, args.batch, args.repeats = "small_cnn", "3", 4, 2
+  args.models = [m for m in args.models.split(",") if m]
+  args.ns = [int(n) for n in args.ns.split(",") if n]
+  unknown = [m for m in args.models if m not in models.MODEL_NAMES]
+  if unknown:
+    p.error(f"--models: unknown {unknown}; known: {', '.join(models.MODEL_NAMES)}")
+  if not args.ns or min(args.ns) < 1:
+    p.error(f"--ns: need positive integers, got {args.ns}")
+  if args.batch < 1 or args.repeats < 1:
+    p.error("--batch and --repeats must be positive")
+  return args
+
+
+def random_basis(spec: twa_jax.ParamSpec, n: int, dtype: str, seed: int
+                 ) -> twa_jax.Basis:
+  """n random rows of unit expected norm in storage `dtype`.
+
+  Built row by row in place; "int8" / "int4" quantize float32 rows with
+  `twa_jax.quantization.quantize`, as `Basis.from_matrix(dtype=...)` does.
+  """
+  low_bit = dtype in quantization.BITS
+  float_dtype = jnp.float32 if low_bit else jnp.dtype(dtype)
+
+  @functools.partial(jax.jit, static_argnums=(1, 2))
+  def rows(key, n, d):
+    def body(i, p):
+      row = jax.random.normal(jax.random.fold_in(key, i), (d,), jnp.float32)
+      return p.at[i].set((row / np.sqrt(d)).astype(float_dtype))
+    return jax.lax.fori_loop(0, n, body, jnp.zeros((n, d), float_dtype))
+
+  vectors = rows(jax.random.PRNGKey(seed), n, spec.num_params)
+  if low_bit:
+    vectors = quantization.quantize(vectors, dtype)
+  return twa_jax.Basis(vectors, spec, n)
+
+
+def build_bytes(n: int, d: int, dtype: str) -> int:
+  """Peak bytes of `random_basis`: low-bit storage starts from float32 rows."""
+  itemsize = 4 if dtype in quantization.BITS else jnp.dtype(dtype).itemsize
+  return n * d * itemsize
+
+
+def num_params(name: str) -> int:
+  """Parameter count of a model from `twa_jax.training.models`, not built."""
+  model = models.create_model(name, NUM_CLASSES)
+  key = jax.random.PRNGKey(0)
+  shapes = jax.eval_shape(functools.partial(model.init, train=False),
+                          {"params": key, "dropout": key},
+                          jnp.zeros((1,) + IMAGE_SHAPE))
+  return sum(leaf.size for leaf in jax.tree.leaves(shapes["params"]))
+
+
+class Trainer:
+  """Steps of `twa_jax.training.steps.make_train_step` (what train.py runs)
+  on a private copy of the model state; state and metrics are donated."""
+
+  def __init__(self, side: JaxSide, tx: optax.GradientTransformation):
+    self.step = steps.make_train_step(side.model, tx, seed=side.args.seed)
+    params, batch_stats = jax.tree.map(jnp.copy, (side.params,
+                                                  side.batch_stats))
+    self.state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                  "batch_stats": batch_stats, "opt_state": tx.init(params)}
+    self.metrics = steps.new_metrics()
+    self.batch = side.batch
+
+  def __call__(self) -> dict:
+    self.state, self.metrics = self.step(self.state, self.metrics, self.batch)
+    return self.state
+
+  def basis(self) -> twa_jax.Basis:
+    """The basis in a TWA state (`twa_jax.twa` chains `project` first).
+
+    A donated step consumes the state's buffers; P itself passes through
+    aliased (the same buffer, never copied), under a new array object.
+    """
+    return self.state["opt_state"][0].basis
+
+
+class JaxSide:
+  """One Flax model, its batch, and the SGD / TWA / projection callables."""
+
+  def __init__(self, name: str, batch: int, args: argparse.Namespace):
+    self.args = args
+    self.model = models.create_model(name, NUM_CLASSES)
+    rng = np.random.default_rng(args.seed)
+    self.x_np = rng.standard_normal((batch,) + IMAGE_SHAPE).astype(np.float32)
+    self.y_np = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
+    self.batch = {"image": jnp.asarray(self.x_np),
+                  "label": jnp.asarray(self.y_np)}
+    key = jax.random.PRNGKey(args.seed)
+    variables = jax.jit(functools.partial(self.model.init, train=False))(
+        {"params": key, "dropout": key}, self.batch["image"])
+    self.params, self.batch_stats = variables["params"], variables["batch_stats"]
+    self.spec = twa_jax.ParamSpec.of(self.params)
+    self.sgd = steps.base_optimizer("sgd", args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
+    self.project = jax.jit(lambda basis, tree: basis.project(tree))
+
+  def twa(self, basis: twa_jax.Basis) -> optax.GradientTransformation:
+    return twa_jax.twa(basis, self.args.lr, momentum=self.args.momentum,
+                       weight_decay=self.args.weight_decay)
+
+  def grads(self) -> PyTree:
+    def loss(params):
+      logits, _ = self.model.apply(
+          {"params": params, "batch_stats": self.batch_stats},
+          self.batch["image"], train=True, mutable=["batch_stats"],
+          rngs={"dropout": jax.random.PRNGKey(self.args.seed)})
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits, self.batch["label"]).mean()
+    return jax.jit(jax.grad(loss))(self.params)
+
+  def sides(self, basis: twa_jax.Basis
+            ) -> tuple[dict[str, Callable[[], object]], Trainer, int]:
+    """The JAX sides, the TWA trainer (it owns P) and the copy's bytes."""
+    grads = self.grads()
+    flat = self.spec.ravel(grads)
+    flat_spec = twa_jax.ParamSpec.of(flat)
+    sgd, twa = Trainer(self, self.sgd), Trainer(self, self.twa(basis))
+    copy_elements = min(basis.vectors.nbytes // 4, COPY_MAX_ELEMENTS)
+    buffer = [jnp.zeros((copy_elements,), jnp.float32)]
+    increment = jax.jit(lambda b: b + 1.0, donate_argnums=0)
+
+    def copy_side():
+      buffer[0] = increment(buffer[0])
+      return buffer[0]
+
+    def project_flat():
+      b = twa.basis()
+      return self.project(twa_jax.Basis(b.vectors, flat_spec, b.dim), flat)
+
+    return {
+        "jax_sgd": sgd,
+        "jax_twa": twa,
+        "jax_project": lambda: self.project(twa.basis(), grads),
+        "jax_project_flat": project_flat,
+        "copy": copy_side,
+    }, twa, 4 * copy_elements
+
+
+class TorchSide:
+  """The PyTorch twin of a `JaxSide`: same batch, the reference TWA step."""
+
+  def __init__(self, name: str, jax_side: JaxSide, args: argparse.Namespace,
+               device: str):
+    import torch  # pylint: disable=g-import-not-at-top
+    import torch_reference  # pylint: disable=g-import-not-at-top
+    self.torch, self.ref, self.device = torch, torch_reference, device
+    torch.manual_seed(args.seed)
+    self.model = torch_reference.create_model(name, NUM_CLASSES).to(device)
+    self.model.train()
+    self.x = torch.from_numpy(jax_side.x_np.transpose(0, 3, 1, 2).copy()).to(device)
+    self.y = torch.from_numpy(jax_side.y_np.astype(np.int64)).to(device)
+    self.args = args
+    torch_reference.train_step(self.model, self.optimizer(self.model),
+                               self.x, self.y)  # fills .grad
+
+  def optimizer(self, model):
+    return self.torch.optim.SGD(model.parameters(), lr=self.args.lr,
+                                momentum=self.args.momentum,
+                                weight_decay=self.args.weight_decay)
+
+  def sync(self):
+    if self.device == "cuda":
+      self.torch.cuda.synchronize()
+
+  def sides(self, trainer: Trainer) -> dict[str, Callable[[], None]]:
+    """PyTorch sides reading P from the JAX TWA trainer's state.
+
+    Each call wraps the current buffer with DLPack (no copy) and lets go of
+    it before returning: a buffer with a live external reference could not
+    be donated, and the JAX step would copy P instead.
+    """
+    sgd_model, twa_model = copy.deepcopy(self.model), copy.deepcopy(self.model)
+    sgd_opt, twa_opt = self.optimizer(sgd_model), self.optimizer(twa_model)
+    vectors = lambda: self.torch.from_dlpack(trainer.basis().vectors)
+
+    def sgd():
+      self.ref.train_step(sgd_model, sgd_opt, self.x, self.y)
+      self.sync()
+
+    def twa():
+      self.ref.train_step(twa_model, twa_opt, self.x, self.y, vectors())
+      self.sync()
+
+    def project():
+      self.ref.project_grads(self.model, vectors())
+      self.sync()
+
+    return {"torch_sgd": sgd, "torch_twa": twa, "torch_project": project}
+
+
+def torch_device(mode: str) -> tuple[str | None, str]:
+  """The PyTorch device matching JAX's, or None and the reason to skip."""
+  if mode == "off":
+    return None, "--torch off"
+  # libgomp's spinning barriers make PyTorch 10-50x slower on a loaded or
+  # shared CPU (measured here: 2.6 s against 40 ms per small_cnn step) and
+  # steal cores from the next side; XLA's pool sleeps when idle. Set before
+  # torch starts its OpenMP runtime; an explicit setting wins.
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    if mode == "on":
+      raise
+    return None, "torch is not installed (pip install -e '.[bench]')"
+  platform_name = jax.devices()[0].platform
+  if platform_name == "cpu":
+    torch.set_num_threads(os.cpu_count() or 1)  # XLA's CPU pool: one per core
+    return "cpu", ""
+  if platform_name == "gpu" and torch.cuda.is_available():
+    return "cuda", ""
+  reason = f"JAX runs on {platform_name} and torch has no matching device"
+  if mode == "on":
+    raise RuntimeError(reason)
+  return None, reason
+
+
+def run(args: argparse.Namespace, report: dict) -> None:
+  """Fills report["results"] / ["skipped"], saving it after every row."""
+  device, torch_note = torch_device(args.torch)
+  if device and args.basis_dtype != "float32":
+    device, torch_note = None, "the reference code stores P in float32"
+  report.update(results=[], skipped=[],
+                torch={"device": device, "note": torch_note,
+                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")})
+  if torch_note:
+    print(f"PyTorch side skipped: {torch_note}", flush=True)
+  print("medians; TWA/SGD step (paper: 1.02): ratio = per round, min = of the "
+        "fastest steps, parts = 1 + proj/sgd; GB/s = 2 |P| / proj\n" + HEADER,
+        flush=True)
+  for name in args.models:
+    jside = JaxSide(name, args.batch, args)
+    tside = TorchSide(name, jside, args, device) if device else None
+    d = jside.spec.num_params
+    if tside and tside.ref.num_params(tside.model) != d:
+      raise RuntimeError(f"{name}: the PyTorch twin has "
+                         f"{tside.ref.num_params(tside.model)} parameters, "
+                         f"the Flax model {d}")
+    for n in args.ns:
+      need_gb = build_bytes(n, d, args.basis_dtype) / 1e9
+      if need_gb > args.max_basis_gb:
+        report["skipped"].append({
+            "model": name, "n": n, "basis_gb": round(need_gb, 2),
+            "reason": f"P needs {need_gb:.1f} GB > --max-basis-gb "
+                      f"{args.max_basis_gb}"})
+        print(f"skip {name} n={n}: P needs {need_gb:.1f} GB", flush=True)
+        continue
+      basis = random_basis(jside.spec, n, args.basis_dtype, args.seed)
+      basis_gb = basis.vectors.nbytes / 1e9
+      sides, trainer, copy_bytes = jside.sides(basis)
+      del basis  # the TWA trainer's state owns P from here on
+      if tside:
+        sides.update(tside.sides(trainer))
+      times = common.alternate(sides, args.repeats)
+      del sides, trainer
+      report["results"].append(summarize(name, d, n, basis_gb, copy_bytes,
+                                         times))
+      print(format_row(report["results"][-1]), flush=True)
+      save(report, args.out)
+
+
+def save(report: dict, path: str) -> None:
+  report["loadavg_end"] = os.getloadavg()
+  common.write_json(path, report)
+
+
+def summarize(name: str, d: int, n: int, basis_gb: float, copy_bytes: int,
+              times: dict[str, list[float]]) -> dict:
+  """Medians, TWA/SGD ratios (three estimates) and bandwidths of one row.
+
+  Ratios: `*_ratio`, the median of per-round ratios; `*_ratio_of_minima`,
+  the fastest TWA step over the fastest SGD step; `*_ratio_from_parts`,
+  1 + projection / SGD step (medians): on a loaded machine the step times
+  swing by tens of percent, the projection, a small side, much less.
+  """
+  med = {k: common.median(v) for k, v in times.items()}
+  row = {"model": name, "num_params": d, "n": n, "basis_gb": basis_gb,
+         "median_s": med, "times_s": times,
+         "copy_gbps": 2 * copy_bytes / 1e9 / med["copy"]}
+  for fw in ("jax", "torch"):
+    if f"{fw}_twa" not in times:
+      continue
+    twa, sgd = times[f"{fw}_twa"], times[f"{fw}_sgd"]
+    row.update({
+        f"{fw}_ratio": common.ratio(twa, sgd),
+        f"{fw}_ratio_of_minima": min(twa) / min(sgd),
+        f"{fw}_ratio_from_parts": 1 + med[f"{fw}_project"] / med[f"{fw}_sgd"],
+        f"{fw}_project_gbps": 2 * basis_gb / med[f"{fw}_project"]})
+  return row
+
+
+HEADER = ("model             D    n |  JAX: sgd ms   twa ms  ratio  min  parts"
+          "  proj ms  flat  GB/s | torch: sgd ms  twa ms  ratio  min  parts"
+          "  proj ms  GB/s | copy GB/s")
+
+
+def format_row(r: dict) -> str:
+  ms = {k: 1e3 * v for k, v in r["median_s"].items()}
+  def side(fw: str) -> str:
+    return (f"{ms[fw + '_sgd']:12.1f} {ms[fw + '_twa']:8.1f} "
+            f"{r[fw + '_ratio']:6.2f} {r[fw + '_ratio_of_minima']:4.2f} "
+            f"{r[fw + '_ratio_from_parts']:6.2f} {ms[fw + '_project']:8.1f}")
+  line = (f"{r['model']:<12} {r['num_params']:>9} {r['n']:>4} |"
+          f"{side('jax')} {ms['jax_project_flat']:5.1f} "
+          f"{r['jax_project_gbps']:5.1f} |")
+  if "torch_ratio" in r:
+    line += f" {side('torch')} {r['torch_project_gbps']:5.1f} |"
+  else:
+    line += f" {'(no torch)':>60} |"
+  return line + f" {r['copy_gbps']:9.1f}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+  args = parse_args(argv)
+  report = {"benchmark": "step_overhead", "args": vars(args),
+            "loadavg_start": os.getloadavg()}
+  run(args, report)
+  save(report, args.out)
+  return report
+
+
+if __name__ == "__main__":
+  main()
