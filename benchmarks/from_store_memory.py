@@ -22,10 +22,8 @@ before the call (/proc/self/statm; ru_maxrss where that is missing).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -33,6 +31,8 @@ import tempfile
 import time
 
 import numpy as np
+
+import common  # benchmarks/common.py
 
 MODES = ("read_matrix", "from_store", "via_device")
 
@@ -126,8 +126,6 @@ def main(argv: list[str] | None = None) -> dict:
       rows[mode] = row
   result = {
       "benchmark": "from_store_memory",
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
       "config": {"n": args.n, "d": args.d, "smoke": args.smoke},
       "matrix_mb": matrix_bytes / 1e6,
       "write_store_s": write_s,
@@ -140,9 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{mode:<13}{row['extra_bytes'] / 1e6:>20.0f}"
           f"{row['multiple_of_p']:>7.2f}{row['seconds']:>8.2f}")
   print("target: from_store <= 2.5x P")
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
+  common.write_json(args.out, result)
   return result
 
 

@@ -25,11 +25,8 @@ are done) and in the final wait.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -39,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import twa_jax
+
+import common  # benchmarks/common.py
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -144,9 +143,6 @@ def main(argv: list[str] | None = None) -> dict:
   epoch = {k: statistics.median(v) for k, v in times.items()}
   result = {
       "benchmark": "store_overhead",
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      "machine": f"{platform.machine()} {os.cpu_count()} CPUs, "
-                 f"jax {jax.__version__} on {jax.default_backend()}",
       "config": {k: v for k, v in vars(args).items() if k != "out"},
       "num_params": num_params,
       "snapshot_mb": 4 * num_params / 1e6,
@@ -172,9 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{100 * result['overhead']:+.2f}% wall time, "
         f"{100 * result['cpu_overhead']:+.2f}% process CPU time "
         "(target <= 2%)")
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
+  common.write_json(args.out, result)
   return result
 
 
