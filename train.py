@@ -6,15 +6,28 @@
   python train.py --config configs/cifar10_cpu.py \\
       --config.data.path cifar10.npz --config.phases twa,report
 
-Phases (--config.phases, comma-separated; default all, always in this order;
-each resumes where an earlier invocation stopped and is skipped when finished):
+Phases (--config.phases, comma-separated; default sgd,swa,twa,report; always in
+this order; each resumes where an earlier invocation stopped and is skipped
+when finished):
   sgd     regular training with the trajectory recorded into the workdir's
           snapshot store (config.sgd), an EMA of the parameters tracked
   swa     uniform average of the snapshots in config.averaging
   twa     TWA training in their span (config.twa), from their mean (head
-          stage) or the last one (tail stage)
+          stage) or the last one (tail stage); with config.twa.holdout_fraction
+          also TWA-v, trained on a held-out part SGD never saw
+  surface train loss and test error over the plane through SGD, SWA and TWA
+          (config.surface)
   report  summary.json, the comparison table and plots/
 SWA, EMA and TWA get batch-norm statistics recomputed over the training data.
+
+Averaging across runs (--soup): instead of the phases, compare the final (or
+chosen) snapshots of several workdirs trained with one model and dataset and
+a held-out part (--config.data.holdout_fraction), their uniform and greedy
+soups, and TWA from their mean in their span:
+  python train.py --config.data.holdout_fraction=0.1 --config.seed=1 \\
+      --workdir runs/a        # and runs/b, runs/c with other seeds or lr
+  python train.py --config.data.holdout_fraction=0.1 --workdir runs/soup \\
+      --soup=runs/a,runs/b,runs/c:440
 """
 
 import os
@@ -24,9 +37,11 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from twa_jax.training import soups
 from twa_jax.training import train_lib
 
-__doc__ += "\n" + train_lib.WORKDIR_LAYOUT  # shown by --help
+# shown by --help
+__doc__ += "\n".join(("", train_lib.WORKDIR_LAYOUT, soups.WORKDIR_LAYOUT))
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file(
     "config", os.path.join(_HERE, "configs", "default.py"),
@@ -35,15 +50,24 @@ config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory (default: ./workdir/<config name>); "
     "see the layout above.")
+_SOUP = flags.DEFINE_list(
+    "soup", None, "WORKDIR[:STEP],WORKDIR[:STEP],...: run the soup comparison "
+    "of those workdirs' final snapshots (or the ones at STEP) in --workdir "
+    "(default: ./workdir/<config name>_soup) instead of the phases; --config "
+    "must match their data and model.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = flags.FLAGS.config
-  workdir = _WORKDIR.value or os.path.join("workdir", config.name)
+  default = config.name + ("_soup" if _SOUP.value else "")
+  workdir = _WORKDIR.value or os.path.join("workdir", default)
   try:
-    train_lib.run(config, workdir)
+    if _SOUP.value:
+      soups.run(config, workdir, _SOUP.value)
+    else:
+      train_lib.run(config, workdir)
   except (train_lib.ConfigError, train_lib.TrainingDiverged) as e:
     sys.exit(f"error: {e}")
 

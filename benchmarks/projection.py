@@ -5,17 +5,20 @@ One jitted `Basis.project` reads P twice (P^T g, then P beta); its floor is
 P's size: an XLA reduction (`jnp.sum`, one read), an XLA copy (one read plus
 one write) and a numpy reduction; the best of them is the floor used.
 
-Sides, alternated, for each storage dtype (float32, bfloat16) and n:
+Sides, alternated, for each storage dtype (float32, bfloat16, int8, int4)
+and n:
 
 * ``project_flat``: `basis.project` of a one-leaf tree (a flat vector);
 * ``project_tree``: `basis.project` of a ~60-leaf ResNet-like tree of the
   same D (flatten and unflatten included);
 * ``mulsum_flat``: the two products written as multiply-and-reduce
   (`sum(P * g, axis=1)`, `sum(beta[:, None] * P, axis=0)`), a candidate
-  formulation for storage dtypes the CPU dot handles slowly;
+  formulation for storage dtypes the CPU dot handles slowly (float dtypes
+  only);
 * the bandwidth probes ``reduce``, ``copy``, ``numpy_reduce``.
 
   python benchmarks/projection.py                  # D = 1e6, n in 10,100,300
+  python benchmarks/projection.py --ns 100 --dtypes float32,bfloat16,int8,int4
   python benchmarks/projection.py --smoke
 """
 
@@ -31,6 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from twa_jax import quantization  # pylint: disable=wrong-import-position
 from twa_jax.basis import Basis  # pylint: disable=wrong-import-position
 from twa_jax.tree import ParamSpec  # pylint: disable=wrong-import-position
 
@@ -63,7 +67,10 @@ def random_basis(tree, n: int, dtype) -> Basis:
   spec = ParamSpec.of(tree)
   key = jax.random.key(n)
   vectors = jax.random.normal(key, (n, spec.num_params), jnp.float32)
-  return Basis((vectors / np.sqrt(spec.num_params)).astype(dtype), spec, n)
+  vectors = vectors / np.sqrt(spec.num_params)
+  if dtype in quantization.BITS:
+    return Basis(quantization.quantize(vectors, dtype), spec, n)
+  return Basis(vectors.astype(dtype), spec, n)
 
 
 @jax.jit
@@ -92,14 +99,16 @@ def measure(d: int, n: int, dtype, repeats: int) -> dict:
   p_bytes = tree_basis.vectors.nbytes
   probe = jnp.ones((p_bytes // 4,), jnp.float32)  # P's bytes, as float32
   probe_np = np.ones((p_bytes // 4,), np.float32)
+  low_bit = dtype in quantization.BITS
   sides = {
       "project_flat": lambda: _project(flat_basis, flat_tree),
       "project_tree": lambda: _project(tree_basis, tree),
-      "mulsum_flat": lambda: _mulsum(flat_basis.vectors, flat_tree["w"]),
       "reduce": lambda: _reduce(probe),
       "copy": lambda: _copy(probe),
       "numpy_reduce": lambda: probe_np.sum(),
   }
+  if not low_bit:
+    sides["mulsum_flat"] = lambda: _mulsum(flat_basis.vectors, flat_tree["w"])
   times = common.alternate(sides, repeats)
   # Bandwidths in bytes/s per round; the floor takes the best probe.
   bw = {"reduce": [p_bytes / t for t in times["reduce"]],
@@ -107,15 +116,16 @@ def measure(d: int, n: int, dtype, repeats: int) -> dict:
         "numpy_reduce": [p_bytes / t for t in times["numpy_reduce"]]}
   floor = [2 * p_bytes / max(b[r] for b in bw.values())
            for r in range(repeats)]
-  np.testing.assert_allclose(  # the candidate computes the same thing
-      np.asarray(_mulsum(flat_basis.vectors, flat_tree["w"])),
-      np.asarray(_project(flat_basis, flat_tree)["w"]),
-      rtol=2e-2 if dtype == jnp.bfloat16 else 1e-4, atol=1e-3)
-  row = {"dtype": jnp.dtype(dtype).name, "n": n, "D": d,
-         "P_MB": p_bytes / 2**20,
+  if not low_bit:  # the candidate computes the same thing
+    np.testing.assert_allclose(
+        np.asarray(_mulsum(flat_basis.vectors, flat_tree["w"])),
+        np.asarray(_project(flat_basis, flat_tree)["w"]),
+        rtol=2e-2 if dtype == jnp.bfloat16 else 1e-4, atol=1e-3)
+  row = {"dtype": dtype if low_bit else jnp.dtype(dtype).name, "n": n,
+         "D": d, "P_MB": p_bytes / 2**20,
          "floor_ms": 1e3 * common.median(floor),
          **{f"bw_{k}_GBs": common.median(v) / 1e9 for k, v in bw.items()}}
-  for s in ("project_flat", "project_tree", "mulsum_flat"):
+  for s in ("project_flat", "project_tree", "mulsum_flat")[:3 - low_bit]:
     row[f"{s}_ms"] = 1e3 * common.median(times[s])
     row[f"{s}_x_floor"] = common.ratio(times[s], floor)
   return row
@@ -125,14 +135,15 @@ def main(argv=None) -> None:
   p = common.parser("projection", __doc__.split("\n")[0])
   p.add_argument("--d", type=int, default=1_000_000)
   p.add_argument("--ns", default="10,100,300")
-  p.add_argument("--dtypes", default="float32,bfloat16")
+  p.add_argument("--dtypes", default="float32,bfloat16,int8,int4")
   args = p.parse_args(argv)
   if args.smoke:
     args.d, args.ns, args.repeats = 50_000, "4", 2
   rows = []
   for dtype in args.dtypes.split(","):
     for n in map(int, args.ns.split(",")):
-      rows.append(measure(args.d, n, jnp.dtype(dtype), args.repeats))
+      rows.append(measure(args.d, n, dtype if dtype in quantization.BITS
+                          else jnp.dtype(dtype), args.repeats))
       print(f"{dtype} n={n}: project {rows[-1]['project_flat_x_floor']:.2f}x "
             "floor", flush=True)
   print(common.table(rows, [

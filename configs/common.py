@@ -9,7 +9,10 @@ Every config file calls one of these and changes what differs. The fields:
                   path, data_dir, train_size, test_size, augmentation,
                   download: let TFDS download and prepare the data) and
                   holdout_fraction: >0 replaces the test split by that share
-                  of the training set (for tuning without touching test).
+                  of the training set (for tuning without touching test);
+                  holdout_seed draws the held-out parts (this one and
+                  TWA-v's), apart from `seed` so that runs with different
+                  seeds hold out the same examples (soups need that).
   model           name and kwargs of `twa_jax.training.models.create_model`.
   sgd             the regular training run that records the trajectory:
                   optimizer ("sgd": momentum SGD with coupled weight decay as
@@ -29,7 +32,17 @@ Every config file calls one of these and changes what differs. The fields:
                   epochs, lr, schedule as for sgd ("step" with decay_at,
                   decay_factor and linear_epochs: the last epochs decay
                   linearly to 0), weight_decay (lambda), start ("mean": head
-                  stage; "last": tail stage).
+                  stage; "last": tail stage), granularity of the coefficients
+                  ("global": one per snapshot; "layer": one per snapshot and
+                  layer; "leaf": one per snapshot and parameter leaf),
+                  storage of the basis ("float32", "bfloat16", "int8",
+                  "int4"), holdout_fraction (TWA-v: >0 holds that share of
+                  the training set out of the sgd phase; the twa phase then
+                  also trains the coefficients on it and reports both).
+  surface         the surface phase's grid over the plane through SGD, SWA and
+                  TWA: steps per axis, margin (share of the points' extent
+                  added on each side), train_eval_size (training examples
+                  for the train loss at each point; None: all).
   eval_batch_size examples per evaluation batch.
   train_eval_size training examples used for the final train accuracy
                   (None: all).
@@ -58,6 +71,7 @@ def base() -> ml_collections.ConfigDict:
   c.data.augmentation = config_dict.placeholder(str)
   c.data.download = False
   c.data.holdout_fraction = 0.0
+  c.data.holdout_seed = 0
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "mlp"
@@ -97,6 +111,14 @@ def base() -> ml_collections.ConfigDict:
   c.twa.decay_factor = 0.1
   c.twa.linear_epochs = 0
   c.twa.start = "mean"
+  c.twa.granularity = "global"
+  c.twa.storage = "float32"
+  c.twa.holdout_fraction = 0.0
+
+  c.surface = ml_collections.ConfigDict()
+  c.surface.steps = 11
+  c.surface.margin = 0.2
+  c.surface.train_eval_size = 5_000
 
   c.eval_batch_size = 500
   c.train_eval_size = config_dict.placeholder(int)

@@ -7,6 +7,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 set before jax loads.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -315,17 +316,76 @@ def test_bad_arguments_are_named():
     twa.Basis.from_snapshots(snaps, mesh=jax.devices()[:2])
 
 
-def test_from_store_builds_the_same_sharded_basis(tmp_path):
-  snaps = _snapshots("trajectory")
-  with twa.TrajectoryStore(tmp_path / "store") as store:
-    for step, w in enumerate(snaps):
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+  with twa.TrajectoryStore(tmp_path_factory.mktemp("store") / "s") as store:
+    for step, w in enumerate(_snapshots("trajectory")):
       store.save(step, w)
     store.wait_until_finished()
-    for layout in LAYOUTS:
-      basis = twa.Basis.from_store(store, mesh=_mesh(4), layout=layout)
-      assert basis.layout == _basis(4, layout).layout
-      np.testing.assert_allclose(_projector(basis), _projector(_basis(4, layout)),
-                                 atol=1e-6)
+    yield store
+
+
+def test_from_store_builds_the_same_sharded_basis(store):
+  """Read through the column view: the same W, so the same basis."""
+  for layout in LAYOUTS:
+    basis = twa.Basis.from_store(store, mesh=_mesh(4), layout=layout)
+    assert basis.layout == _basis(4, layout).layout
+    np.testing.assert_array_equal(basis.vectors, _basis(4, layout).vectors)
+
+
+def _layer(path: str) -> str:
+  return path.split("]")[0] + "]"
+
+
+def _plain_blocks(basis):
+  """The same block bases, unsharded and without padding."""
+  return dataclasses.replace(basis, bases=tuple(
+      _plain(b) if b.layout else b for b in basis.bases))
+
+
+_BLOCK_SNAPSHOTS = [{**w, "head": jnp.zeros_like(w["head"])}  # an empty block
+                    for w in _snapshots("trajectory")]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("granularity", ["leaf", _layer])
+def test_block_basis_on_a_mesh_equals_unsharded(granularity, layout):
+  """Blocks of 7 to 42 columns on 8 devices (the bias pads to 8)."""
+  mesh = _mesh(8)
+  basis = twa.Basis.from_snapshots(_BLOCK_SNAPSHOTS, granularity=granularity,
+                                   mesh=mesh, layout=layout)
+  plain = twa.Basis.from_snapshots(_BLOCK_SNAPSHOTS, granularity=granularity)
+  assert basis.names == plain.names and basis.dims == plain.dims
+  assert plain.dims[plain.names[0]] == 0  # ['head']: zero in every snapshot
+  for b in basis.bases[1:]:
+    assert b.layout.kind == layout and b.layout.num_shards == 8
+  g = _random_tree(5)
+  beta = {name: jnp.asarray(np.random.default_rng(6).normal(size=dim),
+                            jnp.float32) for name, dim in basis.dims.items()}
+  same = _plain_blocks(basis)
+  for got, want in [(basis.project(g), plain.project(g)),
+                    (basis.coordinates(g), same.coordinates(g)),
+                    (basis.from_coordinates(beta), same.from_coordinates(beta))]:
+    np.testing.assert_allclose(_flat(got), _flat(want), **TOL)
+  start = _BLOCK_SNAPSHOTS[N // 2]
+  tx = lambda b: twa.twa(b, 0.5, weight_decay=1e-3)
+  replicated = NamedSharding(mesh, P())
+  got, _ = _run(tx(basis), jax.device_put(start, replicated),
+                [jax.device_put(b, NamedSharding(mesh, P("x"))) for b in _BATCHES])
+  want, _ = _run(tx(plain), start, _BATCHES)
+  np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_block_basis_from_store_on_a_mesh(store, layout):
+  basis = twa.Basis.from_store(store, granularity=_layer, mesh=_mesh(8),
+                               layout=layout)
+  want = twa.Basis.from_snapshots(_snapshots("trajectory"), granularity=_layer,
+                                  mesh=_mesh(8), layout=layout)
+  assert basis.names == want.names
+  for b, w in zip(basis.bases, want.bases):
+    assert b.layout == w.layout
+    np.testing.assert_array_equal(b.vectors, w.vectors)
 
 
 def test_orthonormalization_only_reduces_grams_and_moves_rows_once():

@@ -1,11 +1,14 @@
 """One process of the two-process sharded-TWA run in test_sharding.py.
 
-Usage: multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_JSON, with
-XLA_FLAGS=--xla_force_host_platform_device_count=4 (4 CPU devices each).
+Usage: multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_JSON STORE,
+with XLA_FLAGS=--xla_force_host_platform_device_count=4 (4 CPU devices each).
 Joins a `jax.distributed` run over localhost with gloo CPU collectives,
 builds a basis sharded over all processes' devices (each process feeding
 only its own devices), runs TWA steps on a batch sharded over the global
 mesh, and checks them against the unsharded single-process computation.
+Then both processes save snapshots to one `TrajectoryStore` at STORE and
+build the sharded basis from it, each reading only its devices' columns
+(counted in bytes read from disk), and check it against `from_snapshots`.
 Writes the results as JSON for the parent test to compare across processes.
 """
 
@@ -18,13 +21,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tensorstore as ts
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import twa_jax as twa
+from twa_jax import store as store_lib
 
 LOCAL_DEVICES = 4
 N, SHAPES = 7, {"w": (9, 5), "b": (5,)}  # n = 7, D = 50: neither divides 8
+# Stored snapshots: D = 130 000 in 4 KiB chunks (a device's slice: 64 KiB), so
+# that a process' half of the columns is read to within a chunk or two.
+STORED = {"w": (1000, 128), "b": (2000,)}
 
 
 def _global(mesh, value: np.ndarray, spec: P) -> jax.Array:
@@ -56,7 +64,45 @@ def _flat(tree) -> np.ndarray:
                          for x in jax.tree.leaves(tree)])
 
 
-def main(process_id: int, num_processes: int, port: int, out: str) -> None:
+def _bytes_read() -> int:
+  """Bytes TensorStore has read from local files in this process."""
+  return sum(v["value"] for m in ts.experimental_collect_matching_metrics(
+      "/tensorstore/kvstore/file/bytes_read") for v in m["values"])
+
+
+def _from_store(mesh, directory: str) -> dict[str, dict[str, int]]:
+  """Sharded bases from a store both processes save to; bytes each read."""
+  store_lib._CHUNK_BYTES = 4 << 10  # pylint: disable=protected-access
+  rng = np.random.default_rng(1)
+  snapshots = [{name: rng.normal(size=shape).astype(np.float32)
+                for name, shape in STORED.items()} for _ in range(N)]
+  results = {}
+  with twa.TrajectoryStore(directory) as store:
+    for step, snapshot in enumerate(snapshots):
+      store.save(step, snapshot)
+    store.wait_until_finished()
+    before = _bytes_read()
+    store.read_matrix()
+    results["read_matrix"] = {"bytes": _bytes_read() - before}
+    for layout in ("basis", "params"):
+      before = _bytes_read()
+      basis = twa.Basis.from_store(store, mesh=mesh, layout=layout)
+      read = _bytes_read() - before
+      want = twa.Basis.from_snapshots(snapshots, mesh=mesh, layout=layout)
+      for got, expected in zip(basis.vectors.addressable_shards,
+                               want.vectors.addressable_shards):
+        np.testing.assert_array_equal(got.data, expected.data)
+      results[layout] = {"bytes": read}
+  # The columns of W (sharded by columns in both layouts) this process holds.
+  d = basis.num_params
+  results["columns"] = sum(
+      len(range(*index[1].indices(d))) for index in NamedSharding(
+          mesh, P(None, "x")).addressable_devices_indices_map((N, d)).values())
+  return results
+
+
+def main(process_id: int, num_processes: int, port: int, out: str,
+         store_dir: str) -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                              num_processes=num_processes,
@@ -102,10 +148,12 @@ def main(process_id: int, num_processes: int, port: int, out: str) -> None:
     results[layout] = {"shard_shape": list(shards[0].data.shape),
                        "params": got.tolist()}
   results["unsharded"] = want.tolist()
+  results["store"] = _from_store(mesh, store_dir)
   with open(out, "w") as f:
     json.dump(results, f)
   jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
-  main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+  main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
+       sys.argv[5])

@@ -40,10 +40,18 @@ def test_orthonormalize_smoke(tmp_path):
 
 def test_projection_smoke(tmp_path):
   report = _run("projection.py", tmp_path / "p.json")
-  assert {r["dtype"] for r in report["rows"]} == {"float32", "bfloat16"}
-  for r in report["rows"]:
-    for key in ("floor_ms", "project_flat_x_floor", "project_tree_x_floor",
-                "mulsum_flat_x_floor", "bw_reduce_GBs"):
+  rows = {r["dtype"]: r for r in report["rows"]}
+  assert set(rows) == {"float32", "bfloat16", "int8", "int4"}
+  for dtype, r in rows.items():
+    keys = ["floor_ms", "project_flat_x_floor", "project_tree_x_floor",
+            "bw_reduce_GBs"]
+    if dtype in ("float32", "bfloat16"):
+      keys.append("mulsum_flat_x_floor")
+    for key in keys:
       assert _finite(r[key]) and r[key] > 0, (key, r)
-  bf16, f32 = sorted(report["rows"], key=lambda r: r["dtype"])
-  assert bf16["P_MB"] * 2 == f32["P_MB"]  # bfloat16 storage is half the bytes
+  f32 = rows["float32"]["P_MB"]
+  assert rows["bfloat16"]["P_MB"] * 2 == f32  # half the bytes
+  # int8 / int4: 1/4 and 1/8 of float32 plus 8 bytes per 256-entry group
+  # (1/128 and 1/32 more) and the padding of D to a whole group.
+  assert 0.25 < rows["int8"]["P_MB"] / f32 < 0.26
+  assert 0.125 < rows["int4"]["P_MB"] / f32 < 0.135

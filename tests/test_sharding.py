@@ -60,7 +60,7 @@ def test_two_processes_agree_with_single_process(tmp_path):
   port, outs = _free_port(), [tmp_path / f"process{i}.json" for i in range(2)]
   procs = [subprocess.Popen(
       [sys.executable, str(TESTS / "multiprocess_worker.py"), str(i), "2",
-       str(port), str(out)],
+       str(port), str(out), str(tmp_path / "store")],
       env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i, out in enumerate(outs)]
   logs = []
@@ -85,6 +85,15 @@ def test_two_processes_agree_with_single_process(tmp_path):
                                   results[1][layout]["params"])
     np.testing.assert_allclose(results[0][layout]["params"],
                                results[0]["unsharded"], rtol=1e-5, atol=1e-6)
+    # From the store, each process read about its half of the columns
+    # (D = 130 000: 65 000 each), not the whole matrix: measured 0.61 of a
+    # whole read, the rest being the chunks at the 4 devices' slice edges
+    # and the snapshots' metadata.
+    stored = [r["store"] for r in results]
+    assert [s["columns"] for s in stored] == [65_000, 65_000]
+    whole = stored[0]["read_matrix"]["bytes"]
+    for s in stored:
+      assert 0.45 * whole < s[layout]["bytes"] < 0.7 * whole, stored
 
 
 def test_collectives_are_read_from_hlo_text():

@@ -11,13 +11,16 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
+import tensorstore as ts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import strategies
 import twa_jax as twa
+from twa_jax import store as store_lib
 from twa_jax.store import INFO_FILE, TrajectoryStore
 
 # Deterministic snapshot of a step, shared with the writer subprocesses.
@@ -336,7 +339,8 @@ def test_read_matrix_errors(tmp_path):
     store.save(1, {"w": np.array([1.0, np.nan, 0.0], np.float32)})
     with pytest.raises(ValueError, match=r"twice"):
       store.read_matrix([0, 0])
-    with pytest.raises(ValueError, match=r"step 1: leaf \['w'\] contains NaN"):
+    with pytest.raises(ValueError,
+                       match=r"step=1\): leaf \['w'\] contains NaN"):
       store.read_matrix()
     spec, matrix = store.read_matrix([0])
     assert matrix.shape == (1, 3) and matrix.dtype == np.float32
@@ -360,3 +364,137 @@ def test_keys_orbax_would_confuse(tmp_path):
     store.save(0, tree)
   with TrajectoryStore(tmp_path / "s", read_only=True) as store:
     assert fingerprint(store.load(0)) == fingerprint(tree)
+
+
+@settings(max_examples=60)
+@given(shape=st.lists(st.integers(0, 5), max_size=4).map(tuple),
+       data=st.data())
+def test_flat_boxes_hold_exactly_the_range(shape, data):
+  size = int(np.prod(shape))
+  start = data.draw(st.integers(0, size))
+  stop = data.draw(st.integers(start, size))
+  boxes = store_lib._flat_boxes(shape, start, stop)  # pylint: disable=protected-access
+  flat = np.arange(size).reshape(shape)
+  got = [flat[box].reshape(-1) for box in boxes]
+  np.testing.assert_array_equal(np.concatenate([np.zeros(0, int)] + got),
+                                np.arange(start, stop))
+  assert len(boxes) <= max(2 * len(shape) - 1, 1)
+  assert all(part.size for part in got)  # no empty reads
+
+
+# Leaves split across slice boundaries, bfloat16 / float16 leaves, an empty
+# leaf, a scalar and a None node.
+_VIEW_TREE = {"a": {"kernel": (6, 7), "empty": (0, 3)}, "b": (5,),
+              "c": [(2, 3, 4), None], "s": ()}
+_VIEW_DTYPES = {"b": ml_dtypes.bfloat16, "c": np.float16}
+
+
+def _view_snapshot(rng):
+  def leaf(path, shape):
+    dtype = _VIEW_DTYPES.get(path[0].key, np.float32)
+    return rng.standard_normal(shape).astype(dtype)
+  return jax.tree_util.tree_map_with_path(
+      leaf, _VIEW_TREE, is_leaf=lambda x: isinstance(x, tuple))
+
+
+@pytest.fixture(scope="module")
+def view_store(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("view") / "s"
+  rng = np.random.default_rng(0)
+  with TrajectoryStore(directory) as store:
+    for step in (0, 3, 5, 9):
+      store.save(step, _view_snapshot(rng))
+  store = TrajectoryStore(directory, read_only=True)
+  yield store
+  store.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_column_view_equals_read_matrix(view_store, data):
+  steps = data.draw(st.permutations([0, 3, 5, 9]).flatmap(
+      lambda p: st.integers(1, 4).map(lambda n: p[:n])))
+  spec, matrix = view_store.read_matrix(steps)
+  view_spec, view = view_store.columns(steps)
+  assert view_spec == spec and view.shape == matrix.shape
+  assert view.steps == steps and view.dtype == np.float32
+  d = matrix.shape[1]
+  for _ in range(3):
+    start = data.draw(st.integers(0, d))
+    stop = data.draw(st.integers(start, d + 2))
+    rows = slice(data.draw(st.integers(0, len(steps))), None)
+    got = view[rows, start:stop]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, matrix[rows, start:stop])
+
+
+def _bytes_read() -> int:
+  """Bytes TensorStore has read from local files in this process."""
+  return sum(value["value"] for metric in ts.experimental_collect_matching_metrics(
+      "/tensorstore/kvstore/file/bytes_read") for value in metric["values"])
+
+
+def test_column_view_reads_only_the_chunks_of_its_slice(tmp_path, monkeypatch):
+  monkeypatch.setattr(store_lib, "_CHUNK_BYTES", 32 << 10)  # 128-row chunks
+  rng = np.random.default_rng(0)
+  with TrajectoryStore(tmp_path / "s") as store:
+    for step in range(2):
+      store.save(step, {"a": rng.standard_normal((1024, 64), np.float32),
+                        "b": rng.standard_normal((1024, 64), np.float32)})
+  d = 2 * 1024 * 64
+  with TrajectoryStore(tmp_path / "s", read_only=True) as store:
+    _, view = store.columns()
+    read = {}
+    for name, (start, stop) in {"all": (0, d), "across": (48496, 79953),
+                                "b": (d // 2, d), "head": (0, 100)}.items():
+      before = _bytes_read()
+      got = view[:, start:stop]
+      read[name] = (_bytes_read() - before) / (2 * d * 4)
+      if name == "all":
+        whole = got
+      np.testing.assert_array_equal(got, whole[:, start:stop])
+  # Random float32 barely compresses; a slice reads its chunks (each 1/8 of
+  # a leaf) and the leaves' metadata, not whole leaves.
+  assert 0.85 < read["all"] < 1.0, read
+  assert 0.24 < read["across"] < 0.4, read  # 24% of the columns
+  assert 0.4 < read["b"] < 0.55, read
+  assert read["head"] < 0.1, read
+
+
+def test_column_view_errors(tmp_path):
+  with TrajectoryStore(tmp_path / "s") as store:
+    with pytest.raises(ValueError, match="columns: no snapshots"):
+      store.columns()
+    store.save(0, {"v": np.ones(2, np.float32), "w": np.ones(3, np.float32)})
+    store.save(1, {"v": np.ones(2, np.float32),
+                   "w": np.array([1.0, np.inf, 0.0], np.float32)})
+    with pytest.raises(ValueError, match=r"columns: steps \[1\] are requested"):
+      store.columns([1, 0, 1])
+    with pytest.raises(ValueError, match=r"step 4 is not in the store"):
+      store.columns([0, 4])
+    _, view = store.columns()
+    np.testing.assert_array_equal(view[:, 0:2], np.ones((2, 2)))  # v: finite
+    with pytest.raises(ValueError,
+                       match=r"columns\(step=1\): leaf \['w'\] contains NaN"):
+      view[:, 1:4]
+    for index in (np.s_[:, 0:4:2], np.s_[0:1], np.s_[0, 0:2]):
+      with pytest.raises(TypeError, match="index with"):
+        view[index]  # pylint: disable=pointless-statement
+  info_path = tmp_path / "s" / INFO_FILE
+  info = json.loads(info_path.read_text())
+  info["layout"]["shapes"][1] = [1, 3]
+  info_path.write_text(json.dumps(info))
+  with TrajectoryStore(tmp_path / "s", read_only=True) as store:
+    with pytest.raises(ValueError,
+                       match=r"columns\(step=1\): leaf \['w'\] has shape \(3,\)"):
+      store.columns([1, 0])
+
+
+def test_relative_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with TrajectoryStore("runs/a/trajectory") as store:
+    store.save(3, {"w": np.arange(4, dtype=np.float32)})
+  with TrajectoryStore("runs/a/trajectory", read_only=True) as store:
+    assert store.steps() == [3]
+    np.testing.assert_array_equal(store.read_matrix()[1], [[0, 1, 2, 3]])
+  assert (tmp_path / "runs" / "a" / "trajectory" / "3").is_dir()

@@ -155,6 +155,83 @@ def test_holdout_replaces_the_test_split(tmp_path):
                  for x in np.asarray(experiment.dataset.x_test))
 
 
+def test_twa_v_trains_on_a_part_sgd_never_saw(tmp_path):
+  config = tiny_config(sgd_epochs=4, head=3)
+  config.twa.holdout_fraction = 0.2
+  summary = train_lib.run(config, tmp_path)
+  experiment = train_lib.Experiment.create(config, tmp_path)
+  held = {x.tobytes() for x in np.asarray(experiment.holdout.x_train)}
+  sgd_train = {x.tobytes() for x in np.asarray(experiment.dataset.x_train)}
+  assert len(held) == round(1437 * 0.2) and not held & sgd_train
+  assert len(held) + len(sgd_train) == 1437
+  # SGD's epochs have the steps of the smaller training set; TWA-v's those
+  # of the held-out part.
+  spe = {r["phase"]: r["step"] // r["epoch"]
+         for r in train_lib.read_metrics(tmp_path)}
+  assert spe == {"sgd": len(sgd_train) // 64, "twa": len(sgd_train) // 64,
+                 "twa_v": len(held) // 64}
+  results = summary["results"]
+  assert {"twa", "twa_v"} <= results.keys()
+  assert summary["twa_v"]["trained_on"] == len(held)
+  assert summary["twa"]["trained_on"] == len(sgd_train)
+  for row in results.values():
+    assert 0 <= row["holdout_accuracy"] <= 1
+  # Trained on the held-out part, TWA-v fits it better than SWA does.
+  assert results["twa_v"]["holdout_loss"] < results["swa"]["holdout_loss"]
+  assert "TWA-v" in train_lib.report.table(summary)
+  # The held-out part is missing from the sgd phase's data: changing it
+  # later is refused.
+  config.twa.holdout_fraction = 0.1
+  with pytest.raises(train_lib.ConfigError, match=r"twa\.holdout_fraction"):
+    train_lib.run(config, tmp_path)
+
+
+def test_layer_wise_coefficients_and_low_bit_storage(finished, tmp_path):
+  workdir = copy_workdir(finished[0], tmp_path / "w")
+  shutil.rmtree(workdir / "twa")
+  config = tiny_config()
+  config.phases = "twa"
+  config.twa.granularity = "layer"
+  config.twa.storage = "int8"
+  train_lib.run(config, workdir)
+  twa = json.loads((workdir / "twa" / "result.json").read_text())
+  details = twa["twa"]
+  # Three layers (Dense_0, BatchNorm_0, Dense_1), each with its own
+  # coefficients for the 4 snapshots of epochs 0-3.
+  assert sorted(details["coefficients"]) == [
+      "['BatchNorm_0']", "['Dense_0']", "['Dense_1']"]
+  assert all(len(a) == 4 for a in details["coefficients"].values())
+  assert details["basis_dim"] == 12
+  assert details["storage"] == "int8"
+  assert twa["results"]["twa"]["test_accuracy"] > 0.6
+  config.twa.storage = "int3"
+  with pytest.raises(train_lib.ConfigError, match=r"twa\.storage='int3'"):
+    train_lib.run(config, workdir)
+
+
+def test_surface_phase_maps_the_plane_through_sgd_swa_twa(finished, tmp_path):
+  workdir = copy_workdir(finished[0], tmp_path / "w")
+  config = tiny_config()
+  config.phases = "surface,report"
+  config.surface.steps = 3
+  config.surface.margin = 0.0
+  train_lib.run(config, workdir)
+  result = json.loads((workdir / "surface" / "result.json").read_text())
+  assert result["labels"] == ["SGD", "SWA", "TWA"]
+  (x0, y0), (x1, y1), (x2, y2) = result["coordinates"]
+  assert (x0, y0, y1) == (0, 0, 0) and x1 > 0 and y2 > 0
+  # margin 0: the grid spans exactly the three points.
+  assert result["xs"][0] == min(0, x2) and result["xs"][-1] == max(x1, x2)
+  assert result["ys"] == [0, y2 / 2, y2]
+  for name in ("train_loss", "test_loss", "train_error", "test_error"):
+    z = np.asarray(result["metrics"][name], np.float64)
+    assert z.shape == (3, 3) and np.isfinite(z).all()
+  assert (workdir / "plots" / "surface.png").stat().st_size > 10_000
+  # The grid's SGD corner is SGD's solution (batch norm recomputed): its
+  # train error is that of a trained network, not of a random one.
+  assert result["metrics"]["train_error"][0][0] < 0.3
+
+
 def test_config_mismatch_with_a_started_phase_is_refused(finished, tmp_path):
   workdir = copy_workdir(finished[0], tmp_path / "w")
   config = tiny_config()
@@ -176,6 +253,20 @@ def test_config_mismatch_with_a_started_phase_is_refused(finished, tmp_path):
   assert result["results"]["twa"]["test_accuracy"] > 0.6
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["twa"]["optimizer"] == "adam"
+
+
+def test_workdir_from_before_a_field_existed_resumes(finished, tmp_path):
+  workdir = copy_workdir(finished[0], tmp_path / "w")
+  saved = json.loads((workdir / "config.json").read_text())
+  del saved["twa"]["holdout_fraction"], saved["data"]["holdout_seed"]
+  (workdir / "config.json").write_text(json.dumps(saved))
+  train_lib.run(tiny_config(), workdir)  # the value it had: accepted
+  (workdir / "config.json").write_text(json.dumps(saved))
+  config = tiny_config()
+  config.twa.holdout_fraction = 0.1
+  with pytest.raises(train_lib.ConfigError,
+                     match=r"twa\.holdout_fraction: 0\.0 there, 0\.1 now"):
+    train_lib.run(config, workdir)
 
 
 def test_errors_before_training(finished, tmp_path):

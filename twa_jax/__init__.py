@@ -6,6 +6,7 @@
 """
 
 from twa_jax.averaging import averaging_coefficients
+from twa_jax.averaging import greedy_soup
 from twa_jax.averaging import swa
 from twa_jax.basis import Basis
 from twa_jax.basis import orthonormalize
@@ -23,8 +24,8 @@ from twa_jax.tree import ParamSpec
 
 __all__ = [
     "Basis", "ParamSpec", "ProjectState", "SubspaceState",
-    "averaging_coefficients", "basis_of", "orthonormalize", "project", "restore_basis",
-    "scale_by_subspace", "strip_basis", "swa", "twa",
+    "averaging_coefficients", "basis_of", "greedy_soup", "orthonormalize",
+    "project", "restore_basis", "scale_by_subspace", "strip_basis", "swa", "twa",
     "SamplingSchedule", "TrajectoryStore",
 ]
 __version__ = "0.1.0"

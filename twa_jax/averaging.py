@@ -1,8 +1,8 @@
-"""Averaging baselines and the averaging coefficients of a solution."""
+"""Averaging baselines (SWA, greedy soup) and the coefficients of a solution."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -27,6 +27,43 @@ def swa(snapshots: Sequence[PyTree] | PyTree) -> PyTree:
   """
   spec, matrix = tree_lib.stack_snapshots(snapshots)
   return spec.unravel(jnp.asarray(matrix.mean(axis=0, dtype=np.float64)))
+
+
+def greedy_soup(candidates: Sequence[PyTree],
+                score: Callable[[PyTree], float], *,
+                scores: Sequence[float] | None = None
+                ) -> tuple[PyTree, list[int]]:
+  """Greedy soup (Wortsman et al. 2022): average models while it helps.
+
+  The candidates are ranked by their own score (ties keep their order); the
+  best starts the soup, then each next one is added (the soup being the
+  uniform average of those kept, `swa`) if the soup's score does not drop.
+  Score on held-out data: the selection fits whatever `score` measures.
+
+  Args:
+    candidates: parameter trees of one structure (e.g. models trained with
+      different seeds or hyper-parameters).
+    score: higher is better (e.g. held-out accuracy of a parameter tree).
+    scores: the candidates' own scores, if already known (saves n calls).
+
+  Returns:
+    The soup and the indices of the candidates kept, in the order added.
+  """
+  if not candidates:
+    raise ValueError("greedy_soup: no candidates.")
+  if scores is None:
+    scores = [float(score(c)) for c in candidates]
+  elif len(scores) != len(candidates):
+    raise ValueError(f"greedy_soup: {len(scores)} scores for "
+                     f"{len(candidates)} candidates.")
+  order = sorted(range(len(candidates)), key=lambda i: -scores[i])
+  kept, soup, best = [order[0]], candidates[order[0]], scores[order[0]]
+  for i in order[1:]:
+    trial = swa([candidates[j] for j in kept + [i]])
+    trial_score = float(score(trial))
+    if trial_score >= best:
+      kept, soup, best = kept + [i], trial, trial_score
+  return soup, kept
 
 
 def averaging_coefficients(params: PyTree, snapshots: Sequence[PyTree] | PyTree,

@@ -251,13 +251,18 @@ class Basis:
                  granularity="global", **layout_kwargs) -> Basis:
     """Basis of snapshots read one at a time from a `TrajectoryStore`.
 
+    With `mesh`, the snapshots are read through `store.columns`: each
+    process reads only the column slices of its own devices (or, with a
+    `granularity`, one block's columns at a time).
+
     Args:
       store: an open `twa_jax.TrajectoryStore`.
       steps: the steps to use (default: all complete snapshots).
       rtol, dtype, granularity, **layout_kwargs: as for
         :meth:`from_snapshots`.
     """
-    spec, matrix = store.read_matrix(steps)
+    read = store.columns if layout_kwargs else store.read_matrix
+    spec, matrix = read(steps)
     if granularity == "global" and not layout_kwargs:
       matrix = _to_device(matrix)
     return cls.from_matrix(spec, matrix, rtol=rtol, dtype=dtype,

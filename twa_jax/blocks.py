@@ -114,7 +114,8 @@ def block_basis(spec: tree_lib.ParamSpec, matrix: np.ndarray,
 
   Args:
     spec: the layout of one snapshot.
-    matrix: W, n x D (host), one flattened snapshot per row.
+    matrix: W, n x D (host), one flattened snapshot per row: numpy or a
+      `TrajectoryStore.columns` view (read one leaf's columns at a time).
     granularity: "leaf" or a callable from leaf path to block name.
     **basis_kwargs: passed to `Basis.from_matrix` for every block (rtol,
       dtype, mesh, axis, layout).

@@ -34,8 +34,8 @@ are resharded to the types the maps need).
 The orthonormalization never materializes W or P on one device: W is laid
 out column-sharded (each device receives only its slice, from the host
 matrix via `jax.make_array_from_callback`; in a multi-process run each
-process copies only the slices of its own devices, though `from_store`
-still reads the whole matrix on every host) and the passes of
+process copies only the slices of its own devices, and `from_store` reads
+from disk only those, through `TrajectoryStore.columns`) and the passes of
 `twa_jax.basis.orthonormalize` run under `jax.shard_map`, where only the
 n x n float64 Gram matrices are summed by psum; the host side (eigh,
 Cholesky, the rank-revealing SVD) is shared with the single-device path.
@@ -272,6 +272,9 @@ def put_columns(matrix, mesh: Mesh, axis: AxisName, cols: int) -> jax.Array:
 
   Each device receives only its column slice (zero beyond D); in a
   multi-process run each process reads only the slices of its devices.
+  `matrix` is a numpy array or any object with `shape` and numpy-style
+  `matrix[:, start:stop]` (a `TrajectoryStore.columns` view reads only that
+  slice from disk).
   """
   n, d = matrix.shape
 
@@ -324,8 +327,9 @@ def sharded_basis(spec: tree_lib.ParamSpec, matrix, *, rtol: float,
 
   Args:
     spec: layout of the parameter tree.
-    matrix: W, n x D float32 host array (numpy; only the column slices of
-      this process' devices are read).
+    matrix: W, n x D float32 host array: numpy, or a
+      `TrajectoryStore.columns` view (only the column slices of this
+      process' devices are read).
     rtol: relative singular-value cut-off, as for `orthonormalize`.
     dtype: storage dtype of P.
     mesh: the device mesh.

@@ -5,10 +5,11 @@ A store is a directory holding
 * ``twa_store.json``: the format name and version, and the parameter layout
   (tree structure, leaf paths, shapes, dtypes) recorded with the first
   snapshot; written atomically (temporary file, then rename);
-* one orbax checkpoint per step, ``<step>/params`` (the parameter tree) and
-  ``<step>/metadata`` (a small JSON dict), written asynchronously and
-  atomically by ``orbax.checkpoint.CheckpointManager``: a step directory
-  appears only once the snapshot is complete.
+* one orbax checkpoint per step, ``<step>/params`` (the parameter tree, one
+  zarr array per leaf in OCDBT, leaves over 4 MiB split into chunks of at
+  most 4 MiB) and ``<step>/metadata`` (a small JSON dict), written
+  asynchronously and atomically by ``orbax.checkpoint.CheckpointManager``:
+  a step directory appears only once the snapshot is complete.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from etils import epath
 
 from twa_jax import tree as tree_lib
@@ -32,6 +35,9 @@ FORMAT = "twa_jax.TrajectoryStore"
 VERSION = 1
 INFO_FILE = "twa_store.json"
 _PARAMS, _METADATA = "params", "metadata"
+# Largest stored chunk: a column slice of a larger leaf reads only the chunks
+# holding its entries (see `ColumnView`).
+_CHUNK_BYTES = 4 << 20
 _barrier_ids = itertools.count()
 
 
@@ -68,7 +74,8 @@ class TrajectoryStore:
   or NFS); orbax writes each process' shards, and only the primary process
   (process 0) writes ``twa_store.json`` and the metadata. Readers
   (`load`, `read_matrix`) may run on any process, each reading the full
-  snapshots into its own host memory.
+  snapshots into its own host memory; `columns` reads only column slices
+  (`Basis.from_store` with a mesh reads those of the process' devices).
 
   Args:
     directory: the store's directory (a local path or an `etils.epath` URL).
@@ -80,10 +87,15 @@ class TrajectoryStore:
 
   def __init__(self, directory: str | os.PathLike[str], *, create: bool = True,
                read_only: bool = False):
+    if "://" not in str(directory):  # orbax needs absolute local paths
+      directory = os.path.abspath(os.path.expanduser(directory))
     self._directory = epath.Path(directory)
     self._read_only = read_only
     info_path = self._directory / INFO_FILE
-    if not info_path.exists():
+    exists = info_path.exists()
+    if not read_only:  # every process looks before process 0 writes
+      _barrier("open")
+    if not exists:
       self._initialize(create and not read_only)
     self._spec, self._skeleton = _read_layout(info_path)
     options = ocp.CheckpointManagerOptions(
@@ -207,8 +219,11 @@ class TrajectoryStore:
               for leaf, size in zip(jax.tree_util.tree_leaves(params),
                                     self._spec.sizes)]
     item = _build(skeleton, iter(leaves), orbax=True)
+    save_args = _build(skeleton, iter(
+        [ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES) if size else None
+         for size in self._spec.sizes]), orbax=True)
     self._manager.save(step, args=ocp.args.Composite(**{
-        _PARAMS: ocp.args.PyTreeSave(item),
+        _PARAMS: ocp.args.PyTreeSave(item, save_args=save_args),
         _METADATA: ocp.args.JsonSave(metadata)}), force=True)
     self._in_flight = step
     return True
@@ -223,19 +238,19 @@ class TrajectoryStore:
     restore_args = _build(self._skeleton, iter(
         [ocp.RestoreArgs(restore_type=np.ndarray) if size else None
          for size in spec.sizes]), orbax=True)
+    what = f"load(step={step})"
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**{
           _PARAMS: ocp.args.PyTreeRestore(restore_args=restore_args)}))
-      leaves = _orbax_leaves(self._skeleton, restored[_PARAMS], "")
     except (KeyError, IndexError, TypeError, ValueError) as e:
-      raise ValueError(
-          f"load(step={step}): the stored snapshot does not match the "
-          f"store's layout: {e}") from e
+      raise ValueError(f"{what}: the stored snapshot does not match the "
+                       f"store's layout: {e}") from e
+    leaves = _stored_leaves(self._skeleton, restored[_PARAMS], what)
     leaves = [np.zeros(shape, dtype) if leaf is None and not size else leaf
               for leaf, shape, dtype, size in zip(
                   leaves, spec.shapes, spec.dtypes, spec.sizes)]
     tree = _build(self._skeleton, iter(leaves), orbax=False)
-    _check_layout(spec, tree, f"load(step={step})")
+    _check_layout(spec, tree, what)
     return tree
 
   def metadata(self, step: int) -> dict[str, Any]:
@@ -260,25 +275,76 @@ class TrajectoryStore:
       ValueError: no snapshots, a step is missing or repeated, or a snapshot
         differs from the layout or holds NaN/Inf (the step and leaf named).
     """
+    spec, view = self._columns(steps, "read_matrix")
+    return spec, view[:, :]
+
+  def columns(self, steps: Sequence[int] | None = None
+              ) -> tuple[tree_lib.ParamSpec, ColumnView]:
+    """The layout and the snapshot matrix as a lazy `ColumnView`.
+
+    Nothing is read but the snapshots' metadata, which is checked against
+    the layout here; `view[:, start:stop]` then reads only the stored chunks
+    holding columns [start, stop) of each snapshot.
+
+    Args:
+      steps: the steps, in this order (default: all, sorted).
+
+    Raises:
+      ValueError: as `read_matrix`; NaN/Inf is found when a slice is read.
+    """
+    return self._columns(steps, "columns")
+
+  def _columns(self, steps: Sequence[int] | None, what: str
+               ) -> tuple[tree_lib.ParamSpec, ColumnView]:
     self._check_open()
     self._manager.wait_until_finished()
     available = self.steps()
     if steps is None:
       steps = available
-    steps = [_check_step(s, "read_matrix") for s in steps]
+    steps = [_check_step(s, what) for s in steps]
     if not steps:
       raise ValueError(
-          f"read_matrix: no snapshots to read from {str(self._directory)!r}.")
+          f"{what}: no snapshots to read from {str(self._directory)!r}.")
     repeated = sorted({s for s in steps if steps.count(s) > 1})
     if repeated:
-      raise ValueError(f"read_matrix: steps {repeated} are requested twice.")
+      raise ValueError(f"{what}: steps {repeated} are requested twice.")
     for s in steps:
-      self._existing(s, "read_matrix", available)
-    matrix = np.empty((len(steps), self._spec.num_params), np.float32)
-    for row, s in enumerate(steps):
-      matrix[row] = tree_lib.flatten_snapshot(
-          self._spec, self._restore(s), what=f"step {s}")
-    return self._spec, matrix
+      self._existing(s, what, available)
+    context = ocp.type_handlers.get_ts_context()
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      stored = [self._stored_arrays(handler, context, s, f"{what}(step={s})")
+                for s in steps]
+    finally:
+      handler.close()
+    return self._spec, ColumnView(self._spec, steps, stored, context, what)
+
+  def _stored_arrays(self, handler: ocp.PyTreeCheckpointHandler,
+                     context: ts.Context, step: int, what: str
+                     ) -> list[dict[str, Any] | None]:
+    """TensorStore read specs of snapshot `step`'s leaves (None: empty leaf),
+    from its orbax metadata, checked against the layout."""
+    directory = ocp.step.build_step_path(
+        self._directory, ocp.step.standard_name_format(), step) / _PARAMS
+    metadata = handler.metadata(directory)
+    arrays = _stored_leaves(self._skeleton, metadata.tree, what)
+    shapes = []
+    for array, name, shape, dtype, size in zip(
+        arrays, self._spec.paths, self._spec.shapes, self._spec.dtypes,
+        self._spec.sizes):
+      if array is None and size:
+        raise ValueError(f"{what}: leaf {name} is not stored.")
+      shapes.append(np.zeros(shape, dtype) if array is None else
+                    jax.ShapeDtypeStruct(array.shape, array.dtype))
+    _check_layout(self._spec, _build(self._skeleton, iter(shapes),
+                                     orbax=False), what)
+    use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(directory)
+    return [None if array is None else ocp.type_handlers.get_json_tspec_read(
+        ocp.type_handlers.ParamInfo(
+            name=array.name, parent_dir=directory,
+            is_ocdbt_checkpoint=use_ocdbt, use_zarr3=metadata.use_zarr3,
+            ts_context=context), use_ocdbt=use_ocdbt)
+            for array in arrays]
 
   def wait_until_finished(self) -> None:
     """Blocks until the save in flight (if any) is on disk; raises its error."""
@@ -316,6 +382,104 @@ class TrajectoryStore:
           f"{what}: step {step} is not in the store "
           f"{str(self._directory)!r}; stored steps: {_short(available)}.")
     return step
+
+
+class ColumnView:
+  """A store's n x D float32 snapshot matrix, read by column ranges.
+
+  Made by `TrajectoryStore.columns`. `view[rows, start:stop]` (rows: a
+  slice) reads, of each snapshot, only the leaves overlapping columns
+  [start, stop) and, within a leaf, only the boxes of its C-order entries in
+  that range, hence only the stored chunks holding them. Each leaf read is
+  checked for NaN/Inf (the step and leaf named).
+
+  Attributes:
+    steps: the snapshots' steps, one per row.
+  """
+
+  dtype = np.dtype(np.float32)
+
+  def __init__(self, spec: tree_lib.ParamSpec, steps: list[int],
+               stored: list[list[dict[str, Any] | None]], context: ts.Context,
+               what: str):
+    self.steps = steps
+    self._spec = spec
+    self._stored = stored
+    self._context = context
+    self._what = what
+    self._offsets = np.cumsum((0,) + spec.sizes)
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return len(self.steps), self._spec.num_params
+
+  def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
+    if not (isinstance(index, tuple) and len(index) == 2
+            and all(isinstance(i, slice) for i in index)
+            and index[1].step in (None, 1)):
+      raise TypeError("ColumnView: index with [rows, start:stop] (slices, "
+                      f"contiguous columns), got {index!r}.")
+    rows, cols = index
+    start, stop, _ = cols.indices(self.shape[1])
+    rows = range(*rows.indices(self.shape[0]))
+    out = np.empty((len(rows), max(stop - start, 0)), np.float32)
+    for row, r in zip(out, rows):
+      self._read(r, start, stop, row)
+    return out
+
+  def _read(self, r: int, start: int, stop: int, out: np.ndarray) -> None:
+    """Columns [start, stop) of snapshot row `r` into `out`.
+
+    All of the row's leaves are opened, then all their boxes read,
+    concurrently.
+    """
+    what = f"{self._what}(step={self.steps[r]})"
+    offsets, shapes = self._offsets, self._spec.shapes
+    leaves = [(i, max(start, offsets[i]), min(stop, offsets[i + 1]))
+              for i in range(len(shapes))]
+    leaves = [(i, lo, hi) for i, lo, hi in leaves if lo < hi]
+    try:
+      opened = [ts.open(self._stored[r][i], context=self._context)
+                for i, _, _ in leaves]
+      reads = [[array.result()[box].read() for box in _flat_boxes(
+          shapes[i], lo - offsets[i], hi - offsets[i])]
+               for (i, lo, hi), array in zip(leaves, opened)]
+      for (_, lo, _), boxes in zip(leaves, reads):
+        at = lo - start
+        for box in boxes:
+          values = box.result().reshape(-1)
+          out[at:at + values.size] = values
+          at += values.size
+    except ValueError as e:
+      raise ValueError(f"{what}: cannot read the stored snapshot: {e}") from e
+    for i, lo, hi in leaves:
+      if not np.isfinite(out[lo - start:hi - start]).all():
+        raise ValueError(
+            f"{what}: leaf {self._spec.paths[i]} contains NaN or Inf.")
+
+
+def _flat_boxes(shape: tuple[int, ...], start: int, stop: int
+                ) -> list[tuple[slice, ...]]:
+  """The boxes (index tuples) that hold exactly the C-order entries
+  [start, stop) of an array of `shape`, in order (at most 2 ndim - 1)."""
+  if start >= stop:
+    return []
+  if not shape:
+    return [()]
+  inner = math.prod(shape[1:])
+  (first, a), (last, b) = divmod(start, inner), divmod(stop, inner)
+  if first == last:
+    return [(slice(first, first + 1),) + box
+            for box in _flat_boxes(shape[1:], a, b)]
+  boxes = []
+  if a:
+    boxes += [(slice(first, first + 1),) + box
+              for box in _flat_boxes(shape[1:], a, inner)]
+    first += 1
+  if first < last:
+    boxes.append((slice(first, last),) + (slice(None),) * (len(shape) - 1))
+  return boxes + [(slice(last, last + 1),) + box
+                  for box in _flat_boxes(shape[1:], 0, b)]
 
 
 def _check_step(step: Any, what: str) -> int:
@@ -417,6 +581,15 @@ def _orbax_leaves(skeleton: Any, node: Any, path: str) -> list[Any]:
     pairs = [(c, n, f"{path}[{i}]")
              for i, (c, n) in enumerate(zip(children, node))]
   return [leaf for c, n, p in pairs for leaf in _orbax_leaves(c, n, p)]
+
+
+def _stored_leaves(skeleton: Any, node: Any, what: str) -> list[Any]:
+  """`_orbax_leaves` of a stored snapshot; a mismatch names `what`."""
+  try:
+    return _orbax_leaves(skeleton, node, "")
+  except ValueError as e:
+    raise ValueError(f"{what}: the stored snapshot does not match the "
+                     f"store's layout: {e}") from e
 
 
 def _check_layout(spec: tree_lib.ParamSpec, tree: PyTree, what: str) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import ml_collections
 
-METHODS = ("sgd", "sgd_head", "swa", "ema", "twa")
+METHODS = ("sgd", "sgd_head", "swa", "ema", "twa", "twa_v")
 
 
 def summary(config: ml_collections.ConfigDict, dataset: str,
@@ -18,14 +18,16 @@ def summary(config: ml_collections.ConfigDict, dataset: str,
   Args:
     config: the run's config.
     dataset: the dataset's name.
-    parts: the `result.json` of each finished phase (sgd, swa, twa).
+    parts: the `result.json` of each finished phase (sgd, swa, twa, and
+      twa_v: TWA-v, trained on held-out data).
     steps_per_epoch: training steps per epoch.
 
   Returns:
     {"name", "dataset", "model", "averaging", "steps_per_epoch", "results":
-    {method: row}, and "swa" / "twa" details when those phases ran}; a row
-    has test_accuracy, test_loss, train_accuracy, train_loss,
-    generalization_gap, epochs and wall_time_s.
+    {method: row}, and "swa" / "twa" / "twa_v" details when those ran}; a
+    row has test_accuracy, test_loss, train_accuracy, train_loss,
+    generalization_gap, epochs and wall_time_s (with TWA-v also
+    holdout_accuracy and holdout_loss).
   """
   results = {}
   for part in parts.values():
@@ -38,7 +40,7 @@ def summary(config: ml_collections.ConfigDict, dataset: str,
       "steps_per_epoch": steps_per_epoch,
       "results": {m: results[m] for m in METHODS if m in results},
   }
-  for phase in ("swa", "twa"):
+  for phase in ("swa", "twa", "twa_v"):
     if phase in parts:
       out[phase] = parts[phase][phase]
   return out
@@ -53,41 +55,68 @@ def _labels(summary_: dict[str, Any]) -> dict[str, str]:
           "sgd_head": f"SGD (epoch {head_epoch})",
           "swa": f"SWA ({unit} {avg['start']}-{avg['end']})",
           "ema": f"EMA (epoch {head_epoch})",
-          "twa": f"TWA ({unit} {avg['start']}-{avg['end']})"}
+          "twa": f"TWA ({unit} {avg['start']}-{avg['end']})",
+          "twa_v": f"TWA-v ({unit} {avg['start']}-{avg['end']}, held-out)"}
 
 
 def table(summary_: dict[str, Any]) -> str:
   """The comparison table printed at the end of a run."""
   labels = _labels(summary_)
+  results = summary_["results"]
+  held_out = all("holdout_accuracy" in r for r in results.values())
   header = ("method", "epochs", "test acc", "train acc", "test loss", "gap",
-            "wall time")
+            "wall time") + (("held-out acc",) if held_out else ())
   rows = []
-  for method, r in summary_["results"].items():
+  for method, r in results.items():
     epochs = r["epochs"]
-    if method == "twa" and "twa" in summary_:
-      epochs = f"{summary_['twa']['head_epochs']}+{summary_['twa']['epochs']}"
-    wall = "-" if r["wall_time_s"] is None else f"{r['wall_time_s']:.1f} s"
-    rows.append((labels[method], str(epochs),
-                 f"{100 * r['test_accuracy']:.2f}%",
-                 f"{100 * r['train_accuracy']:.2f}%", f"{r['test_loss']:.4f}",
-                 f"{100 * r['generalization_gap']:.2f}", wall))
+    if method in ("twa", "twa_v") and method in summary_:
+      t = summary_[method]
+      epochs = f"{t['head_epochs']}+{t['epochs']}"
+    rows.append((labels[method], str(epochs), percent(r["test_accuracy"]),
+                 percent(r["train_accuracy"]), f"{r['test_loss']:.4f}",
+                 f"{100 * r['generalization_gap']:.2f}", wall_time(r))
+                + ((percent(r["holdout_accuracy"]),) if held_out else ()))
+  out = [f"{summary_['name']}: {summary_['model']} on {summary_['dataset']}"]
+  out += columns(header, rows)
+  for method in ("twa", "twa_v"):
+    if method in summary_:
+      t = summary_[method]
+      out.append(f"{labels[method].split(' (')[0]}: {t['snapshots']} "
+                 f"snapshots, basis dimension {t['basis_dim']}, started at "
+                 f"the {t['start']}, averaging coefficients sum to "
+                 f"{coefficient_sums(t)}")
+  out.append("gap = train accuracy - test accuracy (points); epochs = "
+             "training epochs spent, TWA: averaged range + its own")
+  return "\n".join(out)
+
+
+def percent(fraction: float) -> str:
+  return f"{100 * fraction:.2f}%"
+
+
+def wall_time(row: dict[str, Any]) -> str:
+  return "-" if row["wall_time_s"] is None else f"{row['wall_time_s']:.1f} s"
+
+
+def columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+  """Table lines: the header, a rule, the rows; first column left-aligned."""
   widths = [max(len(x) for x in col) for col in zip(header, *rows)]
 
   def line(cells: Sequence[str]) -> str:
     return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                      for i, (c, w) in enumerate(zip(cells, widths)))
 
-  out = [f"{summary_['name']}: {summary_['model']} on {summary_['dataset']}",
-         line(header), line(["-" * w for w in widths])]
-  out += [line(r) for r in rows]
-  if "twa" in summary_:
-    t = summary_["twa"]
-    out.append(f"TWA: {t['snapshots']} snapshots, basis dimension "
-               f"{t['basis_dim']}, started at the {t['start']}, averaging "
-               f"coefficients sum to {t['coefficient_sum']:.4f}")
-  out.append("gap = train accuracy - test accuracy (points); epochs = "
-             "training epochs spent, TWA: averaged range + its own")
-  return "\n".join(out)
+  return [line(header), line(["-" * w for w in widths])] + [
+      line(r) for r in rows]
+
+
+def coefficient_sums(details: dict[str, Any]) -> str:
+  """The coefficient sum, or the range of the per-block sums."""
+  sums = details["coefficient_sum"]
+  if isinstance(sums, dict):
+    return (f"{min(sums.values()):.4f}-{max(sums.values()):.4f} over "
+            f"{len(sums)} blocks")
+  return f"{sums:.4f}"
 
 
 def plots(summary_: dict[str, Any], records: Sequence[dict[str, Any]],
@@ -125,7 +154,8 @@ def plots(summary_: dict[str, Any], records: Sequence[dict[str, Any]],
             [100 * r["test_accuracy"] for r in twa], label="TWA (per epoch)",
             color="tab:red")
   markers = {"sgd_head": ("s", "tab:blue"), "swa": ("o", "tab:green"),
-             "ema": ("^", "tab:purple"), "twa": ("*", "tab:red")}
+             "ema": ("^", "tab:purple"), "twa": ("*", "tab:red"),
+             "twa_v": ("P", "tab:orange")}
   for method, (marker, color) in markers.items():
     if method in results:
       accuracy = 100 * results[method]["test_accuracy"]
@@ -152,14 +182,18 @@ def plots(summary_: dict[str, Any], records: Sequence[dict[str, Any]],
     fig = figure.Figure(figsize=(7, 3.5))
     backend_agg.FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.bar(range(len(t["coefficients"])), t["coefficients"], color="tab:red",
-           width=0.8)
+    if isinstance(t["coefficients"], dict):  # one line per block
+      for alpha in t["coefficients"].values():
+        ax.plot(alpha, color="tab:red", alpha=0.3, linewidth=1)
+    else:
+      ax.bar(range(len(t["coefficients"])), t["coefficients"],
+             color="tab:red", width=0.8)
     ax.axhline(1.0 / t["snapshots"], color="tab:green", linestyle="--",
                linewidth=1, label=f"SWA: 1/{t['snapshots']}")
     ax.axhline(0.0, color="black", linewidth=0.5)
     ax.set_xlabel("snapshot index")
     ax.set_ylabel("averaging coefficient")
-    ax.set_title(f"TWA averaging coefficients (sum {t['coefficient_sum']:.4f})")
+    ax.set_title(f"TWA averaging coefficients (sum {coefficient_sums(t)})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(directory / "coefficients.png")

@@ -11,7 +11,10 @@ skipped when an earlier invocation finished it:
           range it also evaluates SGD there and keeps the EMA.
   swa     the uniform average of the snapshots in the averaging range.
   twa     TWA training (`twa.epochs`) in the span of those snapshots, started
-          from their mean (head stage) or the last one (tail stage).
+          from their mean (head stage) or the last one (tail stage); with
+          `twa.holdout_fraction` also TWA-v, trained on held-out data.
+  surface (not run by default) train loss and test error over the plane
+          through SGD, SWA and TWA, on a `surface.steps`-square grid.
   report  summary.json, the comparison table and the plots.
 
 SWA, EMA and TWA are evaluated after recomputing the batch-norm statistics
@@ -46,9 +49,10 @@ from twa_jax.training import input_pipeline
 from twa_jax.training import models
 from twa_jax.training import report
 from twa_jax.training import steps as steps_lib
+from twa_jax.training import surface as surface_lib
 
 PyTree = Any
-PHASES = ("sgd", "swa", "twa", "report")
+PHASES = ("sgd", "swa", "twa", "surface", "report")
 
 WORKDIR_LAYOUT = """\
 workdir layout:
@@ -67,8 +71,10 @@ workdir layout:
   twa/checkpoints/    orbax checkpoints of the TWA state, one per epoch
   twa/result.json     TWA result, snapshots used, basis dimension,
                       averaging coefficients
+  twa_v/              the same for TWA-v (with twa.holdout_fraction > 0)
+  surface/result.json the loss surface through SGD, SWA and TWA
   summary.json        all results side by side
-  plots/accuracy.png, plots/coefficients.png
+  plots/accuracy.png, plots/coefficients.png, plots/surface.png
 Kill a run at any point and rerun the same command: it resumes from the last
 complete checkpoint and finishes with the result of an uninterrupted run.
 """
@@ -76,10 +82,20 @@ complete checkpoint and finishes with the result of an uninterrupted run.
 # Config fields each phase's outputs depend on; a workdir in which a phase has
 # started refuses a config that changes any of them. Other fields (name,
 # phases, eval_batch_size, log_every_steps) may change between invocations.
+# A field names a section ("sgd") or one entry ("twa.holdout_fraction": TWA-v's
+# held-out part is missing from the sgd phase's training data).
 _SHARED_FIELDS = ("seed", "data", "model", "sgd", "averaging",
-                  "train_eval_size")
+                  "train_eval_size", "twa.holdout_fraction")
 _PHASE_FIELDS = {"sgd": _SHARED_FIELDS, "swa": _SHARED_FIELDS,
-                 "twa": _SHARED_FIELDS + ("twa",)}
+                 "twa": _SHARED_FIELDS + ("twa",),
+                 "surface": _SHARED_FIELDS + ("twa", "surface")}
+# Fields added since workdirs were first written, with the value that
+# reproduces what a workdir without them did (its config.json lacks them;
+# data.holdout_seed: its seed).
+_ADDED_FIELDS = {"twa.holdout_fraction": 0.0, "twa.granularity": "global",
+                 "twa.storage": "float32"}
+GRANULARITIES = ("global", "layer", "leaf")
+STORAGES = ("float32", "bfloat16", "int8", "int4")
 _MAX_CHECKPOINTS = 2
 
 
@@ -109,15 +125,15 @@ def run(config: ml_collections.ConfigDict,
   """
   phases = parse_phases(config.phases)
   validate_config(config)
-  workdir = _prepare_workdir(workdir)
-  with _log_to(workdir / "log.txt"):
+  workdir = prepare_workdir(workdir)
+  with log_to(workdir / "log.txt"):
     logging.info("twa_jax %s: config %s, workdir %s, phases %s",
                  twa_jax.__version__, config.name, workdir, ",".join(phases))
     saved = _check_saved_config(config, workdir)
     experiment = Experiment.create(config, workdir)
     experiment.check_snapshots(phases)
-    if saved != _config_dict(config):
-      _write_json(workdir / "config.json", _config_dict(config))
+    if saved != config_dict(config):
+      write_json(workdir / "config.json", config_dict(config))
     summary = None
     for phase in phases:
       try:
@@ -181,8 +197,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"must be an epoch in [1, sgd.epochs={sgd.epochs}]")
   need(config.twa.start in ("mean", "last"), "twa.start",
        "choose 'mean' (head stage) or 'last' (tail stage)")
-  need(0 <= config.data.holdout_fraction < 1, "data.holdout_fraction",
-       "must be in [0, 1)")
+  need(config.twa.granularity in GRANULARITIES, "twa.granularity",
+       f"choose from {GRANULARITIES}")
+  need(config.twa.storage in STORAGES, "twa.storage",
+       f"choose from {STORAGES}")
+  for field in ("data.holdout_fraction", "twa.holdout_fraction"):
+    need(0 <= _get(config, field) < 1, field, "must be in [0, 1)")
+  need(config.surface.steps >= 2, "surface.steps", "need at least 2")
+  need(config.surface.margin >= 0, "surface.margin", "must be >= 0")
   need(config.eval_batch_size >= 1, "eval_batch_size", "must be positive")
   need(config.train_eval_size is None or config.train_eval_size >= 1,
        "train_eval_size", "must be positive (or None: all)")
@@ -200,6 +222,7 @@ class Experiment:
   dataset: input_pipeline.Dataset
   model: Any
   steps_per_epoch: int
+  holdout: input_pipeline.Dataset | None  # TWA-v's part; SGD never sees it
   planned_steps: list[int]  # every snapshot step SGD records
   selected_steps: list[int]  # the averaging range: SWA, EMA end, TWA
   eval_step: Callable[..., Any]
@@ -215,11 +238,18 @@ class Experiment:
       raise ConfigError(f"config.data (name={config.data.name!r}): {e}") from e
     if config.data.holdout_fraction > 0:
       train, holdout = input_pipeline.holdout_split(
-          dataset, config.data.holdout_fraction, config.seed)
+          dataset, config.data.holdout_fraction, config.data.holdout_seed)
       dataset = dataclasses.replace(train, x_test=holdout.x_train,
                                     y_test=holdout.y_train)
       logging.info("holdout: %d training examples, %d held out and used as "
                    "the test split", dataset.num_train, dataset.num_test)
+    holdout = None
+    if config.twa.holdout_fraction > 0:
+      dataset, holdout = input_pipeline.holdout_split(
+          dataset, config.twa.holdout_fraction, config.data.holdout_seed + 1)
+      logging.info("TWA-v: %d training examples held out of the sgd phase "
+                   "for training the coefficients (%d left for sgd)",
+                   holdout.num_train, dataset.num_train)
     try:
       model = models.create_model(config.model.name, dataset.num_classes,
                                   **config.model.kwargs.to_dict())
@@ -227,8 +257,11 @@ class Experiment:
       raise ConfigError(f"config.model: {e}") from e
     try:
       spe = input_pipeline.steps_per_epoch(dataset, config.sgd.batch_size)
+      if holdout is not None:
+        input_pipeline.steps_per_epoch(holdout, config.sgd.batch_size)
     except ValueError as e:
-      raise ConfigError(f"config.sgd.batch_size: {e}") from e
+      raise ConfigError(f"config.sgd.batch_size (twa.holdout_fraction="
+                        f"{config.twa.holdout_fraction}): {e}") from e
     planned = planned_snapshot_steps(config.sgd, spe)
     selected = select_snapshot_steps(config.averaging, planned, spe)
     logging.info(
@@ -237,7 +270,7 @@ class Experiment:
         dataset.name, dataset.num_train, dataset.num_test, dataset.num_classes,
         dataset.input_shape, config.model.name, spe, len(planned),
         len(selected), selected[0], selected[-1])
-    return cls(config, workdir, dataset, model, spe, planned, selected,
+    return cls(config, workdir, dataset, model, spe, holdout, planned, selected,
                steps_lib.make_eval_step(model),
                steps_lib.make_batch_stats_step(model))
 
@@ -290,12 +323,16 @@ class Experiment:
 
   def evaluate(self, params: PyTree, batch_stats: PyTree, split: str,
                limit: int | None = None) -> dict[str, float]:
-    """Loss and accuracy on a split (the first `limit` examples)."""
+    """Loss and accuracy on a split (the first `limit` examples).
+
+    Splits: "train" (what SGD trains on), "test", and with TWA-v "holdout".
+    """
     bs = self.config.eval_batch_size
     totals = jnp.zeros((3,), jnp.float32)
     variables = steps_lib.variables(params, batch_stats)
     seen = 0
-    for batch in input_pipeline.eval_batches(self.dataset, split, bs, pad=True):
+    data, split = self.split(split)
+    for batch in input_pipeline.eval_batches(data, split, bs, pad=True):
       if limit is not None:
         if seen >= limit:
           break
@@ -304,6 +341,14 @@ class Experiment:
       totals = self.eval_step(totals, variables, batch)
     loss, correct, count = np.asarray(totals, np.float64)
     return {"loss": float(loss / count), "accuracy": float(correct / count)}
+
+  def split(self, name: str) -> tuple[input_pipeline.Dataset, str]:
+    """The dataset and its split that hold the examples of split `name`."""
+    if name == "holdout":
+      if self.holdout is None:
+        raise ConfigError("no held-out split: set config.twa.holdout_fraction")
+      return self.holdout, "train"
+    return self.dataset, name
 
   def recompute_batch_stats(self, params: PyTree,
                             batch_stats: PyTree) -> PyTree:
@@ -329,10 +374,15 @@ class Experiment:
     test = self.evaluate(params, batch_stats, "test")
     train = self.evaluate(params, batch_stats, "train",
                           self.config.train_eval_size)
-    return {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
-            "train_accuracy": train["accuracy"], "train_loss": train["loss"],
-            "generalization_gap": train["accuracy"] - test["accuracy"],
-            "epochs": epochs, "wall_time_s": wall_time_s}
+    row = {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
+           "train_accuracy": train["accuracy"], "train_loss": train["loss"],
+           "generalization_gap": train["accuracy"] - test["accuracy"],
+           "epochs": epochs, "wall_time_s": wall_time_s}
+    if self.holdout is not None:
+      holdout = self.evaluate(params, batch_stats, "holdout")
+      row.update(holdout_accuracy=holdout["accuracy"],
+                 holdout_loss=holdout["loss"])
+    return row
 
   def head_record(self) -> dict[str, Any] | None:
     """SGD's evaluation and time at the end of the averaging range."""
@@ -388,7 +438,7 @@ class Experiment:
         if step == self.head_step and step not in ema_store.steps():
           self._record_head(ema_store, state, elapsed)
 
-      state, elapsed = self._train(
+      state, elapsed = self.train(
           "sgd", state, train_step, schedule, epochs=cfg.epochs,
           data_seed=self.config.seed, hook_steps=planned,
           on_step=on_step, before_checkpoint=store.wait_until_finished)
@@ -442,39 +492,57 @@ class Experiment:
                          "swa": {"snapshots": len(self.selected_steps)}})
 
   def phase_twa(self) -> None:
-    """TWA training in the span of the averaged snapshots."""
-    if self._skip("twa"):
+    """TWA in the span of the averaged snapshots; with TWA-v also on held-out data.
+
+    "twa" trains the coefficients on the sgd phase's training data; with
+    `twa.holdout_fraction` > 0, "twa_v" trains them again, from the same
+    start, on the held-out part that SGD never saw.
+    """
+    self._twa("twa", self.dataset)
+    if self.holdout is not None:
+      self._twa("twa_v", self.holdout)
+
+  def basis(self, store: TrajectoryStore) -> twa_jax.Basis:
+    """The basis of the averaged snapshots, as `config.twa` asks."""
+    return twa_jax.Basis.from_store(store, self.selected_steps,
+                                    **basis_options(self.config.twa))
+
+  def _twa(self, name: str, data: input_pipeline.Dataset) -> None:
+    """One TWA run ("twa" or "twa_v") whose steps draw batches from `data`."""
+    if self._skip(name):
       return
     cfg = self.config.twa
     start = time.perf_counter()
     with self.open_store(read_only=True) as store:
-      basis = twa_jax.Basis.from_store(store, self.selected_steps)
+      basis = self.basis(store)
       if cfg.start == "mean":
         params = twa_jax.swa(self.snapshots(store))
       else:
         params = store.load(self.head_step)
-    logging.info("twa: basis of %d snapshots has dimension %d (%d parameters)",
-                 len(self.selected_steps), basis.dim, basis.num_params)
-    schedule = steps_lib.learning_rate_schedule(cfg, cfg.epochs,
-                                                self.steps_per_epoch)
-    tx = _twa_optimizer(cfg, schedule, basis)
+    logging.info("%s: basis of %d snapshots has dimension %d (%d parameters; "
+                 "%s coefficients, %s storage); training on %d examples",
+                 name, len(self.selected_steps), basis.dim, basis.num_params,
+                 cfg.granularity, cfg.storage, data.num_train)
+    spe = input_pipeline.steps_per_epoch(data, self.config.sgd.batch_size)
+    schedule = steps_lib.learning_rate_schedule(cfg, cfg.epochs, spe)
+    tx = twa_optimizer(cfg, schedule, basis)
     _, batch_stats = self.init_variables()
     state = {"step": jnp.zeros((), jnp.int32), "params": params,
              "batch_stats": batch_stats, "opt_state": tx.init(params)}
     train_step = steps_lib.make_train_step(self.model, tx,
                                            seed=self.config.seed + 1)
     setup = time.perf_counter() - start
-    state, elapsed = self._train(
-        "twa", state, train_step, schedule, epochs=cfg.epochs,
-        data_seed=self.config.seed + 1, basis=basis)
+    state, elapsed = self.train(
+        name, state, train_step, schedule, epochs=cfg.epochs,
+        data_seed=self.config.seed + 1, basis=basis, data=data)
     basis = twa_jax.basis_of(state["opt_state"])  # the steps donated the old buffers
     start = time.perf_counter()
-    last_epoch_test = self._last_record("twa")
+    last_epoch_test = self._last_record(name)
     batch_stats = self.recompute_batch_stats(state["params"],
                                              state["batch_stats"])
     with self.open_store(read_only=True) as store:  # not held while training
-      alpha = np.asarray(twa_jax.averaging_coefficients(
-          state["params"], self.snapshots(store), basis), np.float64)
+      alpha = twa_jax.averaging_coefficients(
+          state["params"], self.snapshots(store), basis)
     seconds = setup + elapsed + time.perf_counter() - start
     head = self.head_time()
     head_epochs = self.epochs_at(self.head_step)
@@ -486,26 +554,64 @@ class Experiment:
         "snapshot_steps": self.selected_steps,
         "snapshot_epochs": [self.epochs_at(s) for s in self.selected_steps],
         "basis_dim": basis.dim, "num_params": basis.num_params,
+        "granularity": cfg.granularity, "storage": cfg.storage,
+        "trained_on": data.num_train,
         "start": cfg.start, "head_epochs": head_epochs, "epochs": cfg.epochs,
-        "coefficients": alpha.tolist(), "coefficient_sum": float(alpha.sum()),
+        **coefficients_record(alpha),
         "last_epoch_test_accuracy": (
             None if last_epoch_test is None
             else last_epoch_test["test_accuracy"]),
     }
-    self._finish("twa", {"results": {"twa": row}, "twa": details})
+    self._finish(name, {"results": {name: row}, name: details})
+
+  def phase_surface(self) -> None:
+    """Train loss and test error over the plane through SGD, SWA and TWA."""
+    if self._skip("surface"):
+      return
+    if not self.done("twa"):
+      raise ConfigError("surface: needs the TWA solution; run the twa phase "
+                        "first")
+    with self.open_store(read_only=True) as store:
+      sgd = store.load(self.planned_steps[-1])
+      swa = twa_jax.swa(self.snapshots(store))
+    with ocp.CheckpointManager(
+        (self.workdir / "twa" / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+      twa = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+          state=ocp.args.StandardRestore()))["state"]["params"]
+    _, init_stats = self.init_variables()
+    limit = self.config.surface.train_eval_size
+
+    def evaluate(params: PyTree) -> dict[str, float]:
+      stats = self.recompute_batch_stats(params, init_stats)
+      train = self.evaluate(params, stats, "train", limit)
+      test = self.evaluate(params, stats, "test")
+      return {"train_loss": train["loss"], "train_error": 1 - train["accuracy"],
+              "test_loss": test["loss"], "test_error": 1 - test["accuracy"]}
+
+    result = surface_lib.surface([sgd, swa, twa], evaluate,
+                                 steps=self.config.surface.steps,
+                                 margin=self.config.surface.margin)
+    write_json(self.workdir / "surface" / "result.json",
+                surface_lib.to_dict(result))
 
   def phase_report(self) -> dict[str, Any]:
     """summary.json, the printed table and the plots."""
-    parts = {p: _read_json(self.workdir / p / "result.json")
-             for p in ("sgd", "swa", "twa") if self.done(p)}
+    parts = {p: read_json(self.workdir / p / "result.json")
+             for p in ("sgd", "swa", "twa", "twa_v") if self.done(p)}
     if not parts:
       raise ConfigError(f"report: no finished phase in {self.workdir}; run "
                         "sgd, swa or twa first")
     summary = report.summary(self.config, self.dataset.name, parts,
                              self.steps_per_epoch)
-    _write_json(self.workdir / "summary.json", summary)
+    write_json(self.workdir / "summary.json", summary)
     records = read_metrics(self.workdir)
     paths = report.plots(summary, records, self.workdir / "plots")
+    if self.done("surface"):
+      paths.append(surface_lib.plot(
+          surface_lib.from_dict(read_json(
+              self.workdir / "surface" / "result.json")),
+          self.workdir / "plots" / "surface.png"))
     table = report.table(summary)
     print(table, flush=True)
     logging.info("summary: %s; plots: %s", self.workdir / "summary.json",
@@ -514,12 +620,13 @@ class Experiment:
 
   # ------------------------------------------------------------ the loop
 
-  def _train(self, phase: str, state: dict, train_step: Callable,
+  def train(self, phase: str, state: dict, train_step: Callable,
              schedule: optax.Schedule, *, epochs: int, data_seed: int,
              hook_steps: set[int] = frozenset(),
              on_step: Callable[[int, dict, float], None] | None = None,
              before_checkpoint: Callable[[], None] | None = None,
-             basis: twa_jax.Basis | None = None) -> tuple[dict, float]:
+             basis: twa_jax.Basis | None = None,
+             data: input_pipeline.Dataset | None = None) -> tuple[dict, float]:
     """The epoch loop of sgd and twa: resume, train, evaluate, checkpoint.
 
     Checkpoints leave out the TWA basis (`twa_jax.strip_basis`): it is
@@ -537,6 +644,7 @@ class Experiment:
       on_step: see `hook_steps`.
       before_checkpoint: runs before each epoch's checkpoint is written.
       basis: the TWA basis to put back into a restored state.
+      data: the training batches' dataset (default: the experiment's).
 
     Returns:
       The final state and the seconds spent in this phase's epochs (summed
@@ -548,11 +656,12 @@ class Experiment:
     with ocp.CheckpointManager(ckpt_dir, options=options) as manager:
       state, start_epoch, elapsed = self._restore(manager, state, phase, basis)
       _truncate_metrics(self.workdir, phase, start_epoch)
-      loop = _Loop(phase, train_step, manager, epochs, data_seed, hook_steps,
-                   on_step)
+      data = self.dataset if data is None else data
+      spe = input_pipeline.steps_per_epoch(data, self.config.sgd.batch_size)
+      loop = _Loop(phase, train_step, manager, epochs, data, spe, data_seed,
+                   hook_steps, on_step)
       if start_epoch == 0 and 0 in hook_steps:
         on_step(0, state, 0.0)
-      spe = self.steps_per_epoch
       with tqdm.tqdm(total=epochs * spe, initial=start_epoch * spe, desc=phase,
                      unit="step", dynamic_ncols=True, disable=None) as bar:
         for epoch in range(start_epoch, epochs):
@@ -562,7 +671,7 @@ class Experiment:
           test = self.evaluate(state["params"], state["batch_stats"], "test")
           seconds = time.perf_counter() - start
           elapsed += seconds
-          self._record_epoch(phase, epoch, epochs, lr, train, test, seconds)
+          self._record_epoch(loop, epoch, lr, train, test, seconds)
           if before_checkpoint is not None:
             before_checkpoint()
           saved = steps_lib.host(_without_basis(state))
@@ -576,12 +685,12 @@ class Experiment:
   def _train_epoch(self, loop: _Loop, state: dict, epoch: int, lr: float,
                    elapsed: float, bar: Any) -> tuple[dict, dict[str, float]]:
     """One epoch of training; returns the state and the epoch's metrics."""
-    spe, bs = self.steps_per_epoch, self.config.sgd.batch_size
+    spe, bs = loop.steps_per_epoch, self.config.sgd.batch_size
     every = self.config.log_every_steps
     start = last_time = time.perf_counter()
     last_log = 0
     metrics = steps_lib.new_metrics()
-    batches = input_pipeline.train_batches(self.dataset, bs,
+    batches = input_pipeline.train_batches(loop.data, bs,
                                            seed=loop.data_seed, epoch=epoch)
     for i, batch in enumerate(batches):
       state, metrics = loop.train_step(state, metrics, batch)
@@ -603,13 +712,14 @@ class Experiment:
     return state, {"loss": m["loss"] / m["count"],
                    "accuracy": m["correct"] / m["count"]}
 
-  def _record_epoch(self, phase: str, epoch: int, epochs: int, lr: float,
+  def _record_epoch(self, loop: _Loop, epoch: int, lr: float,
                     train: dict[str, float], test: dict[str, float],
                     seconds: float) -> None:
     """Appends the epoch's record to metrics.jsonl and logs it."""
+    phase, epochs = loop.phase, loop.epochs
     _append_metrics(self.workdir, {
         "phase": phase, "epoch": epoch + 1,
-        "step": (epoch + 1) * self.steps_per_epoch, "lr": lr,
+        "step": (epoch + 1) * loop.steps_per_epoch, "lr": lr,
         "train_loss": train["loss"], "train_accuracy": train["accuracy"],
         "test_loss": test["loss"], "test_accuracy": test["accuracy"],
         "seconds": seconds})
@@ -640,7 +750,7 @@ class Experiment:
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if m["nan_step"] < 0:
       return m
-    step, spe = int(m["nan_step"]), self.steps_per_epoch
+    step, spe = int(m["nan_step"]), loop.steps_per_epoch
     kept = loop.manager.latest_step()
     kept = ("no checkpoint" if kept is None
             else f"the checkpoint after epoch {kept}")
@@ -669,7 +779,7 @@ class Experiment:
       logging.info("%s: test accuracy %.4f, train accuracy %.4f, test loss "
                    "%.4f, epochs %s", method, row["test_accuracy"],
                    row["train_accuracy"], row["test_loss"], row["epochs"])
-    _write_json(self.workdir / phase / "result.json", result)
+    write_json(self.workdir / phase / "result.json", result)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -680,12 +790,14 @@ class _Loop:
   train_step: Callable[..., Any]
   manager: ocp.CheckpointManager
   epochs: int
+  data: input_pipeline.Dataset
+  steps_per_epoch: int
   data_seed: int
   hook_steps: set[int]
   on_step: Callable[[int, dict, float], None] | None
 
 
-def _twa_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule,
+def twa_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule,
                    basis: twa_jax.Basis) -> optax.GradientTransformation:
   """The TWA optimizer: projected SGD, or Adam on the coefficients."""
   if cfg.optimizer == "sgd":
@@ -695,6 +807,28 @@ def _twa_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule,
       basis, steps_lib.base_optimizer(cfg.optimizer, schedule,
                                       momentum=cfg.momentum,
                                       weight_decay=cfg.weight_decay))
+
+
+def basis_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`Basis.from_*` keywords of `config.twa`'s granularity and storage."""
+  return {"granularity": _layer if cfg.granularity == "layer"
+                         else cfg.granularity,
+          "dtype": cfg.storage if cfg.storage in ("int8", "int4")
+                   else jnp.dtype(cfg.storage)}
+
+
+def coefficients_record(alpha) -> dict[str, Any]:
+  """The averaging coefficients and their sum as JSON data (per block if a
+  dict)."""
+  alpha = jax.tree.map(lambda a: np.asarray(a, np.float64), alpha)
+  return {"coefficients": jax.tree.map(lambda a: a.tolist(), alpha),
+          "coefficient_sum": jax.tree.map(lambda a: float(a.sum()), alpha)}
+
+
+def _layer(path: str) -> str:
+  """The block of a leaf for granularity "layer": its path less the last key."""
+  cut = max(path.rfind("["), path.rfind("."))
+  return path[:cut] if cut > 0 else path
 
 
 def _without_basis(state: dict) -> dict:
@@ -736,7 +870,7 @@ def select_snapshot_steps(averaging: ml_collections.ConfigDict,
 # ---------------------------------------------------------------- workdir
 
 
-def _prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
+def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
   path = pathlib.Path(workdir).expanduser().absolute()
   probe = path / ".write_test"
   try:
@@ -748,16 +882,16 @@ def _prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
   return path
 
 
-def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config as plain JSON data (tuples become lists)."""
   return json.loads(config.to_json())
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   out = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}."))
+      out.update(flatten_config(value, f"{prefix}{key}."))
     else:
       out[f"{prefix}{key}"] = value
   return out
@@ -775,13 +909,16 @@ def _check_saved_config(config: ml_collections.ConfigDict,
   path = workdir / "config.json"
   if not path.exists():
     return None
-  saved = _read_json(path)
-  old, new = _flatten(saved), _flatten(_config_dict(config))
+  saved = read_json(path)
+  old = flatten_config(saved)
+  old = {**_ADDED_FIELDS, "data.holdout_seed": old.get("seed"), **old}
+  new = flatten_config(config_dict(config))
   changed = sorted(k for k in old.keys() | new.keys()
                    if old.get(k, "<missing>") != new.get(k, "<missing>"))
-  started = [p for p in ("sgd", "swa", "twa") if _started(workdir, p)]
+  started = [p for p in _PHASE_FIELDS if _started(workdir, p)]
   conflicts = [k for k in changed if any(
-      k.split(".")[0] in _PHASE_FIELDS[p] for p in started)]
+      k == f or k.startswith(f + ".") for p in started
+      for f in _PHASE_FIELDS[p])]
   if conflicts:
     lines = [f"{k}: {old.get(k, '<missing>')!r} there, "
              f"{new.get(k, '<missing>')!r} now" for k in conflicts]
@@ -799,10 +936,12 @@ def _check_saved_config(config: ml_collections.ConfigDict,
 def _started(workdir: pathlib.Path, phase: str) -> bool:
   if phase == "sgd":
     return (workdir / "sgd").exists() or (workdir / "trajectory").exists()
+  if phase == "twa":
+    return (workdir / "twa").exists() or (workdir / "twa_v").exists()
   return (workdir / phase).exists()
 
 
-def _write_json(path: pathlib.Path, obj: Any) -> None:
+def write_json(path: pathlib.Path, obj: Any) -> None:
   """Atomic write: a reader sees the old or the new file, never a part."""
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
@@ -810,7 +949,7 @@ def _write_json(path: pathlib.Path, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def _read_json(path: pathlib.Path) -> Any:
+def read_json(path: pathlib.Path) -> Any:
   return json.loads(path.read_text())
 
 
@@ -864,7 +1003,7 @@ def _quiet_libraries(record: py_logging.LogRecord) -> bool:
 
 
 @contextlib.contextmanager
-def _log_to(path: pathlib.Path) -> Iterator[None]:
+def log_to(path: pathlib.Path) -> Iterator[None]:
   """Logs at INFO, also to `path`, while the block runs."""
   handler = py_logging.FileHandler(path)
   handler.setFormatter(py_logging.Formatter(
