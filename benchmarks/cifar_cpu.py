@@ -6,17 +6,27 @@ accuracy with at most 60% of its epochs, and beat SWA on the same snapshots?
 Tail stage (Table 1's claim): SWA against TWA on the same tail snapshots, at
 a moderate and a large SWA learning rate.
 
+Variants (issue 6): TWA again on a finished run's trajectory with other
+coefficient granularities and basis storage dtypes (--variants), each in a
+copy of the run's workdir without its twa phase. --overrides passes config
+overrides to every run, e.g. TWA-v (config.twa.holdout_fraction).
+
 Each run is `train.py` in a subprocess with its own workdir (rerunning the
 script resumes or skips finished runs); the script reads the summaries.
 
   python benchmarks/cifar_cpu.py --stage head --data cifar10.npz --seeds 0,1
   python benchmarks/cifar_cpu.py --stage tail --data cifar10.npz --swa-lrs 0.05,0.1
+  python benchmarks/cifar_cpu.py --stage head --data cifar10.npz \\
+      --variants layer:float32,leaf:float32,global:int8,global:int4,layer:int8,layer:int4
+  python benchmarks/cifar_cpu.py --stage head --data cifar10.npz --name twa_v \\
+      --overrides=--config.sgd.epochs=20,--config.sgd.decay_at="(1.0,)",--config.twa.holdout_fraction=0.1
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -34,7 +44,7 @@ SMOKE_TAIL = ["--config.sgd.swa_start=2", "--config.averaging.start=2",
 
 
 def run(stage: str, workdir: str, overrides: list[str], smoke: bool) -> dict:
-  """One train.py run (all phases); returns its summary.json."""
+  """One train.py run (its config's phases); returns its summary.json."""
   argv = [sys.executable, os.path.join(ROOT, "train.py"),
           f"--config={os.path.join(ROOT, CONFIGS[stage])}",
           f"--workdir={workdir}", *overrides]
@@ -84,6 +94,24 @@ def tail_claims(summary: dict) -> dict:
   }
 
 
+def variant(stage: str, head: str, granularity: str, storage: str,
+            overrides: list[str], smoke: bool) -> dict:
+  """TWA again on `head`'s trajectory, in a copy of it without the twa phase."""
+  workdir = f"{head}_{granularity}_{storage}"
+  if not os.path.exists(workdir):
+    shutil.copytree(head, workdir,
+                    ignore=lambda d, names: {"twa", "summary.json", "plots"}
+                    if d == head else set())
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path) as f:
+      kept = [r for r in f if json.loads(r)["phase"] != "twa"]
+    with open(path, "w") as f:
+      f.writelines(kept)
+  return run(stage, workdir, overrides + [
+      "--config.phases=twa,report", f"--config.twa.granularity={granularity}",
+      f"--config.twa.storage={storage}"], smoke)
+
+
 def main() -> None:
   p = common.parser("cifar_cpu", __doc__)
   p.add_argument("--stage", choices=sorted(CONFIGS), default="head")
@@ -91,10 +119,17 @@ def main() -> None:
   p.add_argument("--seeds", default="0")
   p.add_argument("--swa-lrs", default="0.05,0.1", help="tail stage only")
   p.add_argument("--workdirs", default=os.path.join(ROOT, "workdir", "bench"))
+  p.add_argument("--name", default=None,
+                 help="workdir name prefix (default: the stage)")
+  p.add_argument("--overrides", default="",
+                 help="comma-separated train.py config overrides for every run")
+  p.add_argument("--variants", default="",
+                 help="GRANULARITY:STORAGE,... TWA variants on each run")
   args = p.parse_args()
   if not args.smoke and not args.data:
     p.error("--data is required (a decoded CIFAR-10 .npz), or use --smoke")
   data = [] if args.smoke else [f"--config.data.path={args.data}"]
+  data += [o for o in args.overrides.split(",") if o]
   runs = []
   for seed in args.seeds.split(","):
     lrs = args.swa_lrs.split(",") if args.stage == "tail" else [None]
@@ -102,16 +137,24 @@ def main() -> None:
       label = f"seed {seed}" + (f", swa_lr {lr}" if lr else "")
       overrides = data + [f"--config.seed={seed}"] + (
           [f"--config.sgd.swa_lr={lr}"] if lr else [])
-      workdir = os.path.join(args.workdirs, f"{args.stage}_s{seed}"
+      workdir = os.path.join(args.workdirs, f"{args.name or args.stage}_s{seed}"
                              + (f"_lr{lr}" if lr else ""))
-      summary = run(args.stage, workdir, overrides, args.smoke)
-      claims = (head_claims if args.stage == "head" else tail_claims)(summary)
-      runs.append({"label": label, "workdir": workdir, "claims": claims,
-                   "results": summary["results"]})
-      print(common.table(rows_of(summary, label),
-                         ["run", "method", "epochs", "test_acc", "train_acc",
-                          "gap"]))
-      print(json.dumps(claims))
+      summaries = [(label, workdir, run(args.stage, workdir, overrides,
+                                        args.smoke))]
+      for v in (v for v in args.variants.split(",") if v):
+        granularity, storage = v.split(":")
+        summaries.append((f"{label}, {granularity} {storage}",
+                          f"{workdir}_{granularity}_{storage}",
+                          variant(args.stage, workdir, granularity, storage,
+                                  overrides, args.smoke)))
+      for label, path, summary in summaries:
+        claims = (head_claims if args.stage == "head" else tail_claims)(summary)
+        runs.append({"label": label, "workdir": path, "claims": claims,
+                     "results": summary["results"], "twa": summary["twa"]})
+        print(common.table(rows_of(summary, label),
+                           ["run", "method", "epochs", "test_acc", "train_acc",
+                            "gap"]))
+        print(json.dumps(claims))
   common.write_json(args.out, {"stage": args.stage, "runs": runs})
 
 

@@ -376,13 +376,26 @@ def test_block_basis_on_a_mesh_equals_unsharded(granularity, layout):
   np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def block_store(tmp_path_factory):
+  with twa.TrajectoryStore(tmp_path_factory.mktemp("blocks") / "s") as store:
+    for step, w in enumerate(_BLOCK_SNAPSHOTS):
+      store.save(step, w)
+    store.wait_until_finished()
+    yield store
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_block_basis_from_store_on_a_mesh(store, layout):
-  basis = twa.Basis.from_store(store, granularity=_layer, mesh=_mesh(8),
-                               layout=layout)
-  want = twa.Basis.from_snapshots(_snapshots("trajectory"), granularity=_layer,
+@pytest.mark.parametrize("granularity", ["leaf", _layer])
+def test_block_basis_from_store_on_a_mesh(block_store, granularity, layout):
+  """Each block read through its own column view; the zero block found on
+  the devices."""
+  basis = twa.Basis.from_store(block_store, granularity=granularity,
+                               mesh=_mesh(8), layout=layout)
+  want = twa.Basis.from_snapshots(_BLOCK_SNAPSHOTS, granularity=granularity,
                                   mesh=_mesh(8), layout=layout)
-  assert basis.names == want.names
+  assert basis.names == want.names and basis.dims == want.dims
+  assert basis.dims[basis.names[0]] == 0  # ['head']
   for b, w in zip(basis.bases, want.bases):
     assert b.layout == w.layout
     np.testing.assert_array_equal(b.vectors, w.vectors)

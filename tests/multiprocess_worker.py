@@ -8,7 +8,9 @@ only its own devices), runs TWA steps on a batch sharded over the global
 mesh, and checks them against the unsharded single-process computation.
 Then both processes save snapshots to one `TrajectoryStore` at STORE and
 build the sharded basis from it, each reading only its devices' columns
-(counted in bytes read from disk), and check it against `from_snapshots`.
+(counted in bytes read from disk), and check it against `from_snapshots`;
+also a block basis per leaf, and that a NaN in the columns only process 1
+reads makes both processes raise.
 Writes the results as JSON for the parent test to compare across processes.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +73,7 @@ def _bytes_read() -> int:
       "/tensorstore/kvstore/file/bytes_read") for v in m["values"])
 
 
-def _from_store(mesh, directory: str) -> dict[str, dict[str, int]]:
+def _from_store(mesh, directory: str) -> dict[str, Any]:
   """Sharded bases from a store both processes save to; bytes each read."""
   store_lib._CHUNK_BYTES = 4 << 10  # pylint: disable=protected-access
   rng = np.random.default_rng(1)
@@ -93,6 +96,30 @@ def _from_store(mesh, directory: str) -> dict[str, dict[str, int]]:
                                want.vectors.addressable_shards):
         np.testing.assert_array_equal(got.data, expected.data)
       results[layout] = {"bytes": read}
+    # One basis per leaf, each through its own view: again this process'
+    # columns only.
+    before = _bytes_read()
+    blocks = twa.Basis.from_store(store, granularity="leaf", mesh=mesh,
+                                  layout="params")
+    results["leaf"] = {"bytes": _bytes_read() - before}
+    want = twa.Basis.from_snapshots(snapshots, granularity="leaf", mesh=mesh,
+                                    layout="params")
+    assert blocks.names == want.names
+    for got, expected in zip(blocks.bases, want.bases):
+      for a, b in zip(got.vectors.addressable_shards,
+                      expected.vectors.addressable_shards):
+        np.testing.assert_array_equal(a.data, b.data)
+    # A NaN in the last column, which only process 1's devices read: both
+    # processes raise (process 0 naming process 1), neither hangs.
+    assert mesh.devices.flat[-1].process_index == 1
+    bad = {name: leaf.copy() for name, leaf in snapshots[0].items()}
+    bad["w"][-1, -1] = np.nan
+    store.save(N, bad)
+    store.wait_until_finished()
+    try:
+      twa.Basis.from_store(store, mesh=mesh)
+    except ValueError as e:
+      results["nan_error"] = str(e)
   # The columns of W (sharded by columns in both layouts) this process holds.
   d = basis.num_params
   results["columns"] = sum(

@@ -94,6 +94,16 @@ def test_two_processes_agree_with_single_process(tmp_path):
     whole = stored[0]["read_matrix"]["bytes"]
     for s in stored:
       assert 0.45 * whole < s[layout]["bytes"] < 0.7 * whole, stored
+  # A basis per leaf reads each leaf's columns per process, too.
+  for s in stored:
+    assert 0.45 * whole < s["leaf"]["bytes"] < 0.7 * whole, stored
+  # A NaN in columns only process 1 reads: process 1 names it, process 0
+  # names process 1, and both raised (neither was left in a collective).
+  assert stored[1]["nan_error"] == (
+      "columns(step=7): leaf ['w'] contains NaN or Inf."), stored
+  assert stored[0]["nan_error"] == (
+      "put_columns: reading the column slices of W failed on process(es) "
+      "[1]; see the error raised there."), stored
 
 
 def test_collectives_are_read_from_hlo_text():

@@ -426,6 +426,17 @@ def test_column_view_equals_read_matrix(view_store, data):
     got = view[rows, start:stop]
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, matrix[rows, start:stop])
+  # A block of leaves (in any order): their columns side by side.
+  offsets = np.cumsum((0,) + spec.sizes)
+  idx = data.draw(st.permutations(range(len(spec.sizes))).flatmap(
+      lambda p: st.integers(1, len(p)).map(lambda n: p[:n])))
+  block = np.concatenate([matrix[:, offsets[i]:offsets[i + 1]] for i in idx],
+                         axis=1)
+  sub = view.leaves(idx)
+  assert sub.shape == block.shape and sub.steps == steps
+  start = data.draw(st.integers(0, block.shape[1]))
+  stop = data.draw(st.integers(start, block.shape[1]))
+  np.testing.assert_array_equal(sub[:, start:stop], block[:, start:stop])
 
 
 def _bytes_read() -> int:
@@ -442,23 +453,37 @@ def test_column_view_reads_only_the_chunks_of_its_slice(tmp_path, monkeypatch):
       store.save(step, {"a": rng.standard_normal((1024, 64), np.float32),
                         "b": rng.standard_normal((1024, 64), np.float32)})
   d = 2 * 1024 * 64
-  with TrajectoryStore(tmp_path / "s", read_only=True) as store:
+  read = {}
+
+  def measure(name, index, leaves=None):
+    """view[index] of a fresh view (an empty chunk cache); bytes read."""
     _, view = store.columns()
-    read = {}
-    for name, (start, stop) in {"all": (0, d), "across": (48496, 79953),
-                                "b": (d // 2, d), "head": (0, 100)}.items():
-      before = _bytes_read()
-      got = view[:, start:stop]
-      read[name] = (_bytes_read() - before) / (2 * d * 4)
-      if name == "all":
-        whole = got
-      np.testing.assert_array_equal(got, whole[:, start:stop])
+    if leaves is not None:
+      view = view.leaves(leaves)
+    before = _bytes_read()
+    got = view[index]
+    read[name] = (_bytes_read() - before) / (2 * d * 4)
+    return got
+
+  with TrajectoryStore(tmp_path / "s", read_only=True) as store:
+    whole = measure("all", np.s_[:, :])
+    for name, cols in {"across": np.s_[48496:79953], "b": np.s_[d // 2:],
+                       "head": np.s_[0:100]}.items():
+      np.testing.assert_array_equal(measure(name, np.s_[:, cols]),
+                                    whole[:, cols])
+    # Views of leaves: ["b"] alone, and ["b"] then ["a"] (columns of b first).
+    np.testing.assert_array_equal(
+        measure("leaf b", np.s_[:, :], leaves=[1]), whole[:, d // 2:])
+    np.testing.assert_array_equal(
+        measure("head of b, a", np.s_[:, 0:100], leaves=[1, 0]),
+        whole[:, d // 2:d // 2 + 100])
   # Random float32 barely compresses; a slice reads its chunks (each 1/8 of
-  # a leaf) and the leaves' metadata, not whole leaves.
+  # a leaf, fetched once) and the leaves' metadata, not whole leaves.
   assert 0.85 < read["all"] < 1.0, read
   assert 0.24 < read["across"] < 0.4, read  # 24% of the columns
   assert 0.4 < read["b"] < 0.55, read
-  assert read["head"] < 0.1, read
+  assert 0.4 < read["leaf b"] < 0.55, read
+  assert read["head"] < 0.07 and read["head of b, a"] < 0.07, read
 
 
 def test_column_view_errors(tmp_path):
@@ -477,6 +502,9 @@ def test_column_view_errors(tmp_path):
     with pytest.raises(ValueError,
                        match=r"columns\(step=1\): leaf \['w'\] contains NaN"):
       view[:, 1:4]
+    with pytest.raises(ValueError,
+                       match=r"columns\(step=1\): leaf \['w'\] contains NaN"):
+      view.leaves([1, 0])[:, 0:3]
     for index in (np.s_[:, 0:4:2], np.s_[0:1], np.s_[0, 0:2]):
       with pytest.raises(TypeError, match="index with"):
         view[index]  # pylint: disable=pointless-statement

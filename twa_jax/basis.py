@@ -122,6 +122,10 @@ LOCAL_PASSES = ColumnPasses(
 )
 
 
+class EmptySpanError(ValueError):
+  """Every snapshot is zero (found on the devices, so by every process)."""
+
+
 def default_rtol(eps: float) -> float:
   """Relative singular-value cut-off for snapshots stored with precision eps."""
   return 10.0 * eps
@@ -155,7 +159,7 @@ def orthonormalize(matrix: jax.Array | np.ndarray, *, rtol: float,
     of W) and the k kept singular values of W.
 
   Raises:
-    ValueError: every snapshot is zero.
+    EmptySpanError: every snapshot is zero.
   """
   w = jnp.asarray(matrix, jnp.float32)
   n = w.shape[0]
@@ -170,7 +174,8 @@ def orthonormalize(matrix: jax.Array | np.ndarray, *, rtol: float,
     evals, evecs = np.linalg.eigh(scale[:, None] * gram * scale[None, :])
     keep = evals > max(evals[-1], 0.0) * 1e-12
     if not keep.any():
-      raise ValueError("snapshots: every snapshot is zero; the span is empty.")
+      raise EmptySpanError(
+          "snapshots: every snapshot is zero; the span is empty.")
     c1 = (evecs[:, keep] / np.sqrt(evals[keep])).T * scale[None, :]
     q, gram2 = passes.combine_and_gram(passes.put(c1), v)
     del v
@@ -252,8 +257,8 @@ class Basis:
     """Basis of snapshots read one at a time from a `TrajectoryStore`.
 
     With `mesh`, the snapshots are read through `store.columns`: each
-    process reads only the column slices of its own devices (or, with a
-    `granularity`, one block's columns at a time).
+    process reads only the column slices of its own devices (with a
+    `granularity`, its slices of each block's columns).
 
     Args:
       store: an open `twa_jax.TrajectoryStore`.

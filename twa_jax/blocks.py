@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from twa_jax import tree as tree_lib
-from twa_jax.basis import Basis
+from twa_jax.basis import Basis, EmptySpanError
+from twa_jax.store import ColumnView
 
 PyTree = Any
 Granularity = str | Callable[[str], str]
@@ -108,14 +109,15 @@ def block_names(spec: tree_lib.ParamSpec,
                    f"from leaf path to block name, got {granularity!r}.")
 
 
-def block_basis(spec: tree_lib.ParamSpec, matrix: np.ndarray,
+def block_basis(spec: tree_lib.ParamSpec, matrix: np.ndarray | ColumnView,
                 granularity: Granularity, **basis_kwargs) -> BlockBasis:
   """Orthonormalizes the snapshot matrix block by block.
 
   Args:
     spec: the layout of one snapshot.
     matrix: W, n x D (host), one flattened snapshot per row: numpy or a
-      `TrajectoryStore.columns` view (read one leaf's columns at a time).
+      `TrajectoryStore.columns` view (with `mesh`: each process reads only
+      its devices' slices of each block's columns).
     granularity: "leaf" or a callable from leaf path to block name.
     **basis_kwargs: passed to `Basis.from_matrix` for every block (rtol,
       dtype, mesh, axis, layout).
@@ -123,7 +125,8 @@ def block_basis(spec: tree_lib.ParamSpec, matrix: np.ndarray,
   Returns:
     The block basis, blocks in order of first appearance. A block whose
     entries are zero in every snapshot (an empty leaf, a frozen zero bias)
-    gets an empty basis: its updates are projected to zero.
+    gets an empty basis: its updates are projected to zero (found on the
+    devices, from the block's Gram matrix).
   """
   names = block_names(spec, granularity)
   order = list(dict.fromkeys(names))
@@ -135,11 +138,14 @@ def block_basis(spec: tree_lib.ParamSpec, matrix: np.ndarray,
         jax.tree_util.tree_structure([0] * len(idx)),
         tuple(spec.paths[i] for i in idx), tuple(spec.shapes[i] for i in idx),
         tuple(spec.dtypes[i] for i in idx))
-    columns = np.concatenate(
-        [matrix[:, offsets[i]:offsets[i + 1]] for i in idx], axis=1)
-    if not columns.any():  # e.g. an empty leaf, or one that stays zero
-      bases.append(Basis(jnp.zeros((0, columns.shape[1])), sub, 0))
+    if isinstance(matrix, ColumnView):
+      columns = matrix.leaves(idx)
     else:
+      columns = np.concatenate(
+          [matrix[:, offsets[i]:offsets[i + 1]] for i in idx], axis=1)
+    try:
       bases.append(Basis.from_matrix(sub, columns, **basis_kwargs))
+    except EmptySpanError:  # e.g. an empty leaf, or one that stays zero
+      bases.append(Basis(jnp.zeros((0, sub.num_params)), sub, 0))
     members.append(idx)
   return BlockBasis(tuple(bases), spec, tuple(order), tuple(members))

@@ -58,6 +58,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from twa_jax import basis as basis_lib
@@ -275,6 +276,12 @@ def put_columns(matrix, mesh: Mesh, axis: AxisName, cols: int) -> jax.Array:
   `matrix` is a numpy array or any object with `shape` and numpy-style
   `matrix[:, start:stop]` (a `TrajectoryStore.columns` view reads only that
   slice from disk).
+
+  Raises:
+    ValueError: reading a slice failed (e.g. NaN/Inf in the store), on every
+      process: the processes agree before any collective, so none is left
+      waiting in one. A process whose own read failed raises that error;
+      the others name the failed processes.
   """
   n, d = matrix.shape
 
@@ -286,8 +293,28 @@ def put_columns(matrix, mesh: Mesh, axis: AxisName, cols: int) -> jax.Array:
       out[:, :stop_d - start] = np.asarray(matrix[:, start:stop_d])
     return out[index[0]]
 
-  return jax.make_array_from_callback(
-      (n, cols), NamedSharding(mesh, P(None, axis)), block)
+  error = None
+  try:
+    w = jax.make_array_from_callback(
+        (n, cols), NamedSharding(mesh, P(None, axis)), block)
+  except ValueError as e:
+    error = e
+  _raise_on_every_process(error, "put_columns: reading the column slices of W")
+  return w
+
+
+def _raise_on_every_process(error: ValueError | None, what: str) -> None:
+  """Raises `error` here, and a ValueError naming the processes it was
+  raised on everywhere else (one all-gather of a flag per process)."""
+  failed = []
+  if jax.process_count() > 1:
+    flags = multihost_utils.process_allgather(np.int32(error is not None))
+    failed = np.flatnonzero(flags).tolist()
+  if error is not None:
+    raise error
+  if failed:
+    raise ValueError(f"{what} failed on process(es) {failed}; see the error "
+                     "raised there.")
 
 
 def _to_rows(layout: BasisLayout, vectors: jax.Array) -> jax.Array:

@@ -38,6 +38,9 @@ _PARAMS, _METADATA = "params", "metadata"
 # Largest stored chunk: a column slice of a larger leaf reads only the chunks
 # holding its entries (see `ColumnView`).
 _CHUNK_BYTES = 4 << 20
+# Chunk cache of a `ColumnView`: the boxes of one leaf read at once share
+# the chunks at their edges, which are then fetched once.
+_CACHE_BYTES = 16 << 20
 _barrier_ids = itertools.count()
 
 
@@ -93,10 +96,12 @@ class TrajectoryStore:
     self._read_only = read_only
     info_path = self._directory / INFO_FILE
     exists = info_path.exists()
+    if not exists:
+      self._check_can_create(create and not read_only)
     if not read_only:  # every process looks before process 0 writes
       _barrier("open")
     if not exists:
-      self._initialize(create and not read_only)
+      self._initialize()
     self._spec, self._skeleton = _read_layout(info_path)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None, enable_async_checkpointing=True, create=False,
@@ -107,8 +112,12 @@ class TrajectoryStore:
     self._closed = False
     self._in_flight = None  # the step of the last save started
 
-  def _initialize(self, create: bool) -> None:
-    """Makes `directory` an empty store, or says why it cannot."""
+  def _check_can_create(self, create: bool) -> None:
+    """Raises unless `directory` (without a store file) may become a store.
+
+    Runs on every process before the "open" barrier, so that all of them
+    see the directory as it was before process 0 writes to it.
+    """
     where = f"TrajectoryStore({str(self._directory)!r})"
     if self._directory.exists():
       entries = sorted(p.name for p in self._directory.iterdir())
@@ -123,6 +132,9 @@ class TrajectoryStore:
       raise FileNotFoundError(
           f"{where}: the directory is empty, not a trajectory store "
           f"(no {INFO_FILE}); open it with create=True to start one.")
+
+  def _initialize(self) -> None:
+    """Makes `directory` an empty store (process 0 writes), then syncs."""
     if jax.process_index() == 0:
       self._directory.mkdir(parents=True, exist_ok=True)
       _write_info(self._directory, None)
@@ -310,14 +322,16 @@ class TrajectoryStore:
       raise ValueError(f"{what}: steps {repeated} are requested twice.")
     for s in steps:
       self._existing(s, what, available)
-    context = ocp.type_handlers.get_ts_context()
+    context = ts.Context({"cache_pool": {"total_bytes_limit": _CACHE_BYTES}},
+                         parent=ocp.type_handlers.get_ts_context())
     handler = ocp.PyTreeCheckpointHandler()
     try:
       stored = [self._stored_arrays(handler, context, s, f"{what}(step={s})")
                 for s in steps]
     finally:
       handler.close()
-    return self._spec, ColumnView(self._spec, steps, stored, context, what)
+    return self._spec, ColumnView(self._spec.paths, self._spec.shapes, steps,
+                                  stored, context, what)
 
   def _stored_arrays(self, handler: ocp.PyTreeCheckpointHandler,
                      context: ts.Context, step: int, what: str
@@ -390,8 +404,10 @@ class ColumnView:
   Made by `TrajectoryStore.columns`. `view[rows, start:stop]` (rows: a
   slice) reads, of each snapshot, only the leaves overlapping columns
   [start, stop) and, within a leaf, only the boxes of its C-order entries in
-  that range, hence only the stored chunks holding them. Each leaf read is
-  checked for NaN/Inf (the step and leaf named).
+  that range, hence only the stored chunks holding them (each once: the
+  view keeps a small chunk cache). Each leaf read is
+  checked for NaN/Inf (the step and leaf named). `view.leaves(indices)` is
+  the view of some leaves' columns only (one block of a layer-wise basis).
 
   Attributes:
     steps: the snapshots' steps, one per row.
@@ -399,19 +415,31 @@ class ColumnView:
 
   dtype = np.dtype(np.float32)
 
-  def __init__(self, spec: tree_lib.ParamSpec, steps: list[int],
+  def __init__(self, paths: Sequence[str],
+               shapes: Sequence[tuple[int, ...]], steps: list[int],
                stored: list[list[dict[str, Any] | None]], context: ts.Context,
                what: str):
     self.steps = steps
-    self._spec = spec
+    self._paths = tuple(paths)
+    self._shapes = tuple(shapes)
     self._stored = stored
     self._context = context
     self._what = what
-    self._offsets = np.cumsum((0,) + spec.sizes)
+    self._offsets = np.cumsum([0] + [math.prod(s) for s in self._shapes])
 
   @property
   def shape(self) -> tuple[int, int]:
-    return len(self.steps), self._spec.num_params
+    return len(self.steps), int(self._offsets[-1])
+
+  def leaves(self, indices: Sequence[int]) -> ColumnView:
+    """The matrix of only the leaves `indices` (of this view, in that order;
+    of the store's layout for a view from `columns`): their columns side by
+    side. Nothing is read."""
+    indices = list(indices)
+    return ColumnView([self._paths[i] for i in indices],
+                      [self._shapes[i] for i in indices], self.steps,
+                      [[row[i] for i in indices] for row in self._stored],
+                      self._context, self._what)
 
   def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
     if not (isinstance(index, tuple) and len(index) == 2
@@ -434,7 +462,7 @@ class ColumnView:
     concurrently.
     """
     what = f"{self._what}(step={self.steps[r]})"
-    offsets, shapes = self._offsets, self._spec.shapes
+    offsets, shapes = self._offsets, self._shapes
     leaves = [(i, max(start, offsets[i]), min(stop, offsets[i + 1]))
               for i in range(len(shapes))]
     leaves = [(i, lo, hi) for i, lo, hi in leaves if lo < hi]
@@ -455,7 +483,7 @@ class ColumnView:
     for i, lo, hi in leaves:
       if not np.isfinite(out[lo - start:hi - start]).all():
         raise ValueError(
-            f"{what}: leaf {self._spec.paths[i]} contains NaN or Inf.")
+            f"{what}: leaf {self._paths[i]} contains NaN or Inf.")
 
 
 def _flat_boxes(shape: tuple[int, ...], start: int, stop: int
