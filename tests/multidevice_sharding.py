@@ -7,6 +7,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 set before jax loads.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -21,6 +22,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import strategies
 import twa_jax as twa
+from twa_jax import quantization
 from twa_jax import sharding
 
 if jax.device_count() != 8:
@@ -30,6 +32,7 @@ if jax.device_count() != 8:
 
 KS = (2, 4, 8)
 LAYOUTS = ("basis", "params")
+LOW_BITS = ("int8", "int4")
 N = 11  # snapshots: divisible by none of KS
 SHAPES = {"hidden": {"kernel": (5, 7), "bias": (7,)}, "head": (7, 3)}
 D = 63  # 35 + 7 + 21: divisible by none of KS
@@ -67,9 +70,19 @@ def _random_tree(seed: int):
 
 
 def _plain(basis: twa.Basis) -> twa.Basis:
-  """The same basis vectors, unsharded and without padding."""
-  vectors = np.asarray(basis.vectors)[:basis.dim, :basis.num_params]
-  return twa.Basis(jnp.asarray(vectors), basis.spec, basis.dim)
+  """The same basis vectors, unsharded and without padding.
+
+  Low-bit rows keep their padding columns, which belong to their groups:
+  gathered, the shards' codes, scales and offsets are one unsharded
+  `QuantizedVectors` (each device quantized whole rows or whole groups).
+  """
+  if isinstance(basis.vectors, quantization.QuantizedVectors):
+    vectors = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)[:basis.dim]),
+                           basis.vectors)
+  else:
+    vectors = jnp.asarray(
+        np.asarray(basis.vectors)[:basis.dim, :basis.num_params])
+  return twa.Basis(vectors, basis.spec, basis.dim)
 
 
 def _flat(tree) -> np.ndarray:
@@ -86,11 +99,12 @@ _BASES = {}
 
 
 def _basis(k: int, layout: str, kind: str = "trajectory",
-           axis_type=AxisType.Auto) -> twa.Basis:
-  key = (k, layout, kind, axis_type)
+           axis_type=AxisType.Auto, dtype="float32") -> twa.Basis:
+  key = (k, layout, kind, axis_type, dtype)
   if key not in _BASES:
     _BASES[key] = twa.Basis.from_snapshots(
-        _snapshots(kind), mesh=_mesh(k, axis_type), axis="x", layout=layout)
+        _snapshots(kind), mesh=_mesh(k, axis_type), axis="x", layout=layout,
+        dtype=dtype)
   return _BASES[key]
 
 
@@ -115,14 +129,65 @@ def test_shards_hold_what_the_layout_promises(k, layout):
   np.testing.assert_allclose(q @ q.T, np.eye(n), atol=1e-5)
 
 
-# Explicit mesh axes (shardings as types) are checked on the largest mesh.
-CASES = [(k, layout, AxisType.Auto) for k in KS for layout in LAYOUTS] + [
-    (8, layout, AxisType.Explicit) for layout in LAYOUTS]
+@pytest.mark.parametrize("dtype", LOW_BITS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("k", (2, 8))
+def test_low_bit_shards_are_quantized_on_their_devices(k, layout, dtype):
+  """Codes, scales and offsets sharded like the float32 rows; a device holds
+  1/4 (int8) or 1/8 (int4) of its float32 shard plus 8 bytes per group,
+  each entry within half a step of the float32 basis."""
+  basis, exact = _basis(k, layout, dtype=dtype), _basis(k, layout)
+  q, n = basis.vectors, basis.dim
+  assert isinstance(q, quantization.QuantizedVectors) and q.dtype == dtype
+  assert basis.layout.group == q.group and q.shape == basis.layout.shape
+  assert q.group % 2 == 0 and q.group <= quantization.GROUP
+  # One shard of each array per device, cut like the float32 rows.
+  devices = {s.device for s in exact.vectors.addressable_shards}
+  for x in (q.codes, q.scale, q.offset):
+    assert x.sharding.is_equivalent_to(basis.layout.sharding, 2), x.sharding
+    assert {s.device for s in x.addressable_shards} == devices
+  rows, width = exact.vectors.addressable_shards[0].data.shape
+  cols = q.shape[1] // k if layout == "params" else q.shape[1]
+  assert cols % q.group == 0 and cols - width < 2 * -(-width // q.group)
+  per_device = collections.Counter()
+  for x in (q.codes, q.scale, q.offset):
+    for shard in x.addressable_shards:
+      per_device[shard.device] += shard.data.nbytes
+  # Codes: 1/4 or 1/8 of the float32 shard, widened to whole groups.
+  codes = rows * width * 4 * q.bits // 32 * cols // width
+  want = codes + 8 * rows * cols // q.group
+  assert set(per_device.values()) == {want}, (per_device, want)
+  # Each entry within half a step of the float32 basis (same W, same passes);
+  # padding rows stay exactly zero.
+  deq = np.asarray(q.dequantize(0, q.shape[1]))
+  full = np.asarray(exact.vectors)
+  full = np.pad(full, ((0, 0), (0, q.shape[1] - full.shape[1])))
+  step = np.repeat(np.asarray(q.scale), q.group, axis=1)
+  assert np.all(np.abs(deq - full) <= 0.5 * step + 1e-6)
+  assert not deq[n:].any()
+  # Coordinates: the bound of test_quantization.py against the float32 basis.
+  g = _random_tree(1)
+  l1 = np.pad(np.abs(_flat(g)), (0, q.shape[1] - D)).reshape(-1, q.group).sum(1)
+  bound = 0.5 * np.asarray(q.scale)[:n] @ l1
+  coordinates = jax.jit(lambda b: b.coordinates(g))
+  err = np.abs(np.asarray(coordinates(basis)) - np.asarray(coordinates(exact)))
+  assert np.all(err <= bound * (1 + 1e-4) + 1e-5)
 
 
-@pytest.mark.parametrize("k,layout,axis_type", CASES)
-def test_products_equal_unsharded(k, layout, axis_type):
-  basis = _basis(k, layout, axis_type=axis_type)
+# Explicit mesh axes (shardings as types) are checked on the largest mesh;
+# low-bit storage on two mesh sizes (shards compared with the same codes on
+# one device).
+CASES = [(k, layout, AxisType.Auto, "float32") for k in KS
+         for layout in LAYOUTS] + [
+             (8, layout, AxisType.Explicit, dtype) for layout in LAYOUTS
+             for dtype in ("float32", "int4")] + [
+                 (k, layout, AxisType.Auto, dtype) for k in (2, 8)
+                 for layout in LAYOUTS for dtype in LOW_BITS]
+
+
+@pytest.mark.parametrize("k,layout,axis_type,dtype", CASES)
+def test_products_equal_unsharded(k, layout, axis_type, dtype):
+  basis = _basis(k, layout, axis_type=axis_type, dtype=dtype)
   plain = _plain(basis)
   g = _random_tree(1)
   beta = jnp.asarray(np.random.default_rng(2).normal(size=basis.dim), jnp.float32)
@@ -132,14 +197,34 @@ def test_products_equal_unsharded(k, layout, axis_type):
       "from_coordinates": lambda b, g, beta: b.from_coordinates(beta),
   }
   for name, fn in fns.items():
-    want = fn(plain, g, beta)
-    eager = [fn(basis, g, beta)] if k == 8 else []  # eager: compiles per op
+    want = jax.jit(fn)(plain, g, beta)
+    # Eager: compiles per op (and dequantizes block by block), so only once.
+    eager = [fn(basis, g, beta)] if k == 8 and dtype == "float32" else []
     for got in eager + [jax.jit(fn)(basis, g, beta)]:
       assert jax.tree.structure(got) == jax.tree.structure(want), name
       for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert x.shape == y.shape and x.dtype == y.dtype, name
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL,
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_wide_shards_loop_over_column_blocks(layout):
+  """D = 10 000 on 2 devices: the blockwise products (bfloat16 on CPU, int8,
+  int4) loop over column blocks inside the map."""
+  rng = np.random.default_rng(7)
+  snaps = [{"w": rng.normal(size=10_000).astype(np.float32)} for _ in range(4)]
+  g = {"w": jnp.asarray(rng.normal(size=10_000), jnp.float32)}
+  beta = jnp.asarray(rng.normal(size=4), jnp.float32)
+  fns = [jax.jit(fn) for fn in (lambda b: b.project(g),
+                                lambda b: b.coordinates(g),
+                                lambda b: b.from_coordinates(beta))]
+  for dtype in (jnp.bfloat16, "int8", "int4"):
+    basis = twa.Basis.from_snapshots(snaps, mesh=_mesh(2), layout=layout,
+                                     dtype=dtype)
+    for fn in fns:
+      np.testing.assert_allclose(_flat(fn(basis)), _flat(fn(_plain(basis))),
+                                 rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("k,layout,kind", [
@@ -221,10 +306,11 @@ def _is_basis(x) -> bool:
   return isinstance(x, twa.Basis)
 
 
-@pytest.mark.parametrize("k,layout,axis_type", CASES)
-def test_data_parallel_steps_equal_unsharded(k, layout, axis_type):
+@pytest.mark.parametrize("k,layout,axis_type,dtype", CASES)
+def test_data_parallel_steps_equal_unsharded(k, layout, axis_type, dtype):
   """twa.twa on every mesh; scale_by_subspace(adam) too on the largest."""
-  basis = _basis(k, layout, axis_type=axis_type)
+  basis = _basis(k, layout, axis_type=axis_type, dtype=dtype)
+  exact = dtype == "float32"
   mesh = basis.layout.mesh
   replicated = NamedSharding(mesh, P())
   params = jax.device_put(_START, replicated)
@@ -232,9 +318,10 @@ def test_data_parallel_steps_equal_unsharded(k, layout, axis_type):
   adam = k == 8
   for i, tx in enumerate(_optimizers(basis, adam)):
     got, state = _run(tx, params, batches)
-    if i == 0:
+    if i == 0 and exact:
       want = _unsharded_twa()
-    else:  # Adam on coordinates depends on the basis, not only on its span.
+    else:  # Adam on coordinates depends on the basis, not only on its span;
+      # low-bit vectors span only nearly the same space.
       want = _flat(_run(_optimizers(_plain(basis), adam)[i], _START, _BATCHES)[0])
     np.testing.assert_allclose(_flat(got), want, rtol=1e-5, atol=1e-6)
     # Updates keep the parameters' (replicated) sharding, and so does the
@@ -244,19 +331,23 @@ def test_data_parallel_steps_equal_unsharded(k, layout, axis_type):
       (bases if _is_basis(leaf) else stats).append(leaf)
     for leaf in jax.tree.leaves(got) + stats:
       assert leaf.sharding.is_equivalent_to(replicated, leaf.ndim), leaf.sharding
-    assert bases and all(b.vectors.sharding.is_equivalent_to(basis.layout.sharding, 2)
-                         and b.layout == basis.layout for b in bases)
-    # The iterate stays in the span.
-    np.testing.assert_allclose(_flat(basis.project(got)), _flat(got),
-                               rtol=1e-4, atol=1e-5)
+    assert bases and all(
+        x.sharding.is_equivalent_to(basis.layout.sharding, 2)
+        and b.layout == basis.layout
+        for b in bases for x in jax.tree.leaves(b.vectors))
+    if exact:  # The iterate stays in the span.
+      np.testing.assert_allclose(_flat(basis.project(got)), _flat(got),
+                                 rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ("float32",) + LOW_BITS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("k", KS)
-def test_compiled_projection_communicates_what_layout_promises(k, layout):
+def test_compiled_projection_communicates_what_layout_promises(k, layout, dtype):
   """basis: one all-reduce of D; params: one all-reduce of n (and, for a
-  replicated result, one all-gather of the D/k slices), none larger."""
-  basis = _basis(k, layout)
+  replicated result, one all-gather of the D/k slices), none larger; the
+  same for low-bit shards (dequantized on their devices)."""
+  basis = _basis(k, layout, dtype=dtype)
   g = _random_tree(3)
   cols = basis.vectors.shape[1]
   text = jax.jit(lambda b, g: b.project(g)).lower(basis, g).compile().as_text()
@@ -267,10 +358,11 @@ def test_compiled_projection_communicates_what_layout_promises(k, layout):
   assert sorted(sharding.collectives(text)) == want
 
 
+@pytest.mark.parametrize("dtype", ("float32", "int8"))
 @pytest.mark.parametrize("k", KS)
-def test_params_layout_on_a_sharded_flat_vector_sends_only_n(k):
+def test_params_layout_on_a_sharded_flat_vector_sends_only_n(k, dtype):
   """Explicit axes, FSDP-style flat gradient sharded over the mesh."""
-  basis = _basis(k, "params", axis_type=AxisType.Explicit)
+  basis = _basis(k, "params", axis_type=AxisType.Explicit, dtype=dtype)
   flat = basis.spec.ravel(_random_tree(3), pad_to=basis.vectors.shape[1])
   flat = jax.device_put(flat, NamedSharding(basis.layout.mesh, P("x")))
   fn = jax.jit(basis.layout.project)
@@ -347,32 +439,41 @@ _BLOCK_SNAPSHOTS = [{**w, "head": jnp.zeros_like(w["head"])}  # an empty block
                     for w in _snapshots("trajectory")]
 
 
+@pytest.mark.parametrize("dtype", ("float32", "int4"))
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("granularity", ["leaf", _layer])
-def test_block_basis_on_a_mesh_equals_unsharded(granularity, layout):
-  """Blocks of 7 to 42 columns on 8 devices (the bias pads to 8)."""
+def test_block_basis_on_a_mesh_equals_unsharded(granularity, layout, dtype):
+  """Blocks of 7 to 42 columns on 8 devices (the bias pads to 8); low-bit
+  blocks against the same codes on one device."""
   mesh = _mesh(8)
   basis = twa.Basis.from_snapshots(_BLOCK_SNAPSHOTS, granularity=granularity,
-                                   mesh=mesh, layout=layout)
+                                   mesh=mesh, layout=layout, dtype=dtype)
   plain = twa.Basis.from_snapshots(_BLOCK_SNAPSHOTS, granularity=granularity)
   assert basis.names == plain.names and basis.dims == plain.dims
   assert plain.dims[plain.names[0]] == 0  # ['head']: zero in every snapshot
   for b in basis.bases[1:]:
     assert b.layout.kind == layout and b.layout.num_shards == 8
+    assert isinstance(b.vectors, quantization.QuantizedVectors) == (
+        dtype != "float32")
+  same = _plain_blocks(basis)
+  # float32: any basis of the span projects alike; low-bit: the same codes.
+  ref = plain if dtype == "float32" else same
   g = _random_tree(5)
   beta = {name: jnp.asarray(np.random.default_rng(6).normal(size=dim),
                             jnp.float32) for name, dim in basis.dims.items()}
-  same = _plain_blocks(basis)
-  for got, want in [(basis.project(g), plain.project(g)),
-                    (basis.coordinates(g), same.coordinates(g)),
-                    (basis.from_coordinates(beta), same.from_coordinates(beta))]:
+  project = jax.jit(lambda b: b.project(g))
+  coordinates = jax.jit(lambda b: b.coordinates(g))
+  expand = jax.jit(lambda b: b.from_coordinates(beta))
+  for got, want in [(project(basis), project(ref)),
+                    (coordinates(basis), coordinates(same)),
+                    (expand(basis), expand(same))]:
     np.testing.assert_allclose(_flat(got), _flat(want), **TOL)
   start = _BLOCK_SNAPSHOTS[N // 2]
   tx = lambda b: twa.twa(b, 0.5, weight_decay=1e-3)
   replicated = NamedSharding(mesh, P())
   got, _ = _run(tx(basis), jax.device_put(start, replicated),
                 [jax.device_put(b, NamedSharding(mesh, P("x"))) for b in _BATCHES])
-  want, _ = _run(tx(plain), start, _BATCHES)
+  want, _ = _run(tx(ref), start, _BATCHES)
   np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-5, atol=1e-6)
 
 

@@ -25,6 +25,7 @@ from twa_jax import tree as tree_lib
 
 PyTree = Any
 AxisName = str | tuple[str, ...]
+Vectors = jax.Array | quantization.QuantizedVectors  # the stored basis rows
 _CHUNK = 1 << 15  # columns per float64 Gram block: keeps the float64 copy small
 _LOW_PRECISION_BLOCK = 4096  # columns per converted block in bfloat16 products
 
@@ -32,13 +33,13 @@ _LOW_PRECISION_BLOCK = 4096  # columns per converted block in bfloat16 products
 class Layout(Protocol):
   """How a sharded basis computes its products (see `twa_jax.sharding`)."""
 
-  def coordinates(self, vectors: jax.Array, flat: jax.Array) -> jax.Array:
+  def coordinates(self, vectors: Vectors, flat: jax.Array) -> jax.Array:
     ...
 
-  def expand(self, vectors: jax.Array, beta: jax.Array) -> jax.Array:
+  def expand(self, vectors: Vectors, beta: jax.Array) -> jax.Array:
     ...
 
-  def project(self, vectors: jax.Array, flat: jax.Array) -> jax.Array:
+  def project(self, vectors: Vectors, flat: jax.Array) -> jax.Array:
     ...
 
 
@@ -206,15 +207,17 @@ class Basis:
   `jax.jit` and into optax states; the parameter layout is static.
 
   Attributes:
-    vectors: k x D basis rows (P^T), storage dtype; a sharded basis may carry
-      zero padding rows and columns beyond `dim` and `num_params`.
+    vectors: k x D basis rows (P^T), in the storage dtype or, for "int8" /
+      "int4", a `twa_jax.quantization.QuantizedVectors`; a sharded or
+      quantized basis may carry padding rows and columns beyond `dim` and
+      `num_params` (never reaching the results).
     spec: layout of the parameter tree the basis spans.
     dim: k, the number of basis vectors kept.
     layout: None for a single-device basis; a sharded layout from
       `twa_jax.sharding` otherwise.
   """
 
-  vectors: jax.Array
+  vectors: Vectors
   spec: tree_lib.ParamSpec
   dim: int
   layout: Layout | None = None
@@ -287,18 +290,14 @@ class Basis:
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(f"dtype: basis storage must be floating point, "
                       f"'int8' or 'int4'; got {dtype}.")
-    if low_bit and layout_kwargs:
-      raise NotImplementedError(
-          f"dtype={low_bit!r}: low-bit storage of a sharded basis is not "
-          "supported yet; shard a float32 or bfloat16 basis.")
     if matrix.shape[1] != spec.num_params:
       raise ValueError(f"matrix has {matrix.shape[1]} columns, the parameter "
                        f"tree has {spec.num_params} entries.")
     rtol = default_rtol(spec.eps) if rtol is None else float(rtol)
     if layout_kwargs:
       from twa_jax import sharding  # pylint: disable=g-import-not-at-top
-      return sharding.sharded_basis(spec, matrix, rtol=rtol, dtype=dtype,
-                                    **layout_kwargs)
+      return sharding.sharded_basis(spec, matrix, rtol=rtol,
+                                    dtype=low_bit or dtype, **layout_kwargs)
     if matrix.shape[1] < _CHUNK:  # pad small D to a power of two: few compiles
       cols = 1 << max(matrix.shape[1] - 1, 0).bit_length()
       matrix = jnp.pad(jnp.asarray(matrix), ((0, 0), (0, cols - matrix.shape[1])))
@@ -353,7 +352,7 @@ def _to_device(matrix: np.ndarray) -> jax.Array:
   return jax.block_until_ready(jnp.asarray(matrix, jnp.float32))
 
 
-def _column_blocks(vectors) -> tuple[Any, int] | None:
+def _column_blocks(vectors: Vectors) -> tuple[Any, int] | None:
   """For storage that XLA cannot multiply at full speed (bfloat16 on CPU,
   int8/int4 codes): a function giving float32 columns [start, start + size)
   and the block width; None for float32, which goes to one matrix product."""
@@ -367,7 +366,15 @@ def _column_blocks(vectors) -> tuple[Any, int] | None:
   return columns, _LOW_PRECISION_BLOCK
 
 
-def _matvec(vectors: jax.Array, flat: jax.Array) -> jax.Array:
+def _zeros(vectors: Vectors, size: int) -> jax.Array:
+  """A float32 (size,) accumulator for products with `vectors`; under
+  `jax.shard_map` it varies over their mesh axes, as the loop's results do."""
+  if isinstance(vectors, quantization.QuantizedVectors):
+    vectors = vectors.scale
+  return jnp.zeros_like(vectors, jnp.float32, shape=(size,))
+
+
+def _matvec(vectors: Vectors, flat: jax.Array) -> jax.Array:
   """P^T g in float32 whatever the storage; never a float32 copy of P."""
   blocks = _column_blocks(vectors)
   if blocks is None:
@@ -378,10 +385,10 @@ def _matvec(vectors: jax.Array, flat: jax.Array) -> jax.Array:
     return acc + columns(start, size) @ jax.lax.dynamic_slice_in_dim(
         flat, start, size)
   return over_columns(vectors.shape[1], body,
-                      jnp.zeros((vectors.shape[0],), jnp.float32), width)
+                      _zeros(vectors, vectors.shape[0]), width)
 
 
-def _vecmat(beta: jax.Array, vectors: jax.Array) -> jax.Array:
+def _vecmat(beta: jax.Array, vectors: Vectors) -> jax.Array:
   """P beta in float32 whatever the storage; never a float32 copy of P."""
   blocks = _column_blocks(vectors)
   if blocks is None:
@@ -392,4 +399,4 @@ def _vecmat(beta: jax.Array, vectors: jax.Array) -> jax.Array:
     return jax.lax.dynamic_update_slice_in_dim(
         out, beta @ columns(start, size), start, axis=0)
   return over_columns(vectors.shape[1], body,
-                      jnp.zeros((vectors.shape[1],), jnp.float32), width)
+                      _zeros(vectors, vectors.shape[1]), width)

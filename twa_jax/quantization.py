@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 _BLOCK_GROUPS = 16  # groups dequantized per loop iteration
+GROUP = 256  # default entries per scale and offset
 
 BITS = {"int8": 8, "int4": 4}
 
@@ -87,7 +88,7 @@ class QuantizedVectors:
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "group"))
-def quantize(vectors: jax.Array, dtype: str, group: int = 256
+def quantize(vectors: jax.Array, dtype: str, group: int = GROUP
              ) -> QuantizedVectors:
   """Quantizes basis rows to "int8" or "int4" with per-group scale/offset.
 

@@ -31,6 +31,15 @@ n and padding never reaches the results. Both work on meshes with Auto axes
 (XLA places what is outside the maps) and Explicit axes (inputs and results
 are resharded to the types the maps need).
 
+Low-bit storage (``dtype="int8"`` or ``"int4"``, see `twa_jax.quantization`)
+is quantized after the float32 orthonormalization by each device, of its
+own shard: whole rows for ``"basis"``; for ``"params"`` each device's column
+slice is padded to a whole number of groups. The group is fitted to the
+width of a device's rows (at most 256 entries, so that narrow shards, of a
+small block or of D / k, are not padded up to 256). Codes, scales and
+offsets are sharded like the float32 rows, the products dequantize them
+block by block inside the maps, and the collectives stay the same.
+
 The orthonormalization never materializes W or P on one device: W is laid
 out column-sharded (each device receives only its slice, from the host
 matrix via `jax.make_array_from_callback`; in a multi-process run each
@@ -62,9 +71,11 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from twa_jax import basis as basis_lib
+from twa_jax import quantization
 from twa_jax import tree as tree_lib
 
 AxisName = basis_lib.AxisName
+Vectors = basis_lib.Vectors
 LAYOUTS = ("basis", "params")
 
 
@@ -78,12 +89,16 @@ class ShardedLayout(abc.ABC):
       mesh axes hold replicas.
     dim: n, the number of basis vectors (without padding).
     num_params: D, the number of parameters (without padding).
+    group: entries per scale and offset of low-bit ("int8" / "int4")
+      storage, 1 for float storage; each device's columns are a whole
+      number of groups.
   """
 
   mesh: Mesh
   axis: AxisName
   dim: int
   num_params: int
+  group: int = 1
   kind: ClassVar[str]
 
   @property
@@ -137,6 +152,23 @@ def _round_up(x: int, k: int) -> int:
   return -(-x // k) * k
 
 
+def _columns(d: int, k: int, group: int = 1) -> int:
+  """Padded D of the params layout: k slices of whole groups."""
+  return k * _round_up(-(-d // k), group)
+
+
+def _group(width: int) -> int:
+  """Quantization group for rows of `width` columns on one device.
+
+  Even (int4 packs two codes a byte), at most `quantization.GROUP`, and
+  splitting `width` into equal groups: the padding is under 2 columns per
+  group, where a fixed group would pad a narrow slice up to a whole one.
+  """
+  width = max(width, 1)  # an empty block still gets a valid group
+  groups = -(-width // quantization.GROUP)
+  return _round_up(-(-width // groups), 2)
+
+
 @dataclasses.dataclass(frozen=True)
 class BasisLayout(ShardedLayout):
   """Whole basis vectors per device; projection = psum of D floats."""
@@ -145,29 +177,33 @@ class BasisLayout(ShardedLayout):
 
   @property
   def shape(self) -> tuple[int, int]:
-    return _round_up(self.dim, self.num_shards), self.num_params
+    return (_round_up(self.dim, self.num_shards),
+            _round_up(self.num_params, self.group))
 
   @property
   def spec(self) -> P:
     return P(self.axis, None)
 
-  def coordinates(self, vectors: jax.Array, flat: jax.Array) -> jax.Array:
+  def coordinates(self, vectors: Vectors, flat: jax.Array) -> jax.Array:
     """P^T g, (rows,) sharded like the rows (Auto axes); no communication."""
     out = self._map(basis_lib._matvec, (self.spec, P()), P(self.axis))(  # pylint: disable=protected-access
         vectors, flat)
     return self._as(out, P())
 
-  def expand(self, vectors: jax.Array, beta: jax.Array) -> jax.Array:
+  def _psum(self, partial: jax.Array) -> jax.Array:
+    """psum of D floats: the group padding of low-bit rows is cut first."""
+    return jax.lax.psum(partial[:self.num_params], self.axis)
+
+  def expand(self, vectors: Vectors, beta: jax.Array) -> jax.Array:
     """P beta, (D,) replicated: local partial sums and one psum of D."""
     def body(v, b):
-      return jax.lax.psum(basis_lib._vecmat(b, v), self.axis)  # pylint: disable=protected-access
+      return self._psum(basis_lib._vecmat(b, v))  # pylint: disable=protected-access
     return self._map(body, (self.spec, P(self.axis)), P())(vectors, beta)
 
-  def project(self, vectors: jax.Array, flat: jax.Array) -> jax.Array:
+  def project(self, vectors: Vectors, flat: jax.Array) -> jax.Array:
     """P P^T g = sum_i P_i P_i^T g, (D,) replicated: one psum of D."""
     def body(v, g):
-      partial = basis_lib._vecmat(basis_lib._matvec(v, g), v)  # pylint: disable=protected-access
-      return jax.lax.psum(partial, self.axis)
+      return self._psum(basis_lib._vecmat(basis_lib._matvec(v, g), v))  # pylint: disable=protected-access
     return self._map(body, (self.spec, P()), P())(vectors, flat)
 
 
@@ -179,7 +215,7 @@ class ParamsLayout(ShardedLayout):
 
   @property
   def shape(self) -> tuple[int, int]:
-    return self.dim, _round_up(self.num_params, self.num_shards)
+    return self.dim, _columns(self.num_params, self.num_shards, self.group)
 
   @property
   def spec(self) -> P:
@@ -205,7 +241,7 @@ class ParamsLayout(ShardedLayout):
   def _in_spec(self, flat: jax.Array) -> P:
     return P(self.axis) if self._sharded(flat) else P()
 
-  def coordinates(self, vectors: jax.Array, flat: jax.Array) -> jax.Array:
+  def coordinates(self, vectors: Vectors, flat: jax.Array) -> jax.Array:
     """P^T g, (n,) replicated: partial sums and one psum of n."""
     return self._map(self._coordinates, (self.spec, self._in_spec(flat)),
                      P())(vectors, flat)
@@ -219,12 +255,12 @@ class ParamsLayout(ShardedLayout):
     # check_vma=False: all_gather's result is replicated but typed varying.
     return self._map(gathered, (self.spec, in_spec), P(), check_vma=False)
 
-  def expand(self, vectors: jax.Array, beta: jax.Array) -> jax.Array:
+  def expand(self, vectors: Vectors, beta: jax.Array) -> jax.Array:
     """P beta, (cols,) replicated: local slices, an all-gather of D."""
     return self._slices(lambda v, b: basis_lib._vecmat(b, v), P(), True)(  # pylint: disable=protected-access
         vectors, beta)
 
-  def project(self, vectors: jax.Array, flat: jax.Array) -> jax.Array:
+  def project(self, vectors: Vectors, flat: jax.Array) -> jax.Array:
     """P P^T g: a psum of n floats; each device forms its slice of P beta.
 
     The slices are all-gathered into a replicated (cols,) result, except on
@@ -319,12 +355,12 @@ def _raise_on_every_process(error: ValueError | None, what: str) -> None:
 
 def _to_rows(layout: BasisLayout, vectors: jax.Array) -> jax.Array:
   """Column-sharded rows (dim x cols) -> the row-sharded `layout` (all-to-all)."""
-  rows, d = layout.shape
+  rows = layout.shape[0]
 
   def body(local):
     local = jnp.pad(local, ((0, rows - local.shape[0]), (0, 0)))
     whole = jax.lax.all_to_all(local, layout.axis, 0, 1, tiled=True)
-    return whole[:, :d]
+    return whole[:, :layout.num_params]
 
   return jax.jit(layout._map(body, (P(None, layout.axis),), layout.spec))(  # pylint: disable=protected-access
       vectors)
@@ -344,6 +380,14 @@ def _check_args(mesh, axis, layout) -> AxisName:
   return axis
 
 
+def _quantize(layout: ShardedLayout, vectors: jax.Array, dtype: str
+              ) -> quantization.QuantizedVectors:
+  """Quantizes each device's shard of the rows on that device."""
+  body = functools.partial(quantization.quantize, dtype=dtype,
+                           group=layout.group)
+  return jax.jit(layout._map(body, (layout.spec,), layout.spec))(vectors)  # pylint: disable=protected-access
+
+
 def sharded_basis(spec: tree_lib.ParamSpec, matrix, *, rtol: float,
                   dtype=jnp.float32, mesh: Mesh, axis: AxisName | None = None,
                   layout: str = "basis") -> basis_lib.Basis:
@@ -358,7 +402,8 @@ def sharded_basis(spec: tree_lib.ParamSpec, matrix, *, rtol: float,
       `TrajectoryStore.columns` view (only the column slices of this
       process' devices are read).
     rtol: relative singular-value cut-off, as for `orthonormalize`.
-    dtype: storage dtype of P.
+    dtype: storage dtype of P: a float dtype, or "int8" / "int4" (each
+      device quantizes its own float32 shard; see the module doc).
     mesh: the device mesh.
     axis: mesh axis name (or tuple of names) to shard over; default: the
       mesh's only axis, or all of its axes.
@@ -366,19 +411,28 @@ def sharded_basis(spec: tree_lib.ParamSpec, matrix, *, rtol: float,
       "params" (a D/k slice of every vector, psum of n); see the module doc.
 
   Returns:
-    A `Basis` whose `vectors` carry `layout.sharding` and whose `layout` is
-    a `BasisLayout` or `ParamsLayout`.
+    A `Basis` whose `vectors` (for low-bit storage: their codes, scales and
+    offsets) carry `layout.sharding` and whose `layout` is a `BasisLayout`
+    or `ParamsLayout`.
   """
   axis = _check_args(mesh, axis, layout)
-  d = spec.num_params
-  w = put_columns(matrix, mesh, axis, _round_up(d, num_shards(mesh, axis)))
+  d, k = spec.num_params, num_shards(mesh, axis)
+  low_bit = dtype if dtype in quantization.BITS else None
+  params = layout == "params"
+  group = _group(-(-d // k) if params else d) if low_bit else 1
+  w = put_columns(matrix, mesh, axis, _columns(d, k, group if params else 1))
   vectors, _ = basis_lib.orthonormalize(
-      w, rtol=rtol, dtype=dtype, passes=column_passes(mesh, axis))
+      w, rtol=rtol, dtype=jnp.float32 if low_bit else dtype,
+      passes=column_passes(mesh, axis))
   dim = int(vectors.shape[0])
-  if layout == "params":
-    return basis_lib.Basis(vectors, spec, dim, ParamsLayout(mesh, axis, dim, d))
-  rows = BasisLayout(mesh, axis, dim, d)
-  return basis_lib.Basis(_to_rows(rows, vectors), spec, dim, rows)
+  if params:
+    out = ParamsLayout(mesh, axis, dim, d, group)
+  else:
+    out = BasisLayout(mesh, axis, dim, d, group)
+    vectors = _to_rows(out, vectors)
+  if low_bit:
+    vectors = _quantize(out, vectors, low_bit)
+  return basis_lib.Basis(vectors, spec, dim, out)
 
 
 _COLLECTIVE = re.compile(
