@@ -22,6 +22,7 @@ device; "params": a D/k column slice of every vector) and mesh size k:
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import sys
 
@@ -114,6 +115,9 @@ def main(argv=None) -> None:
   p = common.parser("sharding", __doc__.split("\n")[0])
   p.add_argument("--d", type=int, default=1_000_000)
   p.add_argument("--n", type=int, default=100)
+  p.add_argument("--storage", default="float32",
+                 help="comma-separated basis storage: float32, bfloat16, "
+                 "int8, int4")
   args = p.parse_args(argv)
   if args.smoke:
     args.d, args.n, args.repeats = 1003, 7, 2
@@ -129,36 +133,41 @@ def main(argv=None) -> None:
   paper_wire = {k: 2 * wire_bytes("all-reduce", 4 * d, k) for k in KS}
 
   rows, sides = [], {"unsharded": lambda: _project(plain, g)}
-  for layout in LAYOUTS:
-    for k in KS:
-      basis = twa.Basis.from_matrix(spec, w.copy(), mesh=mesh_of(k),
-                                    layout=layout)
-      shard = basis.vectors.addressable_shards[0].data
-      promised = ((-(-basis.dim // k), d) if layout == "basis"
-                  else (basis.dim, -(-d // k)))
-      comm = communication(basis, tree, k)
-      rows.append({
-          "layout": layout, "k": k, "n": basis.dim, "D": d,
-          "shard_shape": list(shard.shape), "promised_shape": list(promised),
-          "P_MB_per_device": shard.nbytes / 1e6,
-          "step_payload_MB": comm["step"]["payload_bytes"] / 1e6,
-          "step_wire_MB": comm["step"]["wire_bytes"] / 1e6,
-          "paper_wire_MB": paper_wire[k] / 1e6,
-          "project_wire_MB": comm["project"]["wire_bytes"] / 1e6,
-          "step_collectives": comm["step"]["collectives"],
-          "project_collectives": comm["project"]["collectives"],
-      })
-      g_k = jax.device_put(g, NamedSharding(basis.layout.mesh, P()))
-      sides[f"{layout}_k{k}"] = (lambda b=basis, x=g_k: _project(b, x))
+  for storage, layout, k in itertools.product(args.storage.split(","),
+                                              LAYOUTS, KS):
+    basis = twa.Basis.from_matrix(
+        spec, w.copy(), mesh=mesh_of(k), layout=layout,
+        dtype=storage if storage in ("int8", "int4") else jnp.dtype(storage))
+    # A quantized basis: codes, scales and offsets (shard shape: codes').
+    shards = [x.addressable_shards[0].data
+              for x in jax.tree.leaves(basis.vectors)]
+    promised = ((-(-basis.dim // k), d) if layout == "basis"
+                else (basis.dim, -(-d // k)))
+    comm = communication(basis, tree, k)
+    rows.append({
+        "storage": storage, "layout": layout, "k": k, "n": basis.dim,
+        "D": d, "shard_shape": list(shards[0].shape),
+        "promised_shape": list(promised),
+        "P_MB_per_device": sum(x.nbytes for x in shards) / 1e6,
+        "step_payload_MB": comm["step"]["payload_bytes"] / 1e6,
+        "step_wire_MB": comm["step"]["wire_bytes"] / 1e6,
+        "paper_wire_MB": paper_wire[k] / 1e6,
+        "project_wire_MB": comm["project"]["wire_bytes"] / 1e6,
+        "step_collectives": comm["step"]["collectives"],
+        "project_collectives": comm["project"]["collectives"],
+    })
+    g_k = jax.device_put(g, NamedSharding(basis.layout.mesh, P()))
+    sides[f"{storage}_{layout}_k{k}"] = (
+        lambda b=basis, x=g_k: _project(b, x))
   times = common.alternate(sides, args.repeats)
   for row in rows:
-    name = f"{row['layout']}_k{row['k']}"
+    name = f"{row['storage']}_{row['layout']}_k{row['k']}"
     row["project_ms"] = 1e3 * common.median(times[name])
     row["project_x_unsharded"] = common.ratio(times[name], times["unsharded"])
   print(f"D = {d}, n = {n}; unsharded projection "
         f"{1e3 * common.median(times['unsharded']):.3g} ms")
   print(common.table(rows, [
-      "layout", "k", "shard_shape", "promised_shape", "P_MB_per_device",
+      "storage", "layout", "k", "shard_shape", "promised_shape", "P_MB_per_device",
       "step_wire_MB", "paper_wire_MB", "project_wire_MB", "project_ms",
       "project_x_unsharded"]))
   common.write_json(args.out, {

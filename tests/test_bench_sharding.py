@@ -16,12 +16,25 @@ def test_sharding_benchmark_smoke(tmp_path):
              JAX_PLATFORMS="cpu")
   subprocess.run(
       [sys.executable, os.path.join(ROOT, "benchmarks", "sharding.py"),
-       "--smoke", "--out", str(out)],
+       "--smoke", "--storage", "float32,int8,int4", "--out", str(out)],
       check=True, capture_output=True, timeout=600, env=env)
   report = json.loads(out.read_text())
   assert report["environment"]["date"]
-  rows = {(r["layout"], r["k"]): r for r in report["rows"]}
+  everything = {(r["storage"], r["layout"], r["k"]): r for r in report["rows"]}
+  rows = {key[1:]: r for key, r in everything.items() if key[0] == "float32"}
   assert set(rows) == {(l, k) for l in ("basis", "params") for k in (1, 2, 4, 8)}
+  # Low-bit shards: a quarter or an eighth of float32's bytes plus a scale
+  # and an offset per group; the same collectives (the params layout gathers
+  # its slices padded to whole groups: 1008 entries for D = 1003).
+  for (storage, layout, k), r in everything.items():
+    f32 = rows[layout, k]
+    ratio = r["P_MB_per_device"] / f32["P_MB_per_device"]
+    assert {"float32": 0.999 < ratio < 1.001, "int8": 0.25 < ratio < 0.28,
+            "int4": 0.125 < ratio < 0.15}[storage], (storage, layout, k, ratio)
+    assert [c[0] for c in r["step_collectives"]] == [
+        c[0] for c in f32["step_collectives"]]
+    for c, c32 in zip(r["step_collectives"], f32["step_collectives"]):
+      assert c32[1] <= c[1] <= 1.01 * c32[1]
   d, n = report["D"], report["n"]
   for (layout, k), r in rows.items():
     # Memory per device is what the layout promises.
