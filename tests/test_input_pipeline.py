@@ -1,16 +1,28 @@
 """Input pipeline: loaders, deterministic batches, augmentation, errors."""
 
+import io
+import os
 import pathlib
 import threading
+import zipfile
 
+import jax
 import ml_collections
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
 from twa_jax.training import input_pipeline as ip
+from twa_jax.training import models
 
-CIFAR10_NPZ = pathlib.Path("/work/data/cifar10.npz")
+# Real CIFAR-10 as packed JPEGs (see its README): CI keeps it beside the
+# checkout; TWA_CIFAR10_DIR points elsewhere (e.g. a worktree's runs).
+CIFAR10_DIR = pathlib.Path(os.environ.get(
+    "TWA_CIFAR10_DIR",
+    pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    / "cifar10"))
+CIFAR10_TRAIN, CIFAR10_TEST = 5000, 1000  # decoded prefixes (~2 s, not ~15 s)
 
 
 def _config(**fields) -> ml_collections.ConfigDict:
@@ -87,7 +99,9 @@ def test_npz_errors(tmp_path, npz_path):
     ip.load_dataset(_config(name="npz", path=str(missing)))
   partial = tmp_path / "partial.npz"
   np.savez(partial, x_train=np.zeros((4, 2)), y_train=np.zeros(4, int))
-  with pytest.raises(KeyError, match=r"partial.npz.*x_test, y_test"):
+  with pytest.raises(ValueError,
+                     match=r"partial.npz: missing array\(s\) x_test, y_test "
+                     r"\(has: x_train, y_train\)"):
     ip.load_dataset(_config(name="npz", path=str(partial)))
   ragged = tmp_path / "ragged.npz"
   np.savez(ragged, x_train=np.zeros((4, 2)), y_train=np.zeros(3, int),
@@ -126,14 +140,174 @@ def test_npz_flat_features_are_not_augmented(tmp_path):
   np.testing.assert_allclose(images.std(0), 1.0, atol=1e-5)
 
 
-@pytest.mark.skipif(not CIFAR10_NPZ.exists(),
-                    reason=f"{CIFAR10_NPZ} absent: decode it with "
-                    "../shared/data/cifar10/decode.py to run this test")
-def test_real_cifar10_npz():
-  ds = ip.load_dataset(_config(name="npz", path=str(CIFAR10_NPZ),
-                               train_size=5000, test_size=1000))
-  assert (ds.num_train, ds.num_test, ds.num_classes) == (5000, 1000, 10)
+def test_fields_the_named_dataset_ignores_are_errors(npz_path):
+  # A path with the default name trained on digits and exited 0.
+  with pytest.raises(ValueError, match=r"config.path=.*tiny.npz.* read only "
+                     r"with config.name='npz', but config.name='digits'"):
+    ip.load_dataset(_config(name="digits", path=str(npz_path)))
+  with pytest.raises(ValueError, match="config.path=.*config.name='cifar10'"):
+    ip.load_dataset(_config(name="cifar10", path=str(npz_path)))
+  for field, value in (("data_dir", "/data"), ("download", True),
+                       ("in_memory", True)):
+    with pytest.raises(ValueError, match=f"config.{field}=.*TFDS.*'npz'"):
+      ip.load_dataset(_config(name="npz", path=str(npz_path),
+                              **{field: value}))
+  with pytest.raises(ValueError, match="config.data_dir=.*'digits'"):
+    ip.load_dataset(_config(name="digits", data_dir="/data"))
+  ds = ip.load_dataset(_config(name="npz", path=str(npz_path), download=False,
+                               data_dir=None))
+  assert ds.name == "tiny"
+
+
+def _save_npz(path, x_train, y_train, x_test, y_test) -> str:
+  np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test,
+           y_test=y_test)
+  return str(path)
+
+
+def test_empty_splits_are_errors(tmp_path):
+  images = np.zeros((6, 16, 16, 3), np.uint8)
+  no_test = _save_npz(tmp_path / "no_test.npz", images, np.arange(6),
+                      images[:0], np.zeros(0, int))
+  with pytest.raises(ValueError,
+                     match=r"no_test.npz: the test split is empty"):
+    ip.load_dataset(_config(name="npz", path=no_test))
+  no_train = _save_npz(tmp_path / "no_train.npz", images[:0],
+                       np.zeros(0, int), images, np.arange(6))
+  with pytest.raises(ValueError,
+                     match=r"no_train.npz: the train split is empty"):
+    ip.load_dataset(_config(name="npz", path=no_train))
+  full = _save_npz(tmp_path / "full.npz", images, np.arange(6), images,
+                   np.arange(6))
+  for field in ("train_size", "test_size"):
+    with pytest.raises(ValueError,
+                       match=f"config.{field}: must be a positive integer"):
+      ip.load_dataset(_config(name="npz", path=full, **{field: 0}))
+  with tfds.testing.mock_data(num_examples=0):
+    with pytest.raises(ValueError,
+                       match="'cifar10': the train split under .* is empty"):
+      ip.load_dataset(_config(name="cifar10", data_dir="/nonexistent"))
+
+
+def test_grayscale_images_get_a_channel_axis(tmp_path):
+  rng = np.random.default_rng(0)
+  path = _save_npz(tmp_path / "mnist_like.npz",
+                   rng.integers(0, 256, (40, 28, 28), dtype=np.uint8),
+                   np.arange(40) % 10,
+                   rng.integers(0, 256, (8, 28, 28), dtype=np.uint8),
+                   np.arange(8) % 10)
+  ds = ip.load_dataset(_config(name="npz", path=path))
+  assert ds.input_shape == (28, 28, 1) and ds.x_test.shape == (8, 28, 28, 1)
+  assert ds.mean.shape == ds.std.shape == (1,)
+  with np.load(path) as arrays:
+    np.testing.assert_array_equal(ds.x_train[..., 0], arrays["x_train"])
+  # cnn7 raised ZeroDivisionError on these inputs without the channel axis
+  # (in shape inference, which `eval_shape` runs without compiling).
+  model = models.create_model("cnn7", ds.num_classes)
+  batch = next(ip.train_batches(ds, 8, seed=0, epoch=0))
+  variables = jax.eval_shape(
+      lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+      batch["image"])
+  logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False),
+                          variables, batch["image"])
+  assert logits.shape == (8, 10)
+
+
+def test_bad_input_shapes_are_errors(tmp_path):
+  labels = np.arange(4)
+  nchw = _save_npz(tmp_path / "nchw.npz", np.zeros((4, 3, 32, 32), np.uint8),
+                   labels, np.zeros((4, 3, 32, 32), np.uint8), labels)
+  with pytest.raises(ValueError, match=r"nchw.npz: x_train \(4, 3, 32, 32\) "
+                     r"looks channels-first.*NHWC"):
+    ip.load_dataset(_config(name="npz", path=nchw))
+  five_d = _save_npz(tmp_path / "five_d.npz", np.zeros((4, 2, 2, 2, 2)),
+                     labels, np.zeros((4, 2, 2, 2, 2)), labels)
+  with pytest.raises(ValueError, match=r"five_d.npz: x_train \(4, 2, 2, 2, 2\)"
+                     r".*\(N, D\) features or \(N, H, W\[, C\]\) images"):
+    ip.load_dataset(_config(name="npz", path=five_d))
+  words = np.array([["a"], ["b"], ["c"], ["d"]])
+  text = _save_npz(tmp_path / "text.npz", words, labels, words, labels)
+  with pytest.raises(ValueError, match="text.npz: x_train must hold integers "
+                     "or floats, got <U1"):
+    ip.load_dataset(_config(name="npz", path=text))
+
+
+def test_unreadable_npz_files_are_named(tmp_path, npz_path):
+  def load(path):
+    return ip.load_dataset(_config(name="npz", path=str(path)))
+
+  empty = tmp_path / "empty.npz"
+  empty.touch()
+  with pytest.raises(ValueError, match="empty.npz: the file is empty"):
+    load(empty)  # was EOFError
+  data = npz_path.read_bytes()
+  truncated = tmp_path / "truncated.npz"
+  truncated.write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError, match="truncated.npz: a truncated or damaged "
+                     "zip archive"):
+    load(truncated)  # was BadZipFile
+  text = tmp_path / "text.npz"
+  text.write_text("x_train,y_train\n1,2\n")
+  with pytest.raises(ValueError, match="text.npz: not a zip archive"):
+    load(text)  # was a "pickled data" message
+  single = tmp_path / "single.npz"
+  with open(single, "wb") as f:
+    np.save(f, np.zeros((4, 2)))
+  with pytest.raises(ValueError, match="single.npz: a single .npy array"):
+    load(single)
+  objects = tmp_path / "objects.npz"
+  np.savez(objects, x_train=np.array([[1], [2, 3]], dtype=object),
+           y_train=np.arange(2), x_test=np.zeros((2, 1)), y_test=np.arange(2))
+  with pytest.raises(ValueError,
+                     match="objects.npz: array x_train cannot be read"):
+    load(objects)
+  # A damaged member inside an intact archive: its CRC check fails.
+  damaged = tmp_path / "damaged.npz"
+  damaged.write_bytes(data)
+  with zipfile.ZipFile(damaged) as archive:
+    info = archive.getinfo("x_test.npy")
+  raw = bytearray(data)
+  start = info.header_offset + 30 + len(info.filename) + info.file_size // 2
+  raw[start] ^= 0xFF
+  damaged.write_bytes(bytes(raw))
+  with pytest.raises(ValueError,
+                     match="damaged.npz: array x_test cannot be read"):
+    load(damaged)
+
+
+@pytest.fixture(scope="session")
+def cifar10_npz(tmp_path_factory) -> pathlib.Path:
+  """The first images of real CIFAR-10's splits, decoded once into an `.npz`.
+
+  Decodes the packed JPEGs of `CIFAR10_DIR` as its README describes them
+  (`{split}_jpeg` blob, `{split}_offsets`, `{split}_labels`).
+  """
+  packed_path = CIFAR10_DIR / "cifar10_jpeg.npz"
+  if not packed_path.is_file():
+    pytest.skip(f"real CIFAR-10 absent: no {packed_path} (CI has it in "
+                "../shared/data/cifar10 beside the checkout; or set "
+                "TWA_CIFAR10_DIR)")
+  arrays = {}
+  with np.load(packed_path) as packed:
+    for split, n in (("train", CIFAR10_TRAIN), ("test", CIFAR10_TEST)):
+      blob, offsets = packed[f"{split}_jpeg"], packed[f"{split}_offsets"]
+      arrays[f"x_{split}"] = np.stack([
+          np.asarray(Image.open(io.BytesIO(
+              blob[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
+          for i in range(n)])
+      arrays[f"y_{split}"] = packed[f"{split}_labels"][:n]
+  path = tmp_path_factory.mktemp("cifar10") / "cifar10.npz"
+  np.savez(path, **arrays)
+  return path
+
+
+def test_real_cifar10_npz(cifar10_npz):
+  ds = ip.load_dataset(_config(name="npz", path=str(cifar10_npz),
+                               test_size=CIFAR10_TEST // 2))
+  assert (ds.num_train, ds.num_test, ds.num_classes) == (
+      CIFAR10_TRAIN, CIFAR10_TEST // 2, 10)
   assert ds.augmentation == "cifar" and ds.input_shape == (32, 32, 3)
+  assert ds.x_train.dtype == np.uint8 and ds.y_train.dtype == np.int32
   # The README's per-channel statistics of the full training set.
   np.testing.assert_allclose(ds.mean / 255, [0.491, 0.482, 0.447], atol=0.01)
   np.testing.assert_allclose(ds.std / 255, [0.245, 0.243, 0.261], atol=0.01)
@@ -141,6 +315,11 @@ def test_real_cifar10_npz():
   batch = next(ip.train_batches(ds, 128, seed=0, epoch=0))
   assert batch["image"].shape == (128, 32, 32, 3)
   assert np.isfinite(batch["image"]).all()
+  # The test split, normalized with the training statistics, is centred.
+  test = np.concatenate([b["image"] for b in ip.eval_batches(ds, "test", 128)])
+  assert test.shape == (CIFAR10_TEST // 2, 32, 32, 3)
+  np.testing.assert_allclose(test.mean(axis=(0, 1, 2)), 0.0, atol=0.05)
+  np.testing.assert_allclose(test.std(axis=(0, 1, 2)), 1.0, atol=0.05)
 
 
 def test_unknown_dataset():

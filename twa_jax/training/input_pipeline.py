@@ -20,6 +20,8 @@ import pathlib
 import queue
 import threading
 from typing import Any, Union
+import zipfile
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -162,9 +164,10 @@ def load_dataset(config: Any) -> Dataset:
   Args:
     config: fields `name` ("digits", "npz" or a TFDS name such as "cifar10",
       "cifar100", "imagenet2012"), `data_dir` (TFDS), `path` (npz with arrays
-      x_train, y_train, x_test, y_test); optional `train_size` / `test_size`
-      (keep a prefix), `download` (let TFDS download and prepare; default
-      False), `in_memory` (TFDS: default True unless image sizes vary),
+      x_train, y_train, x_test, y_test; images NHWC, or NHW grayscale, which
+      gets a channel axis); optional `train_size` / `test_size` (keep a
+      prefix), `download` (let TFDS download and prepare; default False),
+      `in_memory` (TFDS: default True unless image sizes vary),
       `augmentation` (default by input: "cifar" for images of 16 to 64
       pixels, "imagenet" above or for varying sizes, else "none").
 
@@ -172,13 +175,16 @@ def load_dataset(config: Any) -> Dataset:
     The `Dataset`, normalization computed on its training inputs.
 
   Raises:
-    ValueError: unknown dataset or augmentation, bad sizes or labels.
+    ValueError: unknown dataset or augmentation; a field the named dataset
+      does not read (`path` without name "npz", `data_dir`, `download` or
+      `in_memory` without a TFDS name); an empty split; a file that is not a
+      readable `.npz` of the four arrays; bad shapes, sizes or labels.
     FileNotFoundError: missing npz file or unprepared TFDS data.
-    KeyError: an array missing from the npz file.
   """
   source = _field(config, "name")
   if not source:
     raise ValueError("config.name: missing dataset name")
+  _check_source_fields(config, source)
   if source == "digits":
     name, columns, num_classes = "digits", _load_digits(), 10
   elif source == "npz":
@@ -216,6 +222,26 @@ def load_dataset(config: Any) -> Dataset:
                  mean, std, augmentation)
 
 
+_TFDS_FIELDS = ("data_dir", "download", "in_memory")
+
+
+def _check_source_fields(config: Any, source: str) -> None:
+  """Rejects a set field that the dataset `source` would silently ignore."""
+  path = _field(config, "path")
+  if path and source != "npz":
+    raise ValueError(
+        f"config.path={path!r} is read only with config.name='npz', but "
+        f"config.name={source!r}: set config.name='npz' to train on that "
+        "file, or unset config.path")
+  if source in ("digits", "npz"):
+    for field in _TFDS_FIELDS:
+      value = _field(config, field)
+      if value:
+        raise ValueError(
+            f"config.{field}={value!r} is read only for TFDS datasets, but "
+            f"config.name={source!r}; unset config.{field}")
+
+
 def _load_digits() -> tuple[np.ndarray, ...]:
   """scikit-learn's digits, 8x8x1 in [0, 1]; fixed stratified 1437/360 split."""
   from sklearn import datasets, model_selection  # pylint: disable=g-import-not-at-top
@@ -227,30 +253,80 @@ def _load_digits() -> tuple[np.ndarray, ...]:
   return x_train, y_train, x_test, y_test
 
 
+_NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+
+
 def _load_npz(path: str) -> tuple[np.ndarray, ...]:
+  """The four arrays of an `.npz` file, checked; NHW images get a channel axis."""
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"npz dataset file not found: {path}")
-  with np.load(path) as arrays:
-    names = ("x_train", "y_train", "x_test", "y_test")
-    missing = [n for n in names if n not in arrays.files]
-    if missing:
-      raise KeyError(f"{path}: missing array(s) {', '.join(missing)} "
-                     f"(has: {', '.join(arrays.files) or 'none'})")
-    x_train, y_train, x_test, y_test = (arrays[n] for n in names)
-  for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
-    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
-      raise ValueError(f"{path}: x_{split} {x.shape} and y_{split} {y.shape} "
-                       "must be (N, ...) inputs and (N,) labels")
+  arrays = _read_npz(path)
+  splits = {}
+  for split in ("train", "test"):
+    x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+    if x.ndim == 3:  # (N, H, W) grayscale images
+      x = x[..., None]
+    if x.ndim not in (2, 4) or y.ndim != 1 or len(x) != len(y):
+      raise ValueError(
+          f"{path}: x_{split} {x.shape} and y_{split} {y.shape} must be "
+          "(N, D) features or (N, H, W[, C]) images, and (N,) labels")
+    if x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[3] > 4:
+      raise ValueError(
+          f"{path}: x_{split} {x.shape} looks channels-first (N, C, H, W); "
+          "images must be NHWC: store np.moveaxis(x, 1, -1)")
+    if not len(y):
+      raise ValueError(f"{path}: the {split} split is empty (x_{split} "
+                       f"{x.shape}, y_{split} {y.shape})")
+    if not (np.issubdtype(x.dtype, np.integer)
+            or np.issubdtype(x.dtype, np.floating)):
+      raise ValueError(f"{path}: x_{split} must hold integers or floats, "
+                       f"got {x.dtype}")
     if not np.issubdtype(y.dtype, np.integer):
       raise ValueError(f"{path}: y_{split} must hold integer labels, "
                        f"got {y.dtype}")
-    if len(y) and y.min() < 0:
+    if y.min() < 0:
       raise ValueError(f"{path}: y_{split} has negative labels")
+    splits[split] = x, y.astype(np.int32)
+  (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
   if x_train.shape[1:] != x_test.shape[1:]:
     raise ValueError(f"{path}: x_train {x_train.shape} and x_test "
                      f"{x_test.shape} differ in example shape")
-  return x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32)
+  return x_train, y_train, x_test, y_test
+
+
+def _read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
+  """Reads the arrays `_NPZ_ARRAYS` of an `.npz` file, naming what is wrong."""
+  if not path.is_file():
+    raise FileNotFoundError(f"npz dataset file not found: {path}")
+  with open(path, "rb") as f:
+    head = f.read(6)
+  hint = ("write it with np.savez(path, x_train=..., y_train=..., x_test=..., "
+          "y_test=...)")
+  if not head:
+    raise ValueError(f"{path}: the file is empty, not an .npz archive; {hint}")
+  if head == b"\x93NUMPY":
+    raise ValueError(f"{path}: a single .npy array, not an .npz archive of "
+                     f"{', '.join(_NPZ_ARRAYS)}; {hint}")
+  if not zipfile.is_zipfile(path):
+    what = ("a truncated or damaged zip archive" if head.startswith(b"PK")
+            else "not a zip archive")
+    raise ValueError(f"{path}: {what}, not a readable .npz file; {hint}")
+  try:
+    npz = np.load(path)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{path}: not a readable .npz file ({e}); {hint}") from e
+  with npz:
+    missing = [n for n in _NPZ_ARRAYS if n not in npz.files]
+    if missing:
+      raise ValueError(f"{path}: missing array(s) {', '.join(missing)} "
+                       f"(has: {', '.join(npz.files) or 'none'})")
+    arrays = {}
+    for name in _NPZ_ARRAYS:
+      try:
+        arrays[name] = npz[name]
+      except (OSError, ValueError, EOFError, zipfile.BadZipFile,
+              zlib.error) as e:
+        raise ValueError(f"{path}: array {name} cannot be read ({e})") from e
+  return arrays
 
 
 def _load_tfds(name: str, data_dir: str | None, download: bool,
@@ -283,7 +359,10 @@ def _load_tfds(name: str, data_dir: str | None, download: bool,
   if in_memory is None:
     in_memory = None not in shape
   columns = []
-  for source in sources:
+  for split, source in zip(("train", test_split), sources):
+    if not len(source):
+      raise ValueError(f"TFDS dataset {name!r}: the {split} split under "
+                       f"{builder.data_dir} is empty")
     reader = _RecordReader(source)
     x = SourceColumn(reader, "image", shape)
     y = SourceColumn(reader, "label", ())
@@ -303,9 +382,7 @@ def _materialize(x: SourceColumn,
     idx = np.arange(start, min(start + _CHUNK, len(x)))
     xs.append(x[idx])
     ys.append(y[idx])
-  empty = np.zeros((0, *x.feature_shape), np.uint8)
-  return (np.concatenate(xs) if xs else empty,
-          np.concatenate(ys).astype(np.int32) if ys else np.zeros(0, np.int32))
+  return np.concatenate(xs), np.concatenate(ys).astype(np.int32)
 
 
 def _prefix(x: Column, y: Column, size: int | None,
@@ -323,7 +400,7 @@ def _prefix(x: Column, y: Column, size: int | None,
 
 
 def _infer_num_classes(*labels: np.ndarray) -> int:
-  return int(max(int(y.max()) for y in labels if len(y))) + 1
+  return max(int(y.max()) for y in labels) + 1
 
 
 def _default_augmentation(shape: tuple[int | None, ...]) -> str:
@@ -352,8 +429,6 @@ def _channel_stats(x: Column) -> tuple[np.ndarray, np.ndarray]:
     total = total + pixels.sum(axis=0)
     total_sq = total_sq + np.square(pixels).sum(axis=0)
     count += len(pixels)
-  if not count:
-    raise ValueError("the training split is empty")
   mean = total / count
   std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
   std = np.where(std > 1e-8 * np.maximum(np.abs(mean), 1.0), std, 1.0)
