@@ -213,7 +213,7 @@ def test_grayscale_images_get_a_channel_axis(tmp_path):
   assert logits.shape == (8, 10)
 
 
-def test_bad_input_shapes_are_errors(tmp_path):
+def test_bad_inputs_are_errors(tmp_path):
   labels = np.arange(4)
   nchw = _save_npz(tmp_path / "nchw.npz", np.zeros((4, 3, 32, 32), np.uint8),
                    labels, np.zeros((4, 3, 32, 32), np.uint8), labels)
@@ -230,6 +230,12 @@ def test_bad_input_shapes_are_errors(tmp_path):
   with pytest.raises(ValueError, match="text.npz: x_train must hold integers "
                      "or floats, got <U1"):
     ip.load_dataset(_config(name="npz", path=text))
+  features = np.ones((4, 3), np.float32)
+  features[2, 1] = np.nan
+  nan = _save_npz(tmp_path / "nan.npz", np.ones((4, 3)), labels, features,
+                  labels)
+  with pytest.raises(ValueError, match="nan.npz: x_test holds NaN"):
+    ip.load_dataset(_config(name="npz", path=nan))
 
 
 def test_unreadable_npz_files_are_named(tmp_path, npz_path):
@@ -273,6 +279,14 @@ def test_unreadable_npz_files_are_named(tmp_path, npz_path):
   with pytest.raises(ValueError,
                      match="damaged.npz: array x_test cannot be read"):
     load(damaged)
+  # A damaged central directory behind an intact end record.
+  directory = tmp_path / "directory.npz"
+  raw = bytearray(data)
+  raw[data.rindex(b"PK\x01\x02")] ^= 0xFF
+  directory.write_bytes(bytes(raw))
+  with pytest.raises(ValueError, match="directory.npz: not a readable .npz "
+                     "file.*central directory"):
+    load(directory)
 
 
 @pytest.fixture(scope="session")

@@ -280,6 +280,8 @@ def _load_npz(path: str) -> tuple[np.ndarray, ...]:
             or np.issubdtype(x.dtype, np.floating)):
       raise ValueError(f"{path}: x_{split} must hold integers or floats, "
                        f"got {x.dtype}")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+      raise ValueError(f"{path}: x_{split} holds NaN or infinite values")
     if not np.issubdtype(y.dtype, np.integer):
       raise ValueError(f"{path}: y_{split} must hold integer labels, "
                        f"got {y.dtype}")
