@@ -257,7 +257,7 @@ _NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 def _load_npz(path: str) -> tuple[np.ndarray, ...]:
-  """The four arrays of an `.npz` file, checked; NHW images get a channel axis."""
+  """The checked arrays of an `.npz` file; NHW images get a channel axis."""
   path = pathlib.Path(path)
   arrays = _read_npz(path)
   splits = {}
