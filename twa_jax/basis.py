@@ -5,7 +5,7 @@ e_i, so P^T g is one matrix-vector product over contiguous rows and P beta
 another. The rows live in `jax.Ref`s: a jitted step that closes over the
 basis reads them in place, neither embedding P in the program as a constant
 nor copying it per call. Build a basis with `twa_jax.basis_from_snapshots`
-(or `_from_store`, `_from_matrix`).
+(or `basis_from_store`, `basis_from_matrix`).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ class Layout(Protocol):
 def to_refs(vectors: Vectors) -> Vectors:
   """`vectors` with each array moved into a `jax.Ref` (the arrays deleted).
 
-  `jax.new_ref` copies; each source is deleted right after its copy, so the
-  peak stays one array above P, not two copies of P.
+  `jax.new_ref` copies; each source is deleted right after its copy, so a
+  second copy of P lives only while its Ref is filled.
   """
   def move(x: jax.Array):
     ref = jax.new_ref(x)
