@@ -46,6 +46,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import twa_jax  # pylint: disable=wrong-import-position
+from twa_jax import basis as basis_lib  # pylint: disable=wrong-import-position
 from twa_jax import quantization  # pylint: disable=wrong-import-position
 from twa_jax.training import models  # pylint: disable=wrong-import-position
 from twa_jax.training import steps  # pylint: disable=wrong-import-position
@@ -94,7 +95,7 @@ def random_basis(spec: twa_jax.ParamSpec, n: int, dtype: str, seed: int
   """n random rows of unit expected norm in storage `dtype`.
 
   Built row by row in place; "int8" / "int4" quantize float32 rows with
-  `twa_jax.quantization.quantize`, as `Basis.from_matrix(dtype=...)` does.
+  `twa_jax.quantization.quantize`, as `basis_from_matrix(dtype=...)` does.
   """
   low_bit = dtype in quantization.BITS
   float_dtype = jnp.float32 if low_bit else jnp.dtype(dtype)
@@ -109,7 +110,7 @@ def random_basis(spec: twa_jax.ParamSpec, n: int, dtype: str, seed: int
   vectors = rows(jax.random.PRNGKey(seed), n, spec.num_params)
   if low_bit:
     vectors = quantization.quantize(vectors, dtype)
-  return twa_jax.Basis(vectors, spec, n)
+  return twa_jax.Basis(basis_lib.to_refs(vectors), spec, n)
 
 
 def build_bytes(n: int, d: int, dtype: str) -> int:
@@ -195,7 +196,7 @@ class JaxSide:
     flat = self.spec.ravel(grads)
     flat_spec = twa_jax.ParamSpec.of(flat)
     sgd, twa = Trainer(self, self.sgd), Trainer(self, self.twa(basis))
-    copy_elements = min(basis.vectors.nbytes // 4, COPY_MAX_ELEMENTS)
+    copy_elements = min(basis.nbytes // 4, COPY_MAX_ELEMENTS)
     buffer = [jnp.zeros((copy_elements,), jnp.float32)]
     increment = jax.jit(lambda b: b + 1.0, donate_argnums=0)
 
@@ -326,7 +327,7 @@ def run(args: argparse.Namespace, report: dict) -> None:
         print(f"skip {name} n={n}: P needs {need_gb:.1f} GB", flush=True)
         continue
       basis = random_basis(jside.spec, n, args.basis_dtype, args.seed)
-      basis_gb = basis.vectors.nbytes / 1e9
+      basis_gb = basis.nbytes / 1e9
       sides, trainer, copy_bytes = jside.sides(basis)
       del basis  # the TWA trainer's state owns P from here on
       if tside:

@@ -1,29 +1,31 @@
 """Basis: orthonormality, reconstruction, projection properties, rank, errors."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
 
 import strategies
 import twa_jax as twa
-from twa_jax import basis as basis_lib
+from twa_jax.orthonormalize import default_rtol
 
 F32_EPS = float(jnp.finfo(jnp.float32).eps)
 BF16_EPS = float(jnp.finfo(jnp.bfloat16).eps)
 
 
 def _rtol(snaps: strategies.SnapshotSet) -> float:
-  eps = max(float(jnp.finfo(l.dtype).eps)
-            for l in jax.tree_util.tree_leaves(snaps.snapshots[0]))
-  return basis_lib.default_rtol(eps)
+  return default_rtol(twa.ParamSpec.of(snaps.snapshots[0]), snaps.n)
 
 
-def _rank_bounds(svals: np.ndarray, rtol: float) -> tuple[int, int]:
+def _rank_bounds(snaps: strategies.SnapshotSet, svals: np.ndarray,
+                 rtol: float) -> tuple[int, int]:
   """Numerical rank at rtol; a range when singular values sit near the cut."""
-  cut = rtol * svals[0]
+  cut = rtol * np.linalg.norm(snaps.matrix, axis=1).max()
   return int(np.sum(svals > 2.0 * cut)), int(np.sum(svals > 0.5 * cut))
 
 
@@ -35,7 +37,7 @@ def _random_like(tree, rng):
 
 @given(strategies.snapshot_sets(strategies.DTYPES))
 def test_orthonormal_reconstructs_and_has_numerical_rank(snaps):
-  basis = twa.Basis.from_snapshots(snaps.snapshots)
+  basis = twa.basis_from_snapshots(snaps.snapshots)
   p = strategies.basis_rows(basis)  # k x D rows
   d = snaps.matrix.shape[1]
   assert basis.num_params == d and p.shape == (basis.dim, d)
@@ -44,7 +46,7 @@ def test_orthonormal_reconstructs_and_has_numerical_rank(snaps):
 
   rtol = _rtol(snaps)
   svals = np.linalg.svd(snaps.matrix, compute_uv=False)
-  low, high = _rank_bounds(svals, rtol)
+  low, high = _rank_bounds(snaps, svals, rtol)
   assert low <= basis.dim <= high, (svals / svals[0], basis.dim)
   if snaps.kind != "deficient":
     # Full-rank by construction (the drift is far above the cut for float32).
@@ -72,7 +74,7 @@ def test_orthonormal_reconstructs_and_has_numerical_rank(snaps):
 
 @given(strategies.snapshot_sets(), st.integers(0, 2**32 - 1))
 def test_project_idempotent_and_symmetric(snaps, seed):
-  basis = twa.Basis.from_snapshots(snaps.snapshots)
+  basis = twa.basis_from_snapshots(snaps.snapshots)
   rng = np.random.default_rng(seed)
   x = _random_like(snaps.snapshots[0], rng)
   y = _random_like(snaps.snapshots[0], rng)
@@ -101,8 +103,8 @@ def test_bfloat16_storage(snaps):
   Tolerances: |P^T P - I| <= 0.02 (a few bfloat16 ulps, eps = 2^-7) and
   relative reconstruction error <= 0.02; the products accumulate in float32.
   """
-  basis = twa.Basis.from_snapshots(snaps.snapshots, dtype=jnp.bfloat16)
-  reference = twa.Basis.from_snapshots(snaps.snapshots)
+  basis = twa.basis_from_snapshots(snaps.snapshots, dtype=jnp.bfloat16)
+  reference = twa.basis_from_snapshots(snaps.snapshots)
   assert basis.vectors.dtype == jnp.bfloat16 and basis.dim == reference.dim
   p = strategies.basis_rows(basis)
   np.testing.assert_allclose(p @ p.T, np.eye(basis.dim), atol=0.02)
@@ -126,11 +128,13 @@ def test_nearly_collinear_trajectory_stays_orthonormal():
   w64 = w.astype(np.float64)
   cos = np.sum(w64[1:] * w64[:-1], 1) / np.linalg.norm(w64[1:], axis=1) / np.linalg.norm(w64[:-1], axis=1)
   assert cos.min() > 0.99999 - 1e-6
-  vectors, svals = twa.orthonormalize(w.copy(), rtol=1e-6)
+  vectors, spectrum = twa.orthonormalize(w.copy(), rtol=1e-6)
   p = np.asarray(vectors, np.float64)
-  assert p.shape == (n, d)
+  assert p.shape == (n, d) and spectrum.dim == n and spectrum.dropped == 0
   assert np.abs(p @ p.T - np.eye(n)).max() < 1e-5
-  np.testing.assert_allclose(svals, np.linalg.svd(w64, compute_uv=False), rtol=1e-4)
+  svals = np.linalg.svd(w64, compute_uv=False)
+  np.testing.assert_allclose(spectrum.values, svals, rtol=1e-4)
+  np.testing.assert_allclose(spectrum.condition, svals[0] / svals[-1], rtol=1e-3)
   recon = (w64 @ p.T) @ p
   assert np.abs(recon - w64).max() < 1e-5 * np.abs(w64).max()
 
@@ -139,25 +143,25 @@ def test_duplicates_and_combinations_add_no_directions():
   rng = np.random.default_rng(1)
   a, b, c = (rng.normal(size=50).astype(np.float32) for _ in range(3))
   snaps = [{"w": v} for v in (a, b, a, 2 * a - b, c, b, 0.5 * (a + c), a)]
-  basis = twa.Basis.from_snapshots(snaps)
+  basis = twa.basis_from_snapshots(snaps)
   assert basis.dim == 3
   # A stacked tree of the same snapshots gives the same subspace.
   stacked = {"w": np.stack([s["w"] for s in snaps])}
-  other = twa.Basis.from_snapshots(stacked)
+  other = twa.basis_from_snapshots(stacked)
   p, q = (strategies.basis_rows(x) for x in (basis, other))
   np.testing.assert_allclose(p.T @ p, q.T @ q, atol=1e-5)
   # A zero snapshot adds nothing either; rtol can drop weak directions.
-  assert twa.Basis.from_snapshots(snaps + [{"w": np.zeros(50, np.float32)}]).dim == 3
+  assert twa.basis_from_snapshots(snaps + [{"w": np.zeros(50, np.float32)}]).dim == 3
   weak = [{"w": a}, {"w": a + 1e-4 * c}]
-  assert twa.Basis.from_snapshots(weak).dim == 2
-  assert twa.Basis.from_snapshots(weak, rtol=1e-3).dim == 1
+  assert twa.basis_from_snapshots(weak).dim == 2
+  assert twa.basis_from_snapshots(weak, rtol=1e-3).dim == 1
 
 
 def test_basis_passes_through_jit():
   rng = np.random.default_rng(2)
   snaps = [{"a": rng.normal(size=(3, 4)).astype(np.float32),
             "b": rng.normal(size=(5,)).astype(np.float32)} for _ in range(3)]
-  basis = twa.Basis.from_snapshots(snaps)
+  basis = twa.basis_from_snapshots(snaps)
   leaves, treedef = jax.tree_util.tree_flatten(basis)
   assert len(leaves) == 1 and leaves[0] is basis.vectors
   x = _random_like(snaps[0], rng)
@@ -178,7 +182,7 @@ def test_basis_passes_through_jit():
 
 def test_zero_snapshots_rejected():
   with pytest.raises(ValueError, match="zero"):
-    twa.Basis.from_snapshots([{"w": np.zeros(8, np.float32)}] * 2)
+    twa.basis_from_snapshots([{"w": np.zeros(8, np.float32)}] * 2)
 
 
 @pytest.mark.parametrize("bad, error, pattern", [
@@ -197,14 +201,14 @@ def test_zero_snapshots_rejected():
 ])
 def test_from_snapshots_bad_input(bad, error, pattern):
   with pytest.raises(error, match=pattern):
-    twa.Basis.from_snapshots(bad)
+    twa.basis_from_snapshots(bad)
 
 
 def test_mismatched_trees_name_the_leaf():
   snaps = [{"layer": {"w": np.ones((2, 3), np.float32) * i,
                       "b": np.arange(3, dtype=np.float32) * i ** 2}}
            for i in range(1, 3)]
-  basis = twa.Basis.from_snapshots(snaps)
+  basis = twa.basis_from_snapshots(snaps)
   wrong_shape = {"layer": {"w": jnp.ones((3, 2)), "b": jnp.ones(3)}}
   missing = {"layer": {"w": jnp.ones((2, 3))}}
   non_float = {"layer": {"w": jnp.ones((2, 3)), "b": jnp.ones(3, jnp.int32)}}
@@ -220,4 +224,137 @@ def test_mismatched_trees_name_the_leaf():
   with pytest.raises(ValueError, match=r"beta has shape \(2, 1\)"):
     basis.from_coordinates(jnp.ones((2, 1)))
   with pytest.raises(TypeError, match="floating point"):
-    twa.Basis.from_snapshots(snaps, dtype=jnp.int8)
+    twa.basis_from_snapshots(snaps, dtype=jnp.int8)
+
+
+def _big_basis(d: int = 200_000):
+  rng = np.random.default_rng(5)
+  snaps = [{"w": rng.normal(size=d).astype(np.float32)} for _ in range(4)]
+  return snaps, twa.basis_from_snapshots(snaps)
+
+
+def test_vectors_live_in_refs_read_inside_one_jitted_call():
+  snaps, basis = _big_basis()
+  assert all(isinstance(x, jax.Ref) for x in jax.tree.leaves(basis.vectors))
+  x = {"w": jnp.asarray(snaps[1]["w"])}
+  p = strategies.basis_rows(basis)
+  for method, arg in ((basis.project, x), (basis.coordinates, x),
+                      (basis.from_coordinates, jnp.ones(basis.dim))):
+    # Eagerly, each product is one jitted call that reads P in place: no
+    # read of the Refs (an eager copy of P) outside it.
+    eqns = jax.make_jaxpr(method)(arg).eqns
+    assert [e.primitive.name for e in eqns] == ["jit"], eqns
+  np.testing.assert_allclose(np.asarray(basis.project(x)["w"]),
+                             p.T @ (p @ snaps[1]["w"]), rtol=1e-4, atol=1e-4)
+  # The basis is unchanged by its use.
+  np.testing.assert_array_equal(strategies.basis_rows(basis), p)
+
+
+def test_closure_over_the_basis_neither_embeds_nor_changes_p():
+  snaps, basis = _big_basis()
+  x = {"w": jnp.asarray(snaps[2]["w"])}
+  want = basis.project(x)["w"]
+  f = jax.jit(lambda t: basis.project(t))
+  # P (3.2 MB) is not a constant of the program: it is read from its Refs.
+  assert len(f.lower(x).as_text()) < 100_000
+  np.testing.assert_allclose(np.asarray(f(x)["w"]), np.asarray(want),
+                             rtol=1e-6, atol=1e-6)
+  g = nnx.jit(lambda t: basis.from_coordinates(basis.coordinates(t)))
+  np.testing.assert_allclose(np.asarray(g(x)["w"]), np.asarray(want),
+                             rtol=1e-6, atol=1e-6)
+
+
+def _drifting(dtype, drift: float, n: int = 10, d: int = 1000):
+  """n snapshots w0 + drift * noise (independent), stored in `dtype`."""
+  rng = np.random.default_rng(7)
+  w0 = rng.normal(size=d)
+  return [w0 + drift * rng.normal(size=d) for _ in range(n)]
+
+
+def test_default_cutoff_keeps_what_low_precision_snapshots_resolve():
+  # 10% drift is far above bfloat16's rounding (0.4%): all 10 directions
+  # are resolved (the cut-off of 10 eps x the largest singular value kept 1).
+  rows = _drifting(jnp.bfloat16, 0.1)
+  basis = twa.basis_from_snapshots([{"w": jnp.asarray(r, jnp.bfloat16)} for r in rows])
+  assert basis.dim == 10 and basis.dropped == 0
+  # One 4-entry float16 leaf in a float32 model: float32's resolution
+  # (it kept 1 of 10 at 1% drift).
+  rows = _drifting(jnp.float32, 0.01)
+  mixed = [{"w": r.astype(np.float32), "s": r[:4].astype(np.float16)} for r in rows]
+  assert twa.basis_from_snapshots(mixed).dim == 10
+  # What the dtype cannot resolve is still dropped: bfloat16 rounding of
+  # nearly equal snapshots adds no directions.
+  rows = _drifting(jnp.bfloat16, 1e-4)
+  noisy = twa.basis_from_snapshots([{"w": jnp.asarray(r, jnp.bfloat16)} for r in rows])
+  assert noisy.dim < 10 and noisy.dim + noisy.dropped == 10
+
+
+def test_dropped_directions_are_logged_and_counted(caplog):
+  rng = np.random.default_rng(8)
+  a, b = (rng.normal(size=64).astype(np.float32) for _ in range(2))
+  snaps = [{"w": v} for v in (a, b, a + b, a, b + 1e-9 * a)]
+  with caplog.at_level(logging.INFO, logger="twa_jax"):
+    basis = twa.basis_from_snapshots(snaps)
+  assert basis.dim == 2 and basis.dropped == 3
+  assert basis.condition == np.inf and basis.spectrum.values[-1] == 0.0
+  [record] = [r for r in caplog.records if "orthonormalize" in r.getMessage()]
+  assert record.levelno == logging.WARNING
+  assert "kept 2 of 5" in record.getMessage()
+  assert "dropped 3" in record.getMessage()
+  clean = twa.basis_from_snapshots(snaps[:2])
+  assert clean.dropped == 0 and 1.0 <= clean.condition < np.inf
+  np.testing.assert_allclose(
+      clean.condition, np.linalg.cond(np.stack([a, b]).astype(np.float64)),
+      rtol=1e-4)
+
+
+@pytest.mark.parametrize("rtol", [float("nan"), 0.0, -1e-3, 1.0, 2.0])
+def test_bad_rtol_is_rejected_before_work(rtol):
+  snaps = [{"w": np.arange(4, dtype=np.float32) + i} for i in range(2)]
+  spec, matrix = twa.ParamSpec.of(snaps[0]), np.stack([s["w"] for s in snaps])
+  for build in (lambda: twa.basis_from_snapshots(snaps, rtol=rtol),
+                lambda: twa.basis_from_matrix(spec, matrix, rtol=rtol),
+                lambda: twa.orthonormalize(matrix, rtol=rtol)):
+    with pytest.raises(ValueError, match="rtol"):
+      build()
+
+
+def test_every_valid_rtol_keeps_the_largest_direction():
+  snaps = [{"w": np.arange(4, dtype=np.float32) + i} for i in range(3)]
+  assert twa.basis_from_snapshots(snaps, rtol=0.999).dim == 1
+
+
+def test_huge_finite_snapshots_get_a_clear_error():
+  rng = np.random.default_rng(9)
+  snaps = [{"w": (3e38 * rng.choice([-1, 1], size=50)).astype(np.float32)}
+           for _ in range(4)]
+  with pytest.raises(ValueError, match="overflow"):
+    twa.basis_from_snapshots(snaps)
+
+
+def test_from_matrix_names_a_bad_matrix():
+  spec = twa.ParamSpec.of({"w": np.zeros(4, np.float32)})
+  matrix = np.arange(12, dtype=np.float32).reshape(3, 4)
+  with pytest.raises(ValueError, match=r"matrix: expected n x D.*\(4,\)"):
+    twa.basis_from_matrix(spec, matrix[0])
+  for bad in (np.nan, np.inf):
+    w = matrix.copy()
+    w[1, 2] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+      twa.basis_from_matrix(spec, w)
+
+
+def test_builder_is_the_orthonormalizer_bit_for_bit():
+  """The builder adds nothing to the numbers: the same rows as
+  `orthonormalize` on the stacked snapshots with the default cut-off."""
+  rows = _drifting(jnp.float32, 0.05, n=7, d=300)
+  snaps = [{"a": r[:100].reshape(10, 10).astype(np.float32),
+            "b": r[100:].astype(np.float32)} for r in rows]
+  spec = twa.ParamSpec.of(snaps[0])
+  matrix = np.stack([r.astype(np.float32) for r in rows])
+  padded = np.pad(matrix, ((0, 0), (0, 512 - 300)))  # the builder's padding
+  want, spectrum = twa.orthonormalize(padded, rtol=default_rtol(spec, 7))
+  basis = twa.basis_from_snapshots(snaps)
+  np.testing.assert_array_equal(np.asarray(basis.read_vectors()),
+                                np.asarray(want))
+  assert basis.spectrum == spectrum
