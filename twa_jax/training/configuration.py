@@ -74,7 +74,7 @@ def differences(configs: Mapping[str, Mapping[str, Any]],
   return lines
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks the fields that need no data: finite positive numbers, choices.
 
   Raises:

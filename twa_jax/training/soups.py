@@ -198,7 +198,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     TrainingDiverged: NaN loss in TWA.
   """
   parsed = parse_sources(sources)
-  configuration.validate(config)
+  configuration.validate_config(config)
   check_sources(config, parsed)
   split = holdout_split(config)
   ingredients = load_ingredients(parsed)
@@ -236,7 +236,8 @@ def _check_run(workdir: pathlib.Path, record: dict[str, Any]) -> None:
                       f"sources: {', '.join(names)}; use another --workdir "
                       f"or delete {workdir / 'soup'}")
   lines = configuration.differences(
-      {"there": saved["config"], "now": record["config"]}, _RUN_FIELDS)
+      {"the soup workdir": saved["config"], "this config": record["config"]},
+      _RUN_FIELDS)
   if lines:
     raise ConfigError(
         f"the config does not match the soup started in {workdir} ({path}):"

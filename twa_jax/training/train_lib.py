@@ -51,7 +51,7 @@ def run(config: ml_collections.ConfigDict,
     TrainingDiverged: NaN loss (what was saved is kept).
   """
   phases = parse_phases(config.phases)
-  configuration.validate(config)
+  configuration.validate_config(config)
   workdir = workdir_lib.prepare(workdir)
   with workdir_lib.log_to(workdir / "log.txt"):
     logging.info("twa_jax %s: config %s, workdir %s, phases %s",
