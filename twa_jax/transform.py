@@ -95,16 +95,17 @@ def twa(basis: AnyBasis, learning_rate: optax.ScalarOrSchedule, *,
     basis: the orthonormal basis P (closed over; not part of the state).
     learning_rate: a float or an optax schedule.
     momentum: heavy-ball momentum (a concrete 0 keeps no momentum buffer).
-    weight_decay: lambda, the L2 penalty on the weights (a concrete 0 drops
-      it, and `update` then needs no `params`).
+    weight_decay: lambda, the L2 penalty on the spanned weights (a concrete
+      0 drops it, and `update` then needs no `params`).
     nesterov: Nesterov momentum.
 
   Returns:
     `optax.chain(project(basis), optax.add_decayed_weights(weight_decay),
     optax.sgd(learning_rate, momentum, nesterov))`.
   """
-  decay = [] if _is_zero(weight_decay) else [
-      optax.add_decayed_weights(weight_decay)]
+  # Leaves the basis leaves out (frozen) get no decay either.
+  decay = [] if _is_zero(weight_decay) else [optax.add_decayed_weights(
+      weight_decay, mask=basis.spec.mask if basis.spec.frozen else None)]
   return optax.chain(
       project(basis), *decay,
       optax.sgd(learning_rate, momentum=None if _is_zero(momentum) else momentum,

@@ -169,6 +169,13 @@ class ParamSpec:
 
     return leaves, place
 
+  def mask(self, tree: PyTree) -> PyTree:
+    """A pytree of bools shaped like `tree` (NNX Variables unwrapped): True
+    at the leaves this spec spans, e.g. an `optax.masked` mask."""
+    named, treedef = _flatten(tree, "mask")
+    return jax.tree_util.tree_unflatten(
+        treedef, [name in self._index for name, _ in named])
+
   @functools.cached_property
   def _index(self) -> dict[str, int]:
     return {name: i for i, name in enumerate(self.paths)}
