@@ -13,7 +13,6 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import auto as tqdm
 
-import twa_jax
 from twa_jax.training import experiment as experiment_lib
 from twa_jax.training import input_pipeline
 from twa_jax.training import steps as steps_lib
@@ -54,8 +53,7 @@ def train(exp: experiment_lib.Experiment, workdir: pathlib.Path, phase: str,
           state: TrainState, train_step: Callable[..., Any],
           schedule: optax.Schedule, *, epochs: int,
           data: input_pipeline.Dataset, data_seed: int,
-          recorder: Recorder | None = None,
-          basis: twa_jax.Basis | None = None) -> tuple[TrainState, float]:
+          recorder: Recorder | None = None) -> tuple[TrainState, float]:
   """Trains `epochs` epochs, resuming from the phase's last checkpoint.
 
   Every epoch: train on `data`, evaluate on the test split, append the
@@ -72,7 +70,6 @@ def train(exp: experiment_lib.Experiment, workdir: pathlib.Path, phase: str,
     data: the dataset whose train split the steps draw batches from.
     data_seed: the batch order is a function of (data_seed, epoch).
     recorder: records the state at its steps (see `Recorder`).
-    basis: the TWA basis to put back into a restored optimizer state.
 
   Returns:
     The final state and the seconds spent in this phase's epochs (summed
@@ -86,7 +83,7 @@ def train(exp: experiment_lib.Experiment, workdir: pathlib.Path, phase: str,
   spe = input_pipeline.steps_per_epoch(data, exp.config.sgd.batch_size)
   with ocp.CheckpointManager(checkpoint_dir(workdir, phase),
                              options=options) as manager:
-    state, start_epoch, elapsed = _restore(manager, state, phase, basis)
+    state, start_epoch, elapsed = _restore(manager, state, phase)
     workdir_lib.truncate_metrics(workdir, phase, start_epoch)
     if start_epoch == 0 and recorder is not None and 0 in recorder.steps:
       recorder.record(0, state, 0.0)
@@ -111,7 +108,7 @@ def train(exp: experiment_lib.Experiment, workdir: pathlib.Path, phase: str,
         if recorder is not None:
           recorder.flush()
         manager.save(epoch + 1, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(steps_lib.host(_checkpoint(state))),
+            state=ocp.args.StandardSave(steps_lib.host(state.to_dict())),
             meta=ocp.args.JsonSave({"epoch": epoch + 1,
                                     "elapsed_s": elapsed})))
     manager.wait_until_finished()
@@ -200,24 +197,16 @@ def _record_epoch(workdir: pathlib.Path, phase: str, epoch: int, epochs: int,
                test["accuracy"], lr, seconds)
 
 
-def _checkpoint(state: TrainState) -> dict[str, Any]:
-  """The checkpointed tree: the state less the TWA basis (rebuilt on resume)."""
-  return dict(state.to_dict(),
-              opt_state=twa_jax.strip_basis(state.opt_state))
-
-
-def _restore(manager: ocp.CheckpointManager, state: TrainState, phase: str,
-             basis: twa_jax.Basis | None) -> tuple[TrainState, int, float]:
+def _restore(manager: ocp.CheckpointManager, state: TrainState,
+             phase: str) -> tuple[TrainState, int, float]:
   """The latest checkpoint's state, epoch and seconds (else the given state)."""
   latest = manager.latest_step()
   if latest is None:
     return state, 0, 0.0
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _checkpoint(state))
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.to_dict())
   restored = manager.restore(latest, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
   fields, meta = restored["state"], restored["meta"]
-  if basis is not None:
-    fields["opt_state"] = twa_jax.restore_basis(fields["opt_state"], basis)
   logging.info("%s: resuming after epoch %d from %s", phase, meta["epoch"],
                manager.directory)
   return TrainState.from_dict(fields), int(meta["epoch"]), float(meta["elapsed_s"])

@@ -122,8 +122,7 @@ def train_twa(exp: experiment_lib.Experiment, workdir: pathlib.Path,
   setup = time.perf_counter() - started
   state, elapsed = loop.train(exp, workdir, phase, state, train_step,
                               schedule, epochs=cfg.epochs, data=data,
-                              data_seed=seed + 1, basis=basis)
-  basis = twa_jax.basis_of(state.opt_state)  # the steps donated the old one
+                              data_seed=seed + 1)
   started = time.perf_counter()
   alpha = twa_jax.averaging_coefficients(state.params, load_snapshots(), basis)
   coefficients = time.perf_counter() - started
