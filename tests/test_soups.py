@@ -236,7 +236,8 @@ def test_bad_sources_are_refused_naming_them(soup, tmp_path):
                      match=r"twa\.lr: 0\.5 in the soup workdir; 0\.25 in "
                      r"this config"):
     soups.run(cfg, root / "soup", sources)
-  with pytest.raises(configuration.ConfigError, match="started from other sources"):
+  with pytest.raises(configuration.ConfigError,
+                     match="started from other sources"):
     soups.run(config(), root / "soup", sources[:2])
 
 

@@ -242,7 +242,8 @@ def test_config_mismatch_with_a_started_phase_is_refused(finished, tmp_path):
   config = tiny_config()
   config.sgd.lr = 0.2
   with pytest.raises(configuration.ConfigError,
-                     match=r"sgd\.lr: 0\.1 in the workdir; 0\.2 in this config"):
+                     match=r"sgd\.lr: 0\.1 in the workdir; 0\.2 in this "
+                     r"config"):
     train_lib.run(config, workdir)
   config = tiny_config()
   config.twa.lr = 0.25

@@ -1,4 +1,4 @@
-"""Checks experiment configs: field validation and the differences between configs."""
+"""Checks experiment configs: valid fields, differences between configs."""
 
 from __future__ import annotations
 

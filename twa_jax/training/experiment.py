@@ -1,4 +1,4 @@
-"""The data, model and snapshot plan of a run, and the evaluation of parameters on it."""
+"""A run's data, model and snapshot plan, and evaluation on its data."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The epoch loop of a training phase: resume, train, evaluate, checkpoint, stop on NaN."""
+"""The epoch loop of a phase: resume, train, evaluate, checkpoint, NaN check."""
 
 from __future__ import annotations
 
@@ -209,4 +209,5 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState,
   fields, meta = restored["state"], restored["meta"]
   logging.info("%s: resuming after epoch %d from %s", phase, meta["epoch"],
                manager.directory)
-  return TrainState.from_dict(fields), int(meta["epoch"]), float(meta["elapsed_s"])
+  return (TrainState.from_dict(fields), int(meta["epoch"]),
+          float(meta["elapsed_s"]))

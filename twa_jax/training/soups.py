@@ -129,8 +129,9 @@ def check_sources(config: ml_collections.ConfigDict,
   if lines:
     raise ConfigError(
         "the soup's sources must be one model on one dataset with one "
-        "held-out part (data.holdout_*); they differ in:\n  " + "\n  ".join(lines) + "\nRun the soup with "
-        "the sources' --config and overrides.")
+        "held-out part (data.holdout_*); they differ in:\n  "
+        + "\n  ".join(lines)
+        + "\nRun the soup with the sources' --config and overrides.")
 
 
 def holdout_split(config: ml_collections.ConfigDict) -> str:

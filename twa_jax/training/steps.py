@@ -1,4 +1,4 @@
-"""Jitted steps of the training world (train, evaluate, recompute batch norm), its train state, schedules and base optimizers."""
+"""The train state, jitted steps, schedules and base optimizers of training."""
 
 from __future__ import annotations
 

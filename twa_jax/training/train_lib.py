@@ -1,4 +1,4 @@
-"""The phases of train.py (SGD recording its trajectory, SWA, EMA, TWA, surface, report) and `run`, which runs them."""
+"""The phases of train.py (sgd, swa, twa, surface, report) and `run`."""
 
 from __future__ import annotations
 
@@ -247,7 +247,7 @@ def phase_swa(exp: Experiment, workdir: pathlib.Path) -> None:
 
 
 def phase_twa(exp: Experiment, workdir: pathlib.Path) -> None:
-  """TWA in the span of the averaged snapshots; with TWA-v also on held-out data.
+  """TWA in the span of the averaged snapshots; TWA-v also on held-out data.
 
   "twa" trains the coefficients on the sgd phase's training data; with
   `twa.holdout_fraction` > 0, "twa_v" trains them again, from the same

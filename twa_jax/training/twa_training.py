@@ -1,4 +1,4 @@
-"""TWA training in the span of given snapshots: basis, optimizer, training, coefficients."""
+"""TWA in the span of given snapshots: basis, optimizer, training, result."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class TwaOutcome:
 
 def build_basis(cfg: ml_collections.ConfigDict,
                 snapshots: Snapshots) -> twa_jax.Basis:
-  """The basis of the snapshots' span, with `config.twa`'s granularity and storage."""
+  """The basis of the snapshots' span (`config.twa` granularity, storage)."""
   granularity = _layer if cfg.granularity == "layer" else cfg.granularity
   dtype = (cfg.storage if cfg.storage in ("int8", "int4")
            else jnp.dtype(cfg.storage))
@@ -76,7 +76,7 @@ def twa_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule,
 
 
 def coefficients_record(alpha: PyTree) -> dict[str, Any]:
-  """The averaging coefficients and their sum as JSON data (per block if a dict)."""
+  """The averaging coefficients and their sum as JSON data (per block)."""
   alpha = jax.tree.map(lambda a: np.asarray(a, np.float64), alpha)
   return {"coefficients": jax.tree.map(lambda a: a.tolist(), alpha),
           "coefficient_sum": jax.tree.map(lambda a: float(a.sum()), alpha)}
@@ -110,8 +110,8 @@ def train_twa(exp: experiment_lib.Experiment, workdir: pathlib.Path,
   params = twa_jax.swa(snapshots) if start == "mean" else _last(snapshots)
   logging.info("%s: basis of %d snapshots has dimension %d (%d parameters; "
                "%s coefficients, %s storage); training on %d examples",
-               phase, _count(snapshots), basis.dim, basis.num_params, cfg.granularity, cfg.storage,
-               data.num_train)
+               phase, _count(snapshots), basis.dim, basis.num_params,
+               cfg.granularity, cfg.storage, data.num_train)
   del snapshots
   spe = input_pipeline.steps_per_epoch(data, exp.config.sgd.batch_size)
   schedule = steps_lib.learning_rate_schedule(cfg, cfg.epochs, spe)
@@ -124,7 +124,8 @@ def train_twa(exp: experiment_lib.Experiment, workdir: pathlib.Path,
                               schedule, epochs=cfg.epochs, data=data,
                               data_seed=seed + 1)
   started = time.perf_counter()
-  alpha = twa_jax.averaging_coefficients(state.params, load_snapshots(), basis)
+  alpha = twa_jax.averaging_coefficients(state.params, load_snapshots(),
+                                         basis)
   coefficients = time.perf_counter() - started
   metrics, bn_seconds = experiment_lib.evaluate_averaged(
       exp, state.params, experiment_lib.row_splits(exp))

@@ -1,4 +1,4 @@
-"""Reads and writes a run's workdir: JSON files, metrics.jsonl, the log, the saved config."""
+"""A run's workdir: its JSON files, metrics.jsonl, log and saved config."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging as py_logging
 import math
 import os
 import pathlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from absl import logging
