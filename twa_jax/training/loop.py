@@ -209,5 +209,5 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState,
   fields, meta = restored["state"], restored["meta"]
   logging.info("%s: resuming after epoch %d from %s", phase, meta["epoch"],
                manager.directory)
-  return (TrainState.from_dict(fields), int(meta["epoch"]),
+  return (TrainState(**fields), int(meta["epoch"]),
           float(meta["elapsed_s"]))

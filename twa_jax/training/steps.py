@@ -56,10 +56,6 @@ class TrainState:
       out["ema"] = self.ema
     return out
 
-  @classmethod
-  def from_dict(cls, fields: dict[str, PyTree]) -> TrainState:
-    return cls(**fields)
-
 
 def milestone_epochs(decay_at, epochs: int) -> list[int]:
   """Epochs after which a step schedule decays: ceil(fraction * epochs).
