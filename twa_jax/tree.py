@@ -222,7 +222,7 @@ def _flatten(tree: PyTree, what: str) -> tuple[list[tuple[str, Any]], Any]:
   tree = _unwrap(tree)
   try:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  except TypeError as e:
+  except (TypeError, ValueError) as e:  # jax wraps the sort's TypeError
     mixed = _mixed_key_dict(tree, ())
     if mixed is None:
       raise
