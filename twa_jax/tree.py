@@ -219,9 +219,8 @@ def _unwrap(tree: PyTree) -> PyTree:
 
 def _flatten(tree: PyTree, what: str) -> tuple[list[tuple[str, Any]], Any]:
   """(path string, leaf) pairs of `tree` and its treedef, with clear errors."""
-  tree = _unwrap(tree)
   try:
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(_unwrap(tree))
   except (TypeError, ValueError) as e:  # jax wraps the sort's TypeError
     mixed = _mixed_key_dict(tree, ())
     if mixed is None:
