@@ -154,3 +154,22 @@ def test_torch_reference_projection_matches_basis_project(monkeypatch):
   torch_reference.project_grads(model, torch.from_dlpack(basis.vectors))
   np.testing.assert_allclose(torch_reference.grad_vector(model).numpy(),
                              projected, atol=1e-5 * np.abs(expected).max())
+
+
+def test_step_overhead_loops_smoke(tmp_path):
+  out = tmp_path / "loops.json"
+  cmd = [sys.executable, str(BENCH / "step_overhead.py"), "--loops", "--smoke",
+         "--out", str(out)]
+  proc = _run(cmd + ([] if _has_torch() else ["--torch", "off"]))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  (row,) = report["loops"]
+  styles = {"jit", "donated", "train_state", "nnx"} | (
+      {"torch"} if _has_torch() else set())
+  assert set(row["ratio"]) == styles
+  assert set(row["times_s"]) == {f"{s}_{k}" for s in styles
+                                 for k in ("sgd", "twa")}
+  assert row["num_params"] == 32 * 64 + 64 + 64 * 10 + 10 and row["n"] == 3
+  assert all(_positive(r) for r in row["ratio"].values())
+  assert all(len(t) == 2 and all(_positive(x) for x in t)
+             for t in row["times_s"].values())
