@@ -129,6 +129,8 @@ class ParamSpec:
       As :meth:`check`.
     """
     named, treedef = _flatten(tree, what)
+    if treedef == self.treedef:  # same structure: leaves match by position
+      named = [(name, leaf) for name, (_, leaf) in zip(self.paths, named)]
     position = {name: i for i, (name, _) in enumerate(named)}
     frozen = set(self.frozen)
     for name, leaf in named:
