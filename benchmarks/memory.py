@@ -2,8 +2,8 @@
 
 Each configuration runs in its own process, so one peak never hides another:
 the model is built, then (TWA only) a host snapshot matrix W (n x D float32,
-what `TrajectoryStore.read_matrix` hands to `Basis.from_store`) is filled and
-orthonormalized with `Basis.from_matrix`, then a few jitted training steps
+what `TrajectoryStore.read_matrix` hands to `basis_from_store`) is filled and
+orthonormalized with `basis_from_matrix`, then a few jitted training steps
 run. The peak resident set (`common.peak_rss_bytes`, i.e. ru_maxrss, whose
 high-water mark Linux resets through /proc/self/clear_refs between the two
 stages; elsewhere the second figure includes the first) is read after each
@@ -108,10 +108,9 @@ def child(config: dict) -> dict:
     matrix = np.empty((n, d), np.float32)
     for i in range(n):  # perturbed copies of the weights, one row each
       matrix[i] = w0 + 0.01 * rng.standard_normal(d, dtype=np.float32)
-    basis = twa_jax.Basis.from_matrix(side.spec, matrix)
-    jax.block_until_ready(basis.vectors)
+    basis = twa_jax.basis_from_matrix(side.spec, matrix)
     del matrix
-    out.update(basis_dim=basis.dim, basis_mb=basis.vectors.nbytes / _MB,
+    out.update(basis_dim=basis.dim, basis_mb=basis.nbytes / _MB,
                peak_setup_mb=peak_mb(), rss_after_setup_mb=rss_mb())
     tx = side.twa(basis)
     del basis  # the trainer's state owns P

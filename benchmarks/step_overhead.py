@@ -20,8 +20,8 @@ Reported: the TWA/SGD step ratio of each framework (the paper's figure is
 1.02) as three estimates (see `summarize`), the projection times, and the projection
 bandwidth 2 |P| / time against the copy bandwidth (2 |buffer| / time). P is n
 random rows (timing does not depend on their values, and a random basis
-avoids an orthonormalization per configuration); PyTorch reads the very same
-buffer through DLPack. Combinations whose P exceeds --max-basis-gb are
+avoids an orthonormalization per configuration); PyTorch gets a copy of the
+same rows (DLPack cannot export a jax.Ref). Combinations whose P exceeds --max-basis-gb are
 skipped and listed.
 
   python benchmarks/step_overhead.py --models small_cnn,resnet20,vgg16 \
@@ -59,6 +59,7 @@ from flax.training import train_state
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import twa_jax  # pylint: disable=wrong-import-position
+from twa_jax import basis as basis_lib  # pylint: disable=wrong-import-position
 from twa_jax import quantization  # pylint: disable=wrong-import-position
 from twa_jax.training import models  # pylint: disable=wrong-import-position
 from twa_jax.training import steps  # pylint: disable=wrong-import-position
@@ -118,7 +119,7 @@ def random_basis(spec: twa_jax.ParamSpec, n: int, dtype: str, seed: int
   """n random rows of unit expected norm in storage `dtype`.
 
   Built row by row in place; "int8" / "int4" quantize float32 rows with
-  `twa_jax.quantization.quantize`, as `Basis.from_matrix(dtype=...)` does.
+  `twa_jax.quantization.quantize`, as `basis_from_matrix(dtype=...)` does.
   """
   low_bit = dtype in quantization.BITS
   float_dtype = jnp.float32 if low_bit else jnp.dtype(dtype)
@@ -133,7 +134,7 @@ def random_basis(spec: twa_jax.ParamSpec, n: int, dtype: str, seed: int
   vectors = rows(jax.random.PRNGKey(seed), n, spec.num_params)
   if low_bit:
     vectors = quantization.quantize(vectors, dtype)
-  return twa_jax.Basis(vectors, spec, n)
+  return twa_jax.Basis(basis_lib.to_refs(vectors), spec, n)
 
 
 def build_bytes(n: int, d: int, dtype: str) -> int:
@@ -217,7 +218,7 @@ class JaxSide:
     flat = self.spec.ravel(grads)
     flat_spec = twa_jax.ParamSpec.of(flat)
     sgd, twa = Trainer(self, self.sgd), Trainer(self, self.twa(basis), basis)
-    copy_elements = min(basis.vectors.nbytes // 4, COPY_MAX_ELEMENTS)
+    copy_elements = min(basis.nbytes // 4, COPY_MAX_ELEMENTS)
     buffer = [jnp.zeros((copy_elements,), jnp.float32)]
     increment = jax.jit(lambda b: b + 1.0, donate_argnums=0)
 
@@ -265,15 +266,12 @@ class TorchSide:
       self.torch.cuda.synchronize()
 
   def sides(self, trainer: Trainer) -> dict[str, Callable[[], None]]:
-    """PyTorch sides reading P from the JAX TWA trainer's state.
-
-    Each call wraps the current buffer with DLPack (no copy) and lets go of
-    it before returning: a buffer with a live external reference could not
-    be donated, and the JAX step would copy P instead.
-    """
+    """PyTorch sides with their own copy of the JAX TWA trainer's P (the
+    basis keeps P in `jax.Ref`s, which DLPack cannot export)."""
     sgd_model, twa_model = copy.deepcopy(self.model), copy.deepcopy(self.model)
     sgd_opt, twa_opt = self.optimizer(sgd_model), self.optimizer(twa_model)
-    vectors = lambda: self.torch.from_dlpack(trainer.basis().vectors)
+    p = self.torch.from_dlpack(trainer.basis().read_vectors())
+    vectors = lambda: p
 
     def sgd():
       self.ref.train_step(sgd_model, sgd_opt, self.x, self.y)
@@ -348,7 +346,7 @@ def run(args: argparse.Namespace, report: dict) -> None:
         print(f"skip {name} n={n}: P needs {need_gb:.1f} GB", flush=True)
         continue
       basis = random_basis(jside.spec, n, args.basis_dtype, args.seed)
-      basis_gb = basis.vectors.nbytes / 1e9
+      basis_gb = basis.nbytes / 1e9
       sides, trainer, copy_bytes = jside.sides(basis)
       del basis  # the TWA trainer's state owns P from here on
       if tside:
@@ -529,7 +527,7 @@ def loop_sides(args: argparse.Namespace, n: int
       p = vectors if kind == "twa" else None
       sides[f"torch_{kind}"] = functools.partial(
           torch_reference.train_step, net, opt, tx_, ty, p)
-  return sides, spec.num_params, basis.vectors.nbytes / 1e9
+  return sides, spec.num_params, basis.nbytes / 1e9
 
 
 def run_loops(args: argparse.Namespace, report: dict) -> None:

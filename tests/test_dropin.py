@@ -25,7 +25,6 @@ from flax.training import train_state
 
 import strategies
 import twa_jax as twa
-from twa_jax import tree as tree_lib
 
 LR, MOMENTUM, WD, STEPS = 0.2, 0.9, 1e-3, 4
 TESTS = pathlib.Path(__file__).parent
@@ -50,8 +49,7 @@ def loss(params, x=X, y=Y):
 
 
 def _build(snaps, trainable=None):
-  spec, matrix = tree_lib.stack_snapshots(snaps, trainable=trainable)
-  return twa.Basis.from_matrix(spec, matrix)
+  return twa.basis_from_snapshots(snaps, trainable=trainable)
 
 
 @functools.cache
