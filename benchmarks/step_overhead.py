@@ -201,15 +201,17 @@ class JaxSide:
     return twa_jax.twa(basis, self.args.lr, momentum=self.args.momentum,
                        weight_decay=self.args.weight_decay)
 
+  def loss(self, params: PyTree) -> jax.Array:
+    """Training loss on the batch (batch statistics of the batch itself)."""
+    logits, _ = self.model.apply(
+        {"params": params, "batch_stats": self.batch_stats},
+        self.batch["image"], train=True, mutable=["batch_stats"],
+        rngs={"dropout": jax.random.PRNGKey(self.args.seed)})
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, self.batch["label"]).mean()
+
   def grads(self) -> PyTree:
-    def loss(params):
-      logits, _ = self.model.apply(
-          {"params": params, "batch_stats": self.batch_stats},
-          self.batch["image"], train=True, mutable=["batch_stats"],
-          rngs={"dropout": jax.random.PRNGKey(self.args.seed)})
-      return optax.softmax_cross_entropy_with_integer_labels(
-          logits, self.batch["label"]).mean()
-    return jax.jit(jax.grad(loss))(self.params)
+    return jax.jit(jax.grad(self.loss))(self.params)
 
   def sides(self, basis: twa_jax.Basis
             ) -> tuple[dict[str, Callable[[], object]], Trainer, int]:
@@ -442,8 +444,9 @@ def _xent(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def _jit_side(loss, tx, params, donate: bool) -> Callable[[], PyTree]:
-  """A plain jitted step (optionally donating params and state)."""
+def jit_side(loss, tx, params, donate: bool) -> Callable[[], PyTree]:
+  """A plain jitted step as users write it, returning params and optimizer
+  state (optionally donating both); each call runs one step."""
   @functools.partial(jax.jit, donate_argnums=(0, 1) if donate else ())
   def step(params, opt_state):
     updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
@@ -500,8 +503,8 @@ def loop_sides(args: argparse.Namespace, n: int
                        optax.sgd(args.lr, momentum=args.momentum))
   sides = {}
   for kind in ("sgd", "twa"):
-    sides[f"jit_{kind}"] = _jit_side(loss, tx(kind, basis), params, False)
-    sides[f"donated_{kind}"] = _jit_side(loss, tx(kind, basis), params, True)
+    sides[f"jit_{kind}"] = jit_side(loss, tx(kind, basis), params, False)
+    sides[f"donated_{kind}"] = jit_side(loss, tx(kind, basis), params, True)
     sides[f"train_state_{kind}"] = _train_state_side(
         model, loss, tx(kind, basis), params)
     sides[f"nnx_{kind}"] = _nnx_side(widths, x, y, tx(kind, nnx_basis),

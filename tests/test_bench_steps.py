@@ -110,14 +110,17 @@ def test_memory_smoke(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report["benchmark"] == "memory" and not report["skipped"]
-  sgd, twa = report["results"]
-  assert (sgd["phase"], twa["phase"], twa["n"]) == ("sgd", "twa", 2)
-  assert twa["basis_dim"] == 2
-  assert twa["basis_mb"] == pytest.approx(2 * twa["num_params"] * 4 / 2**20)
-  for r in (sgd, twa):
+  sgd, twa, plain = report["results"]
+  assert (sgd["phase"], twa["phase"], plain["phase"]) == ("sgd", "twa", "twa")
+  assert (twa["step"], plain["step"], twa["n"], plain["n"]) == (
+      "donated", "plain", 2, 2)
+  for r in (twa, plain):
+    assert r["basis_dim"] == 2
+    assert r["basis_mb"] == pytest.approx(2 * r["num_params"] * 4 / 2**20)
+    assert _positive(r["peak_setup_mb"])
+  for r in (sgd, twa, plain):
     assert all(_positive(r[k]) for k in ("rss_init_mb", "peak_compile_mb",
                                          "peak_steps_mb"))
-  assert _positive(twa["peak_setup_mb"])
   assert sgd["steps_peak_vs_sgd"] == 1.0
 
 
