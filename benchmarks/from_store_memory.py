@@ -1,4 +1,4 @@
-"""Peak host memory of `Basis.from_store` (streamed snapshot reads).
+"""Peak host memory of `basis_from_store` (streamed snapshot reads).
 
 Issue 3, performance item 2. Writes a store of n trajectory-like snapshots
 of D float32 parameters (a flax-style tree of a few leaves), then measures in
@@ -7,9 +7,9 @@ baseline after imports and opening the store, as a multiple of the n x D
 float32 matrix P (400 MB for n = 100, D = 1e6):
 
   read_matrix  `store.read_matrix()` alone: the matrix plus one snapshot
-  from_store   `Basis.from_store(store)`: reading plus the orthonormalizer
+  from_store   `basis_from_store(store)`: reading plus the orthonormalizer
   via_device   `read_matrix`, `jax.device_put` (waited for), the host
-               matrix dropped, then `Basis.from_matrix`: what `from_store`
+               matrix dropped, then `basis_from_matrix`: what `from_store`
                costs when the host copy is gone before the orthonormalizer
                starts
 
@@ -63,9 +63,9 @@ def snapshot(d: int, step: int, base: np.ndarray) -> dict:
 
 
 def write_store(directory: str, n: int, d: int) -> None:
-  import twa_jax  # pylint: disable=g-import-not-at-top
+  from twa_jax.store import TrajectoryStore  # pylint: disable=g-import-not-at-top
   base = np.random.default_rng(0).standard_normal(d).astype(np.float32)
-  with twa_jax.TrajectoryStore(directory) as store:
+  with TrajectoryStore(directory) as store:
     for step in range(n):
       store.save(step, snapshot(d, step, base))
 
@@ -82,7 +82,8 @@ def measure(mode: str, directory: str) -> None:
   """Runs in a fresh process; prints a JSON line."""
   import jax  # pylint: disable=g-import-not-at-top
   import twa_jax  # pylint: disable=g-import-not-at-top
-  with twa_jax.TrajectoryStore(directory, read_only=True) as store:
+  from twa_jax.store import TrajectoryStore  # pylint: disable=g-import-not-at-top
+  with TrajectoryStore(directory, read_only=True) as store:
     store.steps()
     baseline = _resident_bytes()
     start = time.perf_counter()
@@ -91,12 +92,11 @@ def measure(mode: str, directory: str) -> None:
       dim = matrix.shape[0]
     else:
       if mode == "from_store":
-        basis = twa_jax.Basis.from_store(store)
+        basis = twa_jax.basis_from_store(store)
       else:
         spec, matrix = store.read_matrix()
         matrix = jax.block_until_ready(jax.device_put(matrix))
-        basis = twa_jax.Basis.from_matrix(spec, matrix)
-      jax.block_until_ready(basis.vectors)
+        basis = twa_jax.basis_from_matrix(spec, matrix)
       dim = basis.dim
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -2,8 +2,8 @@
 
 Each configuration runs in its own process, so one peak never hides another:
 the model is built, then (TWA only) a host snapshot matrix W (n x D float32,
-what `TrajectoryStore.read_matrix` hands to `Basis.from_store`) is filled and
-orthonormalized with `Basis.from_matrix`, then a few jitted training steps
+what `TrajectoryStore.read_matrix` hands to `basis_from_store`) is filled and
+orthonormalized with `basis_from_matrix`, then a few jitted training steps
 run. The peak resident set (`common.peak_rss_bytes`, i.e. ru_maxrss, whose
 high-water mark Linux resets through /proc/self/clear_refs between the two
 stages; elsewhere the second figure includes the first) is read after each
@@ -12,6 +12,11 @@ stage:
   setup    building W and the basis (TWA only: the orthonormalization peak)
   compile  the first training step (XLA compilation included)
   steps    further training steps: the phase's steady-state peak
+
+TWA runs with two steps: "donated" (train.py's step, state donated) and
+"plain" (a `jax.jit` step as users write it, returning params and optimizer
+state without donation). The TWA transformations close over the basis and
+their state holds no P, so both hold one copy of P.
 
   python benchmarks/memory.py --models small_cnn,resnet20,vgg16 --ns 10,30,100,300
 """
@@ -108,16 +113,18 @@ def child(config: dict) -> dict:
     matrix = np.empty((n, d), np.float32)
     for i in range(n):  # perturbed copies of the weights, one row each
       matrix[i] = w0 + 0.01 * rng.standard_normal(d, dtype=np.float32)
-    basis = twa_jax.Basis.from_matrix(side.spec, matrix)
-    jax.block_until_ready(basis.vectors)
+    basis = twa_jax.basis_from_matrix(side.spec, matrix)
     del matrix
-    out.update(basis_dim=basis.dim, basis_mb=basis.vectors.nbytes / _MB,
+    out.update(basis_dim=basis.dim, basis_mb=basis.nbytes / _MB,
                peak_setup_mb=peak_mb(), rss_after_setup_mb=rss_mb())
     tx = side.twa(basis)
-    del basis  # the trainer's state owns P
+    del basis  # the transformation's closure holds P
   else:
     tx = side.sgd
-  run = step_overhead.Trainer(side, tx)
+  if config["step"] == "plain":
+    run = step_overhead.jit_side(side.loss, tx, side.params, donate=False)
+  else:
+    run = step_overhead.Trainer(side, tx)
   if resettable:
     reset_peak()
   run()  # compiles the step
@@ -135,19 +142,21 @@ def configurations(args: argparse.Namespace) -> list[dict]:
   configs = []
   for model in args.models:
     base = {"model": model, "batch": args.batch, "steps": args.steps}
-    configs.append({**base, "phase": "sgd", "n": 0})
-    configs += [{**base, "phase": "twa", "n": n} for n in args.ns]
+    configs.append({**base, "phase": "sgd", "n": 0, "step": "donated"})
+    configs += [{**base, "phase": "twa", "n": n, "step": step}
+                for n in args.ns for step in ("donated", "plain")]
   return configs
 
 
-HEADER = ("model        phase    n         D   |P| MB  init MB  peak MB: setup"
-          "  compile  steps  steps vs SGD")
+HEADER = ("model        phase step       n         D   |P| MB  init MB  peak MB: "
+          "setup  compile  steps  steps vs SGD")
 
 
 def format_row(r: dict, sgd_peak: float) -> str:
   setup = f"{r['peak_setup_mb']:13.0f}" if "peak_setup_mb" in r else f"{'-':>13}"
   basis = f"{r['basis_mb']:7.1f}" if "basis_mb" in r else f"{'-':>7}"
-  return (f"{r['model']:<12} {r['phase']:<5} {r['n']:>4} {r['num_params']:>9}"
+  return (f"{r['model']:<12} {r['phase']:<5} {r['step']:<7} {r['n']:>4} "
+          f"{r['num_params']:>9}"
           f" {basis} {r['rss_init_mb']:8.0f} {setup} "
           f"{r['peak_compile_mb']:8.0f} {r['peak_steps_mb']:6.0f} "
           f"{r['peak_steps_mb'] / sgd_peak:13.3f}")

@@ -37,15 +37,16 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from twa_jax import basis as basis_lib  # pylint: disable=wrong-import-position
+from twa_jax import kernels  # pylint: disable=wrong-import-position
+from twa_jax.orthonormalize import ColumnPasses, default_rtol, orthonormalize  # pylint: disable=wrong-import-position
 
-_RTOL = basis_lib.default_rtol(float(jnp.finfo(jnp.float32).eps))
+_RTOL = default_rtol(float(jnp.finfo(jnp.float32).eps))
 
 
 # --- the sides: host W (n x D float32) -> basis rows (k x D) -------------------
 
 def twa_side(w: np.ndarray) -> jax.Array:
-  vectors, _ = basis_lib.orthonormalize(w, rtol=_RTOL)
+  vectors, _ = orthonormalize(w, rtol=_RTOL)
   return vectors
 
 
@@ -96,28 +97,28 @@ def householder_side(w: np.ndarray) -> jax.Array:
 
 
 def chunked_twa_side(chunk: int):
-  """`twa` with column blocks of `chunk` instead of `basis._CHUNK`."""
-  original = basis_lib.over_columns
+  """`twa` with column blocks of `chunk` instead of `kernels.CHUNK`."""
+  original = kernels.over_columns
   def over_columns(cols, body, carry, chunk=chunk):
     return original(cols, body, carry, chunk)
   def with_chunk(fn):
     def wrapped(*args, **kwargs):
-      saved = basis_lib.over_columns
-      basis_lib.over_columns = over_columns  # read while tracing
+      saved = kernels.over_columns
+      kernels.over_columns = over_columns  # read while tracing
       try:
         return fn(*args, **kwargs)
       finally:
-        basis_lib.over_columns = saved
+        kernels.over_columns = saved
     return wrapped
-  passes = basis_lib.ColumnPasses(
+  passes = ColumnPasses(
       put=jnp.asarray,
-      center=jax.jit(with_chunk(basis_lib._center), donate_argnums=0),
-      combine_and_gram=jax.jit(with_chunk(basis_lib._combine_and_gram),
+      center=jax.jit(with_chunk(kernels.center), donate_argnums=0),
+      combine_and_gram=jax.jit(with_chunk(kernels.combine_and_gram),
                                donate_argnums=1),
-      combine=jax.jit(with_chunk(basis_lib._combine64), static_argnums=2,
+      combine=jax.jit(with_chunk(kernels.combine64), static_argnums=2,
                       donate_argnums=1))
   def side(w: np.ndarray) -> jax.Array:
-    vectors, _ = basis_lib.orthonormalize(w, rtol=_RTOL, passes=passes)
+    vectors, _ = orthonormalize(w, rtol=_RTOL, passes=passes)
     return vectors
   return side
 
@@ -211,7 +212,7 @@ def main(argv=None) -> None:
   p.add_argument("--no-memory", action="store_true")
   p.add_argument("--chunks", default="",
                  help="comma-separated column block sizes: adds sides "
-                 "twa_chunk<C> (the orthonormalizer with _CHUNK = C)")
+                 "twa_chunk<C> (the orthonormalizer with kernels.CHUNK = C)")
   p.add_argument("--child", default=None, help=argparse_hidden())
   args = p.parse_args(argv)
   if args.smoke:

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from twa_jax import quantization  # pylint: disable=wrong-import-position
+from twa_jax import basis as basis_lib  # pylint: disable=wrong-import-position
 from twa_jax.basis import Basis  # pylint: disable=wrong-import-position
 from twa_jax.tree import ParamSpec  # pylint: disable=wrong-import-position
 
@@ -69,8 +70,9 @@ def random_basis(tree, n: int, dtype) -> Basis:
   vectors = jax.random.normal(key, (n, spec.num_params), jnp.float32)
   vectors = vectors / np.sqrt(spec.num_params)
   if dtype in quantization.BITS:
-    return Basis(quantization.quantize(vectors, dtype), spec, n)
-  return Basis(vectors.astype(dtype), spec, n)
+    return Basis(basis_lib.to_refs(quantization.quantize(vectors, dtype)),
+                 spec, n)
+  return Basis(basis_lib.to_refs(vectors.astype(dtype)), spec, n)
 
 
 @jax.jit
@@ -79,7 +81,8 @@ def _project(basis: Basis, tree):
 
 
 @jax.jit
-def _mulsum(vectors: jax.Array, flat: jax.Array) -> jax.Array:
+def _mulsum(ref: jax.Ref, flat: jax.Array) -> jax.Array:
+  vectors = ref[...]
   beta = jnp.sum(vectors * flat.astype(vectors.dtype)[None, :], axis=1,
                  dtype=jnp.float32)
   return jnp.sum(beta.astype(vectors.dtype)[:, None] * vectors, axis=0,
@@ -96,7 +99,7 @@ def measure(d: int, n: int, dtype, repeats: int) -> dict:
                                      jax.tree_util.tree_leaves(tree)])}
   tree_basis = random_basis(tree, n, dtype)
   flat_basis = Basis(tree_basis.vectors, ParamSpec.of(flat_tree), n)
-  p_bytes = tree_basis.vectors.nbytes
+  p_bytes = tree_basis.nbytes
   probe = jnp.ones((p_bytes // 4,), jnp.float32)  # P's bytes, as float32
   probe_np = np.ones((p_bytes // 4,), np.float32)
   low_bit = dtype in quantization.BITS

@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import hlo  # pylint: disable=g-import-not-at-top,wrong-import-position
 import projection  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import twa_jax as twa  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -102,7 +103,7 @@ def communication(basis: twa.Basis, tree, k: int) -> dict:
   for name, fn, args in (
       ("step", _step, (tx, params, opt_state, batch)),
       ("project", jax.jit(lambda b, g: b.project(g)), (basis, params))):
-    found = sharding.collectives(fn.lower(*args).compile().as_text())
+    found = hlo.collectives(fn.lower(*args).compile().as_text())
     out[name] = {
         "collectives": [list(c) for c in found],
         "payload_bytes": sum(b for _, _, b in found),
@@ -129,13 +130,13 @@ def main(argv=None) -> None:
   w = trajectory(n, d)
   g = jax.tree.map(lambda l: jnp.asarray(np.random.default_rng(1).standard_normal(
       l.shape, dtype=np.float32)), tree)
-  plain = twa.Basis.from_matrix(spec, w.copy())
+  plain = twa.basis_from_matrix(spec, w.copy())
   paper_wire = {k: 2 * wire_bytes("all-reduce", 4 * d, k) for k in KS}
 
   rows, sides = [], {"unsharded": lambda: _project(plain, g)}
   for storage, layout, k in itertools.product(args.storage.split(","),
                                               LAYOUTS, KS):
-    basis = twa.Basis.from_matrix(
+    basis = twa.basis_from_matrix(
         spec, w.copy(), mesh=mesh_of(k), layout=layout,
         dtype=storage if storage in ("int8", "int4") else jnp.dtype(storage))
     # A quantized basis: codes, scales and offsets (shard shape: codes').

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import twa_jax
+from twa_jax.store import TrajectoryStore
 
 import common  # benchmarks/common.py
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
   times = {"plain": [], "store": []}
   ratios, cpu_ratios, in_save, waits = [], [], [], []
   with tempfile.TemporaryDirectory() as directory, \
-      twa_jax.TrajectoryStore(os.path.join(directory, "s")) as store:
+      TrajectoryStore(os.path.join(directory, "s")) as store:
     params, *_ = run_block(params, batch, args)  # compile, warm up
     params, *_ = run_block(params, batch, args, store, first_step=0)
     step = 10 * args.epochs * args.steps_per_epoch

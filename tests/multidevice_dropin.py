@@ -19,7 +19,7 @@ def main():
   snaps, start = test_dropin._linen_problem()  # pylint: disable=protected-access
   mesh = jax.make_mesh((8,), ("x",))
   for layout in ("basis", "params"):
-    basis = twa.Basis.from_snapshots(snaps, mesh=mesh, axis="x", layout=layout)
+    basis = twa.basis_from_snapshots(snaps, mesh=mesh, axis="x", layout=layout)
     tx = test_dropin._tx(basis)  # pylint: disable=protected-access
 
     @jax.jit

@@ -80,7 +80,7 @@ def _from_store(mesh, directory: str) -> dict[str, Any]:
   snapshots = [{name: rng.normal(size=shape).astype(np.float32)
                 for name, shape in STORED.items()} for _ in range(N)]
   results = {}
-  with twa.TrajectoryStore(directory) as store:
+  with store_lib.TrajectoryStore(directory) as store:
     for step, snapshot in enumerate(snapshots):
       store.save(step, snapshot)
     store.wait_until_finished()
@@ -89,25 +89,25 @@ def _from_store(mesh, directory: str) -> dict[str, Any]:
     results["read_matrix"] = {"bytes": _bytes_read() - before}
     for layout in ("basis", "params"):
       before = _bytes_read()
-      basis = twa.Basis.from_store(store, mesh=mesh, layout=layout)
+      basis = twa.basis_from_store(store, mesh=mesh, layout=layout)
       read = _bytes_read() - before
-      want = twa.Basis.from_snapshots(snapshots, mesh=mesh, layout=layout)
-      for got, expected in zip(basis.vectors.addressable_shards,
-                               want.vectors.addressable_shards):
+      want = twa.basis_from_snapshots(snapshots, mesh=mesh, layout=layout)
+      for got, expected in zip(basis.read_vectors().addressable_shards,
+                               want.read_vectors().addressable_shards):
         np.testing.assert_array_equal(got.data, expected.data)
       results[layout] = {"bytes": read}
     # One basis per leaf, each through its own view: again this process'
     # columns only.
     before = _bytes_read()
-    blocks = twa.Basis.from_store(store, granularity="leaf", mesh=mesh,
+    blocks = twa.basis_from_store(store, granularity="leaf", mesh=mesh,
                                   layout="params")
     results["leaf"] = {"bytes": _bytes_read() - before}
-    want = twa.Basis.from_snapshots(snapshots, granularity="leaf", mesh=mesh,
+    want = twa.basis_from_snapshots(snapshots, granularity="leaf", mesh=mesh,
                                     layout="params")
     assert blocks.names == want.names
     for got, expected in zip(blocks.bases, want.bases):
-      for a, b in zip(got.vectors.addressable_shards,
-                      expected.vectors.addressable_shards):
+      for a, b in zip(got.read_vectors().addressable_shards,
+                      expected.read_vectors().addressable_shards):
         np.testing.assert_array_equal(a.data, b.data)
     # A NaN in the last column, which only process 1's devices read: both
     # processes raise (process 0 naming process 1), neither hangs.
@@ -117,7 +117,7 @@ def _from_store(mesh, directory: str) -> dict[str, Any]:
     store.save(N, bad)
     store.wait_until_finished()
     try:
-      twa.Basis.from_store(store, mesh=mesh)
+      twa.basis_from_store(store, mesh=mesh)
     except ValueError as e:
       results["nan_error"] = str(e)
   # The columns of W (sharded by columns in both layouts) this process holds.
@@ -148,19 +148,19 @@ def main(process_id: int, num_processes: int, port: int, out: str,
   batches = [(rng.normal(size=(16, 9)).astype(np.float32),
               rng.normal(size=(16, 5)).astype(np.float32)) for _ in range(3)]
 
-  plain = twa.Basis.from_snapshots(snapshots)
+  plain = twa.basis_from_snapshots(snapshots)
   start = snapshots[N // 2]
   want = _flat(_steps(twa.twa(plain, 0.5), start, batches))
-  p = np.asarray(plain.vectors, np.float64)[:, :plain.num_params]
+  p = np.asarray(plain.read_vectors(), np.float64)[:, :plain.num_params]
   projector = p.T @ p
 
   results = {}
   for layout in ("basis", "params"):
-    basis = twa.Basis.from_snapshots(snapshots, mesh=mesh, layout=layout)
-    shards = basis.vectors.addressable_shards
+    basis = twa.basis_from_snapshots(snapshots, mesh=mesh, layout=layout)
+    shards = basis.read_vectors().addressable_shards
     assert len(shards) == LOCAL_DEVICES, len(shards)
-    assert not basis.vectors.is_fully_addressable
-    vectors = multihost_utils.process_allgather(basis.vectors, tiled=True)
+    assert not basis.read_vectors().is_fully_addressable
+    vectors = multihost_utils.process_allgather(basis.read_vectors(), tiled=True)
     q = np.asarray(vectors, np.float64)[:basis.dim, :basis.num_params]
     np.testing.assert_allclose(q.T @ q, projector, atol=2e-5)
 

@@ -108,8 +108,8 @@ def flat(tree: PyTree) -> np.ndarray:
 
 def basis_rows(basis) -> np.ndarray:
   """The basis rows P^T (dim x D, float64), after checking that any padding
-  rows and columns of `basis.vectors` are zero."""
-  vectors = np.asarray(basis.vectors, np.float64)
+  rows and columns of the stored vectors are zero."""
+  vectors = np.asarray(basis.read_vectors(), np.float64)
   d = basis.num_params
   assert not vectors[basis.dim:].any() and not vectors[:, d:].any()
   return vectors[:basis.dim, :d]

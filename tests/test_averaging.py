@@ -33,7 +33,7 @@ def test_averaging_coefficients_recover_known_coefficients(snaps, seed, reuse):
   alpha = rng.dirichlet(np.ones(snaps.n)) * rng.uniform(0.5, 1.5)
   target = alpha @ snaps.matrix
   params = strategies.fill(snaps.layout, target)
-  basis = twa.Basis.from_snapshots(snaps.snapshots) if reuse else None
+  basis = twa.basis_from_snapshots(snaps.snapshots) if reuse else None
   got = twa.averaging_coefficients(params, snaps.snapshots, basis)
   assert got.shape == (snaps.n,) and got.dtype == jnp.float32
   got = np.asarray(got, np.float64)

@@ -4,12 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
 
 import strategies
 import twa_jax as twa
-from twa_jax import basis as basis_lib
+from twa_jax.orthonormalize import default_rtol
 
 F32_EPS = float(jnp.finfo(jnp.float32).eps)
 BF16_EPS = float(jnp.finfo(jnp.bfloat16).eps)
@@ -18,7 +19,7 @@ BF16_EPS = float(jnp.finfo(jnp.bfloat16).eps)
 def _rtol(snaps: strategies.SnapshotSet) -> float:
   eps = max(float(jnp.finfo(l.dtype).eps)
             for l in jax.tree_util.tree_leaves(snaps.snapshots[0]))
-  return basis_lib.default_rtol(eps)
+  return default_rtol(eps)
 
 
 def _rank_bounds(svals: np.ndarray, rtol: float) -> tuple[int, int]:
@@ -35,7 +36,7 @@ def _random_like(tree, rng):
 
 @given(strategies.snapshot_sets(strategies.DTYPES))
 def test_orthonormal_reconstructs_and_has_numerical_rank(snaps):
-  basis = twa.Basis.from_snapshots(snaps.snapshots)
+  basis = twa.basis_from_snapshots(snaps.snapshots)
   p = strategies.basis_rows(basis)  # k x D rows
   d = snaps.matrix.shape[1]
   assert basis.num_params == d and p.shape == (basis.dim, d)
@@ -72,7 +73,7 @@ def test_orthonormal_reconstructs_and_has_numerical_rank(snaps):
 
 @given(strategies.snapshot_sets(), st.integers(0, 2**32 - 1))
 def test_project_idempotent_and_symmetric(snaps, seed):
-  basis = twa.Basis.from_snapshots(snaps.snapshots)
+  basis = twa.basis_from_snapshots(snaps.snapshots)
   rng = np.random.default_rng(seed)
   x = _random_like(snaps.snapshots[0], rng)
   y = _random_like(snaps.snapshots[0], rng)
@@ -101,8 +102,8 @@ def test_bfloat16_storage(snaps):
   Tolerances: |P^T P - I| <= 0.02 (a few bfloat16 ulps, eps = 2^-7) and
   relative reconstruction error <= 0.02; the products accumulate in float32.
   """
-  basis = twa.Basis.from_snapshots(snaps.snapshots, dtype=jnp.bfloat16)
-  reference = twa.Basis.from_snapshots(snaps.snapshots)
+  basis = twa.basis_from_snapshots(snaps.snapshots, dtype=jnp.bfloat16)
+  reference = twa.basis_from_snapshots(snaps.snapshots)
   assert basis.vectors.dtype == jnp.bfloat16 and basis.dim == reference.dim
   p = strategies.basis_rows(basis)
   np.testing.assert_allclose(p @ p.T, np.eye(basis.dim), atol=0.02)
@@ -139,25 +140,25 @@ def test_duplicates_and_combinations_add_no_directions():
   rng = np.random.default_rng(1)
   a, b, c = (rng.normal(size=50).astype(np.float32) for _ in range(3))
   snaps = [{"w": v} for v in (a, b, a, 2 * a - b, c, b, 0.5 * (a + c), a)]
-  basis = twa.Basis.from_snapshots(snaps)
+  basis = twa.basis_from_snapshots(snaps)
   assert basis.dim == 3
   # A stacked tree of the same snapshots gives the same subspace.
   stacked = {"w": np.stack([s["w"] for s in snaps])}
-  other = twa.Basis.from_snapshots(stacked)
+  other = twa.basis_from_snapshots(stacked)
   p, q = (strategies.basis_rows(x) for x in (basis, other))
   np.testing.assert_allclose(p.T @ p, q.T @ q, atol=1e-5)
   # A zero snapshot adds nothing either; rtol can drop weak directions.
-  assert twa.Basis.from_snapshots(snaps + [{"w": np.zeros(50, np.float32)}]).dim == 3
+  assert twa.basis_from_snapshots(snaps + [{"w": np.zeros(50, np.float32)}]).dim == 3
   weak = [{"w": a}, {"w": a + 1e-4 * c}]
-  assert twa.Basis.from_snapshots(weak).dim == 2
-  assert twa.Basis.from_snapshots(weak, rtol=1e-3).dim == 1
+  assert twa.basis_from_snapshots(weak).dim == 2
+  assert twa.basis_from_snapshots(weak, rtol=1e-3).dim == 1
 
 
 def test_basis_passes_through_jit():
   rng = np.random.default_rng(2)
   snaps = [{"a": rng.normal(size=(3, 4)).astype(np.float32),
             "b": rng.normal(size=(5,)).astype(np.float32)} for _ in range(3)]
-  basis = twa.Basis.from_snapshots(snaps)
+  basis = twa.basis_from_snapshots(snaps)
   leaves, treedef = jax.tree_util.tree_flatten(basis)
   assert len(leaves) == 1 and leaves[0] is basis.vectors
   x = _random_like(snaps[0], rng)
@@ -178,7 +179,7 @@ def test_basis_passes_through_jit():
 
 def test_zero_snapshots_rejected():
   with pytest.raises(ValueError, match="zero"):
-    twa.Basis.from_snapshots([{"w": np.zeros(8, np.float32)}] * 2)
+    twa.basis_from_snapshots([{"w": np.zeros(8, np.float32)}] * 2)
 
 
 @pytest.mark.parametrize("bad, error, pattern", [
@@ -197,14 +198,14 @@ def test_zero_snapshots_rejected():
 ])
 def test_from_snapshots_bad_input(bad, error, pattern):
   with pytest.raises(error, match=pattern):
-    twa.Basis.from_snapshots(bad)
+    twa.basis_from_snapshots(bad)
 
 
 def test_mismatched_trees_name_the_leaf():
   snaps = [{"layer": {"w": np.ones((2, 3), np.float32) * i,
                       "b": np.arange(3, dtype=np.float32) * i ** 2}}
            for i in range(1, 3)]
-  basis = twa.Basis.from_snapshots(snaps)
+  basis = twa.basis_from_snapshots(snaps)
   wrong_shape = {"layer": {"w": jnp.ones((3, 2)), "b": jnp.ones(3)}}
   missing = {"layer": {"w": jnp.ones((2, 3))}}
   non_float = {"layer": {"w": jnp.ones((2, 3)), "b": jnp.ones(3, jnp.int32)}}
@@ -220,4 +221,41 @@ def test_mismatched_trees_name_the_leaf():
   with pytest.raises(ValueError, match=r"beta has shape \(2, 1\)"):
     basis.from_coordinates(jnp.ones((2, 1)))
   with pytest.raises(TypeError, match="floating point"):
-    twa.Basis.from_snapshots(snaps, dtype=jnp.int8)
+    twa.basis_from_snapshots(snaps, dtype=jnp.int8)
+
+
+def _big_basis(d: int = 200_000):
+  rng = np.random.default_rng(5)
+  snaps = [{"w": rng.normal(size=d).astype(np.float32)} for _ in range(4)]
+  return snaps, twa.basis_from_snapshots(snaps)
+
+
+def test_vectors_live_in_refs_read_inside_one_jitted_call():
+  snaps, basis = _big_basis()
+  assert all(isinstance(x, jax.Ref) for x in jax.tree.leaves(basis.vectors))
+  x = {"w": jnp.asarray(snaps[1]["w"])}
+  p = strategies.basis_rows(basis)
+  for method, arg in ((basis.project, x), (basis.coordinates, x),
+                      (basis.from_coordinates, jnp.ones(basis.dim))):
+    # Eagerly, each product is one jitted call that reads P in place: no
+    # read of the Refs (an eager copy of P) outside it.
+    eqns = jax.make_jaxpr(method)(arg).eqns
+    assert [e.primitive.name for e in eqns] == ["jit"], eqns
+  np.testing.assert_allclose(np.asarray(basis.project(x)["w"]),
+                             p.T @ (p @ snaps[1]["w"]), rtol=1e-4, atol=1e-4)
+  # The basis is unchanged by its use.
+  np.testing.assert_array_equal(strategies.basis_rows(basis), p)
+
+
+def test_closure_over_the_basis_neither_embeds_nor_changes_p():
+  snaps, basis = _big_basis()
+  x = {"w": jnp.asarray(snaps[2]["w"])}
+  want = basis.project(x)["w"]
+  f = jax.jit(lambda t: basis.project(t))
+  # P (3.2 MB) is not a constant of the program: it is read from its Refs.
+  assert len(f.lower(x).as_text()) < 100_000
+  np.testing.assert_allclose(np.asarray(f(x)["w"]), np.asarray(want),
+                             rtol=1e-6, atol=1e-6)
+  g = nnx.jit(lambda t: basis.from_coordinates(basis.coordinates(t)))
+  np.testing.assert_allclose(np.asarray(g(x)["w"]), np.asarray(want),
+                             rtol=1e-6, atol=1e-6)

@@ -21,7 +21,7 @@ def _first_key(path: str) -> str:
        st.sampled_from(["leaf", "callable"]))
 def test_block_projection_is_blockwise_orthogonal_projection(data, gran):
   granularity = _first_key if gran == "callable" else gran
-  basis = twa.Basis.from_snapshots(data.snapshots, granularity=granularity)
+  basis = twa.basis_from_snapshots(data.snapshots, granularity=granularity)
   assert isinstance(basis, BlockBasis)
   spec = basis.spec
   offsets = np.cumsum((0,) + spec.sizes)
@@ -49,7 +49,7 @@ def test_leaf_coordinates_shape_and_roundtrip():
   rng = np.random.default_rng(1)
   snaps = [{"a": rng.normal(size=(3, 4)).astype(np.float32),
             "b": rng.normal(size=7).astype(np.float32)} for _ in range(4)]
-  basis = twa.Basis.from_snapshots(snaps, granularity="leaf")
+  basis = twa.basis_from_snapshots(snaps, granularity="leaf")
   assert basis.names == ("['a']", "['b']")
   assert basis.dims == {"['a']": 4, "['b']": 4} and basis.dim == 8
   beta = basis.coordinates(snaps[2])
@@ -65,7 +65,7 @@ def test_layerwise_twa_and_adam_stay_in_span_and_beat_global_fit():
   rng = np.random.default_rng(2)
   snaps = [{"l1": rng.normal(size=20).astype(np.float32),
             "l2": rng.normal(size=30).astype(np.float32)} for _ in range(3)]
-  basis = twa.Basis.from_snapshots(snaps, granularity=lambda p: p)
+  basis = twa.basis_from_snapshots(snaps, granularity=lambda p: p)
   target = {"l1": 2.0 * snaps[0]["l1"], "l2": -snaps[1]["l2"]}  # not in the global span
   loss = lambda p: sum(jnp.sum((p[k] - target[k]) ** 2) for k in p)
   for tx in (twa.twa(basis, 0.05, weight_decay=0.0),
@@ -80,7 +80,7 @@ def test_layerwise_twa_and_adam_stay_in_span_and_beat_global_fit():
       for k in params:
         np.testing.assert_allclose(proj[k], params[k], atol=1e-4)
     assert float(loss(params)) < 1e-2  # per-layer coefficients reach it
-  global_basis = twa.Basis.from_snapshots(snaps)
+  global_basis = twa.basis_from_snapshots(snaps)
   best_global = global_basis.project(target)
   assert float(loss(best_global)) > 1.0  # one coefficient per snapshot cannot
 
@@ -89,10 +89,10 @@ def test_granularity_errors_name_the_problem():
   snaps = [{"a": np.ones(3, np.float32) * i, "z": np.zeros(2, np.float32)}
            for i in range(1, 3)]
   with pytest.raises(ValueError, match="granularity"):
-    twa.Basis.from_snapshots(snaps, granularity="layer")
+    twa.basis_from_snapshots(snaps, granularity="layer")
   with pytest.raises(TypeError, match=r"leaf \['a'\]"):
-    twa.Basis.from_snapshots(snaps, granularity=lambda p: 3)
-  frozen = twa.Basis.from_snapshots(snaps, granularity="leaf")
+    twa.basis_from_snapshots(snaps, granularity=lambda p: 3)
+  frozen = twa.basis_from_snapshots(snaps, granularity="leaf")
   assert frozen.dims == {"['a']": 1, "['z']": 0}  # an all-zero leaf: empty block
   g = {"a": jnp.ones(3), "z": jnp.ones(2)}
   np.testing.assert_array_equal(frozen.project(g)["z"], 0.0)

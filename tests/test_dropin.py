@@ -25,7 +25,6 @@ from flax.training import train_state
 
 import strategies
 import twa_jax as twa
-from twa_jax import tree as tree_lib
 
 LR, MOMENTUM, WD, STEPS = 0.2, 0.9, 1e-3, 4
 TESTS = pathlib.Path(__file__).parent
@@ -50,8 +49,7 @@ def loss(params, x=X, y=Y):
 
 
 def _build(snaps, trainable=None):
-  spec, matrix = tree_lib.stack_snapshots(snaps, trainable=trainable)
-  return twa.Basis.from_matrix(spec, matrix)
+  return twa.basis_from_snapshots(snaps, trainable=trainable)
 
 
 @functools.cache
@@ -360,3 +358,23 @@ def test_mesh_sharded_basis_on_eight_simulated_devices():
       cwd=TESTS.parent, capture_output=True, text=True, timeout=600,
       check=False)
   assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+
+
+def test_scale_by_subspace_forwards_optax_extra_args():
+  snaps, start = _linen_problem()
+  basis = _build(snaps)
+
+  def update_fn(updates, state, params=None, *, value):
+    del params
+    return jax.tree.map(lambda u: value * u, updates), state
+
+  scale_by_value = optax.GradientTransformationExtraArgs(
+      lambda params: optax.EmptyState(), update_fn)
+  tx = optax.chain(twa.scale_by_subspace(basis, scale_by_value),
+                   optax.scale(-LR))
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)
+  grads = jax.grad(loss)(start)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(start), start, value=3.0)
+  np.testing.assert_allclose(strategies.flat(updates),
+                             -3.0 * LR * strategies.flat(basis.project(grads)),
+                             rtol=1e-5, atol=1e-7)

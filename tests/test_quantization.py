@@ -32,13 +32,13 @@ def test_dequantized_entries_within_half_a_step(k, d, dtype, group, seed):
 def test_quantized_products_obey_the_stated_bound(data, dtype):
   """|Q g - P g|_j <= sum_groups scale/2 * |g_group|_1 for coordinates, and
   the projection is exactly Q^T (Q g) for the dequantized Q (stays in span Q)."""
-  exact = twa.Basis.from_snapshots(data.snapshots)
-  quant = twa.Basis.from_snapshots(data.snapshots, dtype=dtype)
+  exact = twa.basis_from_snapshots(data.snapshots)
+  quant = twa.basis_from_snapshots(data.snapshots, dtype=dtype)
   assert quant.dim == exact.dim
   rng = np.random.default_rng(0)
   g = strategies.fill(data.layout, rng.normal(size=exact.num_params))
   g_flat = strategies.flat(g)
-  q = quant.vectors
+  q = quant.read_vectors()
   padded = np.pad(np.abs(g_flat), (0, q.shape[1] - g_flat.size))
   group_l1 = padded.reshape(-1, q.group).sum(axis=1)
   bound = 0.5 * np.asarray(q.scale) @ group_l1
@@ -53,7 +53,7 @@ def test_quantized_products_obey_the_stated_bound(data, dtype):
 def test_memory_is_a_quarter_and_an_eighth():
   rng = np.random.default_rng(3)
   snaps = [{"w": rng.normal(size=100_000).astype(np.float32)} for _ in range(8)]
-  sizes = {dt: twa.Basis.from_snapshots(snaps, dtype=dt).vectors.nbytes
+  sizes = {dt: twa.basis_from_snapshots(snaps, dtype=dt).nbytes
            for dt in ("float32", "int8", "int4")}
   overhead = 8 / 256  # scale and offset per group of 256
   assert sizes["int8"] <= sizes["float32"] * (0.25 + overhead / 4 + 1e-3)
@@ -63,11 +63,12 @@ def test_memory_is_a_quarter_and_an_eighth():
 def test_quantized_twa_steps_stay_in_quantized_span():
   rng = np.random.default_rng(4)
   snaps = [{"w": rng.normal(size=(30, 10)).astype(np.float32)} for _ in range(5)]
-  basis = twa.Basis.from_snapshots(snaps, dtype="int4")
+  basis = twa.basis_from_snapshots(snaps, dtype="int4")
   params = basis.project(twa.swa(snaps))  # start inside span(Q)
   tx = twa.twa(basis, 0.1)
   state = tx.init(params)
-  q = np.asarray(basis.vectors.dequantize(0, basis.vectors.shape[1]))[:, :300]
+  q = basis.read_vectors()
+  q = np.asarray(q.dequantize(0, q.shape[1]))[:, :300]
   span = np.linalg.qr(q.T)[0]
   step = jax.jit(tx.update)
   for _ in range(5):
@@ -81,6 +82,6 @@ def test_quantized_twa_steps_stay_in_quantized_span():
 def test_bad_low_bit_arguments():
   snaps = [{"w": np.arange(4, dtype=np.float32) + i} for i in range(2)]
   with pytest.raises(TypeError, match="int8"):
-    twa.Basis.from_snapshots(snaps, dtype="int2")
+    twa.basis_from_snapshots(snaps, dtype="int2")
   with pytest.raises(ValueError, match="group"):
     quantization.quantize(jnp.ones((2, 4)), "int8", group=3)

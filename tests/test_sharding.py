@@ -20,6 +20,9 @@ import pytest
 from jax._src.lib import xla_client
 
 TESTS = pathlib.Path(__file__).parent
+BENCHMARKS = TESTS.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import hlo  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _env(devices: int) -> dict[str, str]:
@@ -27,7 +30,8 @@ def _env(devices: int) -> dict[str, str]:
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(
-      [str(TESTS), str(TESTS.parent), env.get("PYTHONPATH", "")])
+      [str(TESTS), str(TESTS.parent), str(BENCHMARKS),
+       env.get("PYTHONPATH", "")])
   return env
 
 
@@ -107,7 +111,6 @@ def test_two_processes_agree_with_single_process(tmp_path):
 
 
 def test_collectives_are_read_from_hlo_text():
-  from twa_jax import sharding  # pylint: disable=g-import-not-at-top
   text = """
   %a = f32[1000]{0} all-reduce(%x), channel_id=1, to_apply=%add
   ROOT %b = (f32[993]{0}, f32[10]{0}, /*index=2*/f32[2]{0}) all-reduce(%y, %z, %w), channel_id=3
@@ -115,6 +118,6 @@ def test_collectives_are_read_from_hlo_text():
   %d = f32[7,3]{1,0} collective-permute(%r), source_target_pairs={{0,1}}
   %e = f32[1000]{0} add(%a, %a)
   """
-  assert sharding.collectives(text) == [
+  assert hlo.collectives(text) == [
       ("all-reduce", 1000, 4000), ("all-reduce", 1005, 4020),
       ("all-gather", 64, 128), ("collective-permute", 21, 84)]

@@ -56,7 +56,7 @@ def _combination(snaps, rng):
        st.booleans(), st.integers(0, 2**32 - 1))
 def test_twa_matches_explicit_update_and_stays_in_span(
     snaps, momentum, nesterov, schedule, seed):
-  basis = twa.Basis.from_snapshots(snaps.snapshots)
+  basis = twa.basis_from_snapshots(snaps.snapshots)
   rng = np.random.default_rng(seed)
   params = _combination(snaps, rng)
   lr = optax.exponential_decay(0.05, 1, 0.7) if schedule else 0.05
@@ -84,7 +84,7 @@ def test_twa_matches_explicit_update_and_stays_in_span(
 @settings(max_examples=10)
 @given(SNAPSHOTS, st.integers(0, 2**32 - 1))
 def test_scale_by_subspace_adam_stays_in_span_where_chained_adam_leaves(snaps, seed):
-  basis = twa.Basis.from_snapshots(snaps.snapshots)
+  basis = twa.basis_from_snapshots(snaps.snapshots)
   rng = np.random.default_rng(seed)
   params = _combination(snaps, rng)
   grad_fn = jax.grad(lambda t: _loss_fn(t, seed))
@@ -103,7 +103,7 @@ def test_scale_by_subspace_adam_stays_in_span_where_chained_adam_leaves(snaps, s
 @settings(max_examples=10)
 @given(SNAPSHOTS, st.integers(0, 2**32 - 1))
 def test_scale_by_subspace_sgd_equals_projected_sgd(snaps, seed):
-  basis = twa.Basis.from_snapshots(snaps.snapshots)
+  basis = twa.basis_from_snapshots(snaps.snapshots)
   params = strategies.fill(snaps.layout, np.random.default_rng(seed).normal(
       size=snaps.matrix.shape[1]))  # anywhere, not only in the span
   grad_fn = jax.grad(lambda t: _loss_fn(t, seed))
@@ -127,7 +127,7 @@ def _problem(seed=0, n=4):
         layout, is_leaf=lambda x: isinstance(x, tuple))
   w0 = tree(1.0)
   snaps = [jax.tree.map(lambda a, b: a + b, w0, tree(0.05)) for _ in range(n)]
-  return snaps, twa.Basis.from_snapshots(snaps)
+  return snaps, twa.basis_from_snapshots(snaps)
 
 
 def _assert_trees_close(a, b, atol=1e-5):
@@ -240,7 +240,7 @@ def test_flax_nnx_state_parameter_trees(make_tx):
     # nnx.state shares the model's Variables: detach each snapshot.
     snaps.append(jax.tree.map(jnp.copy, nnx.state(model, nnx.Param)))
   assert isinstance(snaps[0], nnx.State)
-  basis = twa.Basis.from_snapshots(snaps)
+  basis = twa.basis_from_snapshots(snaps)
   assert basis.dim == 5
   start = twa.swa(snaps)
   assert isinstance(start, nnx.State)
@@ -276,7 +276,7 @@ def test_flax_linen_param_dicts():
     updates, state = sgd.update(jax.grad(loss)(params), state)
     params = optax.apply_updates(params, updates)
     snaps.append(params)
-  basis = twa.Basis.from_snapshots(snaps)
+  basis = twa.basis_from_snapshots(snaps)
   start = twa.swa(snaps)
   tx = twa.twa(basis, 0.5)
   history = _run(tx, start, jax.grad(loss), 10)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from twa_jax import tree as tree_lib
-from twa_jax.basis import Basis
+from twa_jax import build
 
 PyTree = Any
 
@@ -19,7 +19,7 @@ def swa(snapshots: Sequence[PyTree] | PyTree) -> PyTree:
   """Uniform average of the snapshots (SWA; TWA's head-stage start).
 
   Args:
-    snapshots: as for `Basis.from_snapshots`: a list or tuple of parameter
+    snapshots: as for `twa_jax.basis_from_snapshots`: a list or tuple of parameter
       trees, or one tree with a leading snapshot axis.
 
   Returns:
@@ -87,7 +87,7 @@ def averaging_coefficients(params: PyTree, snapshots: Sequence[PyTree] | PyTree,
     such vectors, one per block.
   """
   spec, matrix = tree_lib.stack_snapshots(snapshots)
-  basis = basis or Basis.from_matrix(spec, matrix.copy())
+  basis = basis or build.from_matrix(spec, matrix.copy())
   spec.check(params, what="averaging_coefficients: params")
   coords = jax.jit(jax.vmap(lambda row: basis.coordinates(spec.unravel(row))))
   def solve(b, beta):

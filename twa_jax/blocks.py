@@ -10,19 +10,39 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from twa_jax import tree as tree_lib
-from twa_jax.basis import Basis, EmptySpanError
-from twa_jax.store import ColumnView
+from twa_jax.basis import Basis
+from twa_jax.orthonormalize import EmptySpanError
 
 PyTree = Any
 Granularity = str | Callable[[str], str]
+
+
+@runtime_checkable
+class ColumnSource(Protocol):
+  """An n x D snapshot matrix read by column ranges, without holding it.
+
+  What `TrajectoryStore.columns` returns: `source[rows, start:stop]` reads
+  those columns (a numpy array); `source.leaves(indices)` is the source of
+  only those leaves' columns, side by side.
+  """
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    ...
+
+  def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
+    ...
+
+  def leaves(self, indices: Sequence[int]) -> ColumnSource:
+    ...
 
 
 @functools.partial(
@@ -109,18 +129,20 @@ def block_names(spec: tree_lib.ParamSpec,
                    f"from leaf path to block name, got {granularity!r}.")
 
 
-def block_basis(spec: tree_lib.ParamSpec, matrix: np.ndarray | ColumnView,
-                granularity: Granularity, **basis_kwargs) -> BlockBasis:
+def block_basis(spec: tree_lib.ParamSpec, matrix: np.ndarray | ColumnSource,
+                granularity: Granularity,
+                build: Callable[[tree_lib.ParamSpec, Any], Basis]
+                ) -> BlockBasis:
   """Orthonormalizes the snapshot matrix block by block.
 
   Args:
     spec: the layout of one snapshot.
     matrix: W, n x D (host), one flattened snapshot per row: numpy or a
-      `TrajectoryStore.columns` view (with `mesh`: each process reads only
-      its devices' slices of each block's columns).
+      `ColumnSource` such as a `TrajectoryStore.columns` view (with a mesh:
+      each process reads only its devices' slices of each block's columns).
     granularity: "leaf" or a callable from leaf path to block name.
-    **basis_kwargs: passed to `Basis.from_matrix` for every block (rtol,
-      dtype, mesh, axis, layout).
+    build: the basis of one block from (its spec, its columns), e.g. a
+      sharded one (see `twa_jax.build`).
 
   Returns:
     The block basis, blocks in order of first appearance. A block whose
@@ -138,14 +160,16 @@ def block_basis(spec: tree_lib.ParamSpec, matrix: np.ndarray | ColumnView,
         jax.tree_util.tree_structure([0] * len(idx)),
         tuple(spec.paths[i] for i in idx), tuple(spec.shapes[i] for i in idx),
         tuple(spec.dtypes[i] for i in idx))
-    if isinstance(matrix, ColumnView):
+    if isinstance(matrix, ColumnSource):
       columns = matrix.leaves(idx)
     else:
       columns = np.concatenate(
           [matrix[:, offsets[i]:offsets[i + 1]] for i in idx], axis=1)
     try:
-      bases.append(Basis.from_matrix(sub, columns, **basis_kwargs))
+      bases.append(build(sub, columns))
     except EmptySpanError:  # e.g. an empty leaf, or one that stays zero
+      # No rows to keep in a Ref: an uncommitted empty array goes anywhere
+      # (beside the blocks of a sharded basis too).
       bases.append(Basis(jnp.zeros((0, sub.num_params)), sub, 0))
     members.append(idx)
   return BlockBasis(tuple(bases), spec, tuple(order), tuple(members))

@@ -2,7 +2,7 @@
 
 P (n x D, stored as its k x D rows) holds n copies of the model; for large
 models it does not fit one accelerator. Pass a `jax.sharding.Mesh` to
-`Basis.from_snapshots` / `Basis.from_store` and the rows are laid out over
+`twa_jax.basis_from_snapshots` / `basis_from_store` and the rows are laid out over
 the k devices of one mesh axis (or several, as a tuple) in one of two ways:
 
 * ``layout="basis"`` (the paper's scheme, Li et al. 2023, Sec. 4): device i
@@ -43,16 +43,15 @@ block by block inside the maps, and the collectives stay the same.
 The orthonormalization never materializes W or P on one device: W is laid
 out column-sharded (each device receives only its slice, from the host
 matrix via `jax.make_array_from_callback`; in a multi-process run each
-process copies only the slices of its own devices, and `from_store` reads
+process copies only the slices of its own devices, and `basis_from_store` reads
 from disk only those, through `TrajectoryStore.columns`) and the passes of
-`twa_jax.basis.orthonormalize` run under `jax.shard_map`, where only the
+`twa_jax.orthonormalize` run under `jax.shard_map`, where only the
 n x n float64 Gram matrices are summed by psum; the host side (eigh,
 Cholesky, the rank-revealing SVD) is shared with the single-device path.
 For ``layout="basis"`` one all-to-all then moves the rows to their devices.
 
-The optax transformations of `twa_jax.transform` carry the basis in their
-state, so a jitted step receives the sharded vectors as an argument and
-they stay where they are.
+The rows are kept in `jax.Ref`s like any basis' (see `twa_jax.basis`), so a
+jitted step reads the sharded rows where they are.
 """
 
 from __future__ import annotations
@@ -61,7 +60,6 @@ import abc
 import dataclasses
 import functools
 import math
-import re
 from typing import ClassVar
 
 import jax
@@ -71,11 +69,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from twa_jax import basis as basis_lib
+from twa_jax import kernels
 from twa_jax import quantization
 from twa_jax import tree as tree_lib
+from twa_jax.orthonormalize import ColumnPasses, orthonormalize
 
-AxisName = basis_lib.AxisName
-Vectors = basis_lib.Vectors
+AxisName = kernels.AxisName
+Vectors = kernels.Vectors
 LAYOUTS = ("basis", "params")
 
 
@@ -186,7 +186,7 @@ class BasisLayout(ShardedLayout):
 
   def coordinates(self, vectors: Vectors, flat: jax.Array) -> jax.Array:
     """P^T g, (rows,) sharded like the rows (Auto axes); no communication."""
-    out = self._map(basis_lib._matvec, (self.spec, P()), P(self.axis))(  # pylint: disable=protected-access
+    out = self._map(kernels.matvec, (self.spec, P()), P(self.axis))(
         vectors, flat)
     return self._as(out, P())
 
@@ -197,13 +197,13 @@ class BasisLayout(ShardedLayout):
   def expand(self, vectors: Vectors, beta: jax.Array) -> jax.Array:
     """P beta, (D,) replicated: local partial sums and one psum of D."""
     def body(v, b):
-      return self._psum(basis_lib._vecmat(b, v))  # pylint: disable=protected-access
+      return self._psum(kernels.vecmat(b, v))
     return self._map(body, (self.spec, P(self.axis)), P())(vectors, beta)
 
   def project(self, vectors: Vectors, flat: jax.Array) -> jax.Array:
     """P P^T g = sum_i P_i P_i^T g, (D,) replicated: one psum of D."""
     def body(v, g):
-      return self._psum(basis_lib._vecmat(basis_lib._matvec(v, g), v))  # pylint: disable=protected-access
+      return self._psum(kernels.vecmat(kernels.matvec(v, g), v))
     return self._map(body, (self.spec, P()), P())(vectors, flat)
 
 
@@ -236,7 +236,7 @@ class ParamsLayout(ShardedLayout):
     if g.shape[0] != cols:
       start = jax.lax.axis_index(self.axis) * cols
       g = jax.lax.dynamic_slice_in_dim(g, start, cols)
-    return jax.lax.psum(basis_lib._matvec(v, g), self.axis)  # pylint: disable=protected-access
+    return jax.lax.psum(kernels.matvec(v, g), self.axis)
 
   def _in_spec(self, flat: jax.Array) -> P:
     return P(self.axis) if self._sharded(flat) else P()
@@ -257,7 +257,7 @@ class ParamsLayout(ShardedLayout):
 
   def expand(self, vectors: Vectors, beta: jax.Array) -> jax.Array:
     """P beta, (cols,) replicated: local slices, an all-gather of D."""
-    return self._slices(lambda v, b: basis_lib._vecmat(b, v), P(), True)(  # pylint: disable=protected-access
+    return self._slices(lambda v, b: kernels.vecmat(b, v), P(), True)(
         vectors, beta)
 
   def project(self, vectors: Vectors, flat: jax.Array) -> jax.Array:
@@ -270,12 +270,12 @@ class ParamsLayout(ShardedLayout):
     """
     sharded = self._sharded(flat)
     def body(v, g):
-      return basis_lib._vecmat(self._coordinates(v, g), v)  # pylint: disable=protected-access
+      return kernels.vecmat(self._coordinates(v, g), v)
     return self._slices(body, self._in_spec(flat), not sharded)(vectors, flat)
 
 
 @functools.lru_cache(maxsize=8)
-def column_passes(mesh: Mesh, axis: AxisName) -> basis_lib.ColumnPasses:
+def column_passes(mesh: Mesh, axis: AxisName) -> ColumnPasses:
   """`orthonormalize`'s device passes on W sharded by columns over `axis`."""
   cols = P(None, axis)
 
@@ -285,18 +285,18 @@ def column_passes(mesh: Mesh, axis: AxisName) -> basis_lib.ColumnPasses:
     return jax.shard_map(body, mesh=mesh, in_specs=in_specs,
                          out_specs=out_specs, check_vma=False)
 
-  center = mapped(functools.partial(basis_lib._center, axis_name=axis),  # pylint: disable=protected-access
+  center = mapped(functools.partial(kernels.center, axis_name=axis),
                   (cols,), (cols, P()))
   combine_and_gram = mapped(
-      functools.partial(basis_lib._combine_and_gram, axis_name=axis),  # pylint: disable=protected-access
+      functools.partial(kernels.combine_and_gram, axis_name=axis),
       (P(), cols), (cols, P()))
 
   def combine(c, q, dtype):
-    return mapped(functools.partial(basis_lib._combine64, dtype=dtype),  # pylint: disable=protected-access
+    return mapped(functools.partial(kernels.combine64, dtype=dtype),
                   (P(), cols), cols)(c, q)
 
   replicated = NamedSharding(mesh, P())
-  return basis_lib.ColumnPasses(
+  return ColumnPasses(
       put=lambda c: jax.device_put(c, replicated),
       center=jax.jit(center, donate_argnums=0),
       combine_and_gram=jax.jit(combine_and_gram, donate_argnums=1),
@@ -362,7 +362,7 @@ def _to_rows(layout: BasisLayout, vectors: jax.Array) -> jax.Array:
     whole = jax.lax.all_to_all(local, layout.axis, 0, 1, tiled=True)
     return whole[:, :layout.num_params]
 
-  return jax.jit(layout._map(body, (P(None, layout.axis),), layout.spec))(  # pylint: disable=protected-access
+  return jax.jit(layout._map(body, (P(None, layout.axis),), layout.spec))(
       vectors)
 
 
@@ -385,7 +385,7 @@ def _quantize(layout: ShardedLayout, vectors: jax.Array, dtype: str
   """Quantizes each device's shard of the rows on that device."""
   body = functools.partial(quantization.quantize, dtype=dtype,
                            group=layout.group)
-  return jax.jit(layout._map(body, (layout.spec,), layout.spec))(vectors)  # pylint: disable=protected-access
+  return jax.jit(layout._map(body, (layout.spec,), layout.spec))(vectors)
 
 
 def sharded_basis(spec: tree_lib.ParamSpec, matrix, *, rtol: float,
@@ -393,8 +393,8 @@ def sharded_basis(spec: tree_lib.ParamSpec, matrix, *, rtol: float,
                   layout: str = "basis") -> basis_lib.Basis:
   """Orthonormal basis of the rows of W, sharded over a mesh axis.
 
-  Called by `Basis.from_matrix` (and so `from_snapshots`, `from_store`)
-  when given `mesh`.
+  Called by `twa_jax.build` (`basis_from_snapshots`, `_from_store`,
+  `_from_matrix`) when given `mesh`.
 
   Args:
     spec: layout of the parameter tree.
@@ -421,7 +421,7 @@ def sharded_basis(spec: tree_lib.ParamSpec, matrix, *, rtol: float,
   params = layout == "params"
   group = _group(-(-d // k) if params else d) if low_bit else 1
   w = put_columns(matrix, mesh, axis, _columns(d, k, group if params else 1))
-  vectors, _ = basis_lib.orthonormalize(
+  vectors, _ = orthonormalize(
       w, rtol=rtol, dtype=jnp.float32 if low_bit else dtype,
       passes=column_passes(mesh, axis))
   dim = int(vectors.shape[0])
@@ -432,40 +432,4 @@ def sharded_basis(spec: tree_lib.ParamSpec, matrix, *, rtol: float,
     vectors = _to_rows(out, vectors)
   if low_bit:
     vectors = _quantize(out, vectors, low_bit)
-  return basis_lib.Basis(vectors, spec, dim, out)
-
-
-_COLLECTIVE = re.compile(
-    r"^\s*(?:ROOT )?\S+ = (.+?) "
-    r"(all-reduce|all-gather|all-to-all|reduce-scatter|collective-permute)"
-    r"(-start)?\(", re.MULTILINE)
-_SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
-_HLO_DTYPES = {"f32": "float32", "f64": "float64", "bf16": "bfloat16",
-               "f16": "float16", "s32": "int32", "u32": "uint32",
-               "s8": "int8", "u8": "uint8", "pred": "bool"}
-
-
-def collectives(hlo_text: str) -> list[tuple[str, int, int]]:
-  """The collectives of a compiled program's HLO text.
-
-  Args:
-    hlo_text: e.g. `jax.jit(f).lower(*args).compile().as_text()`.
-
-  Returns:
-    (op, elements, bytes) of each collective's result, e.g.
-    ("all-reduce", D, 4 D) for the basis layout's projection; a tuple
-    all-reduce (several arrays combined) counts all of them; of the async
-    "-start" forms of the others, whose result tuple also holds the
-    operand, the largest array is counted.
-  """
-  found = []
-  for shapes, op, start in _COLLECTIVE.findall(hlo_text):
-    arrays = []
-    for dtype, dims in _SHAPE.findall(shapes):
-      size = math.prod(int(d) for d in dims.split(",") if d)
-      itemsize = jnp.dtype(_HLO_DTYPES.get(dtype, dtype)).itemsize
-      arrays.append((size, size * itemsize))
-    if start and op != "all-reduce":
-      arrays = [max(arrays)]
-    found.append((op, sum(a for a, _ in arrays), sum(b for _, b in arrays)))
-  return found
+  return basis_lib.Basis(basis_lib.to_refs(vectors), spec, dim, out)

@@ -129,6 +129,8 @@ class ParamSpec:
       As :meth:`check`.
     """
     named, treedef = _flatten(tree, what)
+    if treedef == self.treedef:  # same structure: leaves match by position
+      named = [(name, leaf) for name, (_, leaf) in zip(self.paths, named)]
     position = {name: i for i, (name, _) in enumerate(named)}
     frozen = set(self.frozen)
     for name, leaf in named:
@@ -219,10 +221,9 @@ def _unwrap(tree: PyTree) -> PyTree:
 
 def _flatten(tree: PyTree, what: str) -> tuple[list[tuple[str, Any]], Any]:
   """(path string, leaf) pairs of `tree` and its treedef, with clear errors."""
-  tree = _unwrap(tree)
   try:
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  except TypeError as e:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(_unwrap(tree))
+  except (TypeError, ValueError) as e:  # jax wraps the sort's TypeError
     mixed = _mixed_key_dict(tree, ())
     if mixed is None:
       raise

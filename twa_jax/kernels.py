@@ -1,0 +1,136 @@
+"""Blockwise column kernels: the passes over the D columns of W and of P.
+
+Both the orthonormalizer (float64 Gram matrices and combinations of rows) and
+the basis products (P^T g and P beta in float32 whatever the storage) walk
+the columns in blocks, so that no full-width float64 or float32 copy of a
+matrix is ever made. Under `jax.shard_map` the same kernels run on each
+device's columns; `axis_name` then sums the n x n Grams with one psum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from twa_jax import quantization
+
+AxisName = str | tuple[str, ...]
+Vectors = jax.Array | quantization.QuantizedVectors  # the stored basis rows
+CHUNK = 1 << 15  # columns per float64 Gram block: keeps the float64 copy small
+LOW_PRECISION_BLOCK = 4096  # columns per converted block in bfloat16 products
+
+
+def over_columns(cols: int, body: Callable[[Any, Any, int], Any], carry: Any,
+                 chunk: int = CHUNK) -> Any:
+  """Folds body(carry, start, size) over column blocks of width `chunk`."""
+  full = cols // chunk
+  if full:
+    carry = jax.lax.fori_loop(
+        0, full, lambda i, c: body(c, i * chunk, chunk), carry)
+  if cols % chunk:
+    carry = body(carry, full * chunk, cols % chunk)
+  return carry
+
+
+def columns64(x: jax.Array, start, size: int) -> jax.Array:
+  """Columns [start, start + size) of `x` in float64 (call under x64)."""
+  return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1).astype(jnp.float64)
+
+
+def gram64(a: jax.Array, axis_name: AxisName | None = None) -> jax.Array:
+  """a @ a.T accumulated in float64 over column blocks (call under x64).
+
+  With `axis_name` (inside `jax.shard_map`, columns sharded over that mesh
+  axis), the per-device Grams are summed with one psum of n x n floats.
+  """
+  def body(gram, start, size):
+    block = columns64(a, start, size)
+    return gram + block @ block.T
+  gram = over_columns(a.shape[1], body,
+                      jnp.zeros((a.shape[0], a.shape[0]), jnp.float64))
+  return gram if axis_name is None else jax.lax.psum(gram, axis_name)
+
+
+def combine64(c: jax.Array, v: jax.Array, dtype) -> jax.Array:
+  """c @ v in float64 over column blocks, rounded once to `dtype`."""
+  def body(out, start, size):
+    block = (c @ columns64(v, start, size)).astype(dtype)
+    return jax.lax.dynamic_update_slice_in_dim(out, block, start, axis=1)
+  return over_columns(v.shape[1], body,
+                      jnp.zeros((c.shape[0], v.shape[1]), dtype))
+
+
+def center(w: jax.Array, axis_name: AxisName | None = None
+           ) -> tuple[jax.Array, jax.Array]:
+  """Rows w_i - w_r (i != r) and w_r itself, r = n // 2; their float64 Gram."""
+  r = w.shape[0] // 2
+  v = (w - w[r]).at[r].set(w[r])
+  return v, gram64(v, axis_name)
+
+
+def combine_and_gram(c: jax.Array, v: jax.Array,
+                     axis_name: AxisName | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
+  """Q = c @ v rounded to float32, and its float64 Gram Q Q^T."""
+  q = combine64(c, v, jnp.float32)
+  return q, gram64(q, axis_name)
+
+
+def column_blocks(vectors: Vectors) -> tuple[Callable[[Any, int], jax.Array],
+                                             int] | None:
+  """How to read `vectors` as float32 column blocks, if it needs to be.
+
+  For storage that XLA cannot multiply at full speed (bfloat16 on CPU,
+  int8/int4 codes): a function giving float32 columns [start, start + size)
+  and the block width; None for float32, which goes to one matrix product.
+  """
+  if isinstance(vectors, quantization.QuantizedVectors):
+    return vectors.dequantize, vectors.block
+  if vectors.dtype == jnp.float32 or jax.default_backend() != "cpu":
+    return None  # accelerators multiply bfloat16 natively
+  def columns(start, size):
+    return jax.lax.dynamic_slice_in_dim(vectors, start, size, axis=1).astype(
+        jnp.float32)
+  return columns, LOW_PRECISION_BLOCK
+
+
+def zeros(vectors: Vectors, size: int) -> jax.Array:
+  """A float32 (size,) accumulator for products with `vectors`.
+
+  Under `jax.shard_map` it varies over their mesh axes, as the loop's
+  results do.
+  """
+  if isinstance(vectors, quantization.QuantizedVectors):
+    vectors = vectors.scale
+  return jnp.zeros_like(vectors, jnp.float32, shape=(size,))
+
+
+def matvec(vectors: Vectors, flat: jax.Array) -> jax.Array:
+  """P^T g in float32 whatever the storage; never a float32 copy of P."""
+  blocks = column_blocks(vectors)
+  if blocks is None:
+    return jnp.dot(vectors, flat.astype(vectors.dtype),
+                   preferred_element_type=jnp.float32)
+  columns, width = blocks
+  def body(acc, start, size):
+    return acc + columns(start, size) @ jax.lax.dynamic_slice_in_dim(
+        flat, start, size)
+  return over_columns(vectors.shape[1], body,
+                      zeros(vectors, vectors.shape[0]), width)
+
+
+def vecmat(beta: jax.Array, vectors: Vectors) -> jax.Array:
+  """P beta in float32 whatever the storage; never a float32 copy of P."""
+  blocks = column_blocks(vectors)
+  if blocks is None:
+    return jnp.dot(beta.astype(vectors.dtype), vectors,
+                   preferred_element_type=jnp.float32)
+  columns, width = blocks
+  def body(out, start, size):
+    return jax.lax.dynamic_update_slice_in_dim(
+        out, beta @ columns(start, size), start, axis=0)
+  return over_columns(vectors.shape[1], body,
+                      zeros(vectors, vectors.shape[1]), width)
