@@ -48,12 +48,12 @@ class TwaOutcome:
 
 
 def build_basis(cfg: ml_collections.ConfigDict,
-                snapshots: Snapshots) -> twa_jax.Basis:
+                snapshots: Snapshots) -> twa_jax.Basis | twa_jax.BlockBasis:
   """The basis of the snapshots' span (`config.twa` granularity, storage)."""
   granularity = _layer if cfg.granularity == "layer" else cfg.granularity
   dtype = (cfg.storage if cfg.storage in ("int8", "int4")
            else jnp.dtype(cfg.storage))
-  return twa_jax.Basis.from_snapshots(snapshots, granularity=granularity,
+  return twa_jax.basis_from_snapshots(snapshots, granularity=granularity,
                                       dtype=dtype)
 
 
@@ -64,7 +64,8 @@ def _layer(path: str) -> str:
 
 
 def twa_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule,
-                  basis: twa_jax.Basis) -> optax.GradientTransformation:
+                  basis: twa_jax.Basis | twa_jax.BlockBasis
+                  ) -> optax.GradientTransformation:
   """The TWA optimizer: projected SGD, or Adam on the coefficients."""
   if cfg.optimizer == "sgd":
     return twa_jax.twa(basis, schedule, momentum=cfg.momentum,
