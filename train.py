@@ -37,16 +37,15 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from twa_jax.training import configuration
+from twa_jax.training import loop
 from twa_jax.training import soups
 from twa_jax.training import train_lib
+from twa_jax.training import workdir as workdir_lib
 
 # shown by --help
-__doc__ += "\n".join(("", train_lib.WORKDIR_LAYOUT, soups.WORKDIR_LAYOUT))
+__doc__ += "\n".join(("", workdir_lib.LAYOUT, soups.WORKDIR_LAYOUT))
 _HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "default.py"),
-    "Experiment config file (a configs/*.py); override fields with "
-    "--config.FIELD=VALUE, e.g. --config.sgd.epochs=100.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory (default: ./workdir/<config name>); "
     "see the layout above.")
@@ -55,6 +54,18 @@ _SOUP = flags.DEFINE_list(
     "of those workdirs' final snapshots (or the ones at STEP) in --workdir "
     "(default: ./workdir/<config name>_soup) instead of the phases; --config "
     "must match their data and model.")
+
+
+def define_config_flag() -> None:
+  """--config; its --config.FIELD overrides are applied here, so an unknown
+  field is reported here (one line, exit status 1)."""
+  try:
+    config_flags.DEFINE_config_file(
+        "config", os.path.join(_HERE, "configs", "default.py"),
+        "Experiment config file (a configs/*.py); override fields with "
+        "--config.FIELD=VALUE, e.g. --config.sgd.epochs=100.")
+  except (KeyError, AttributeError) as e:
+    sys.exit(f"error: {configuration.override_error(e, sys.argv)}")
 
 
 def main(argv):
@@ -68,9 +79,11 @@ def main(argv):
       soups.run(config, workdir, _SOUP.value)
     else:
       train_lib.run(config, workdir)
-  except (train_lib.ConfigError, train_lib.TrainingDiverged) as e:
-    sys.exit(f"error: {e}")
+  except (configuration.ConfigError, loop.TrainingDiverged, OSError) as e:
+    lines = (line.strip() for line in str(e).splitlines())
+    sys.exit("error: " + " ".join(line for line in lines if line))
 
 
 if __name__ == "__main__":
+  define_config_flag()
   app.run(main)

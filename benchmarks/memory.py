@@ -13,6 +13,11 @@ stage:
   compile  the first training step (XLA compilation included)
   steps    further training steps: the phase's steady-state peak
 
+TWA runs with two steps: "donated" (train.py's step, state donated) and
+"plain" (a `jax.jit` step as users write it, returning params and optimizer
+state without donation). The TWA transformations close over the basis and
+their state holds no P, so both hold one copy of P.
+
   python benchmarks/memory.py --models small_cnn,resnet20,vgg16 --ns 10,30,100,300
 """
 
@@ -113,10 +118,13 @@ def child(config: dict) -> dict:
     out.update(basis_dim=basis.dim, basis_mb=basis.nbytes / _MB,
                peak_setup_mb=peak_mb(), rss_after_setup_mb=rss_mb())
     tx = side.twa(basis)
-    del basis  # the trainer's state owns P
+    del basis  # the transformation's closure holds P
   else:
     tx = side.sgd
-  run = step_overhead.Trainer(side, tx)
+  if config["step"] == "plain":
+    run = step_overhead.jit_side(side.loss, tx, side.params, donate=False)
+  else:
+    run = step_overhead.Trainer(side, tx)
   if resettable:
     reset_peak()
   run()  # compiles the step
@@ -134,19 +142,21 @@ def configurations(args: argparse.Namespace) -> list[dict]:
   configs = []
   for model in args.models:
     base = {"model": model, "batch": args.batch, "steps": args.steps}
-    configs.append({**base, "phase": "sgd", "n": 0})
-    configs += [{**base, "phase": "twa", "n": n} for n in args.ns]
+    configs.append({**base, "phase": "sgd", "n": 0, "step": "donated"})
+    configs += [{**base, "phase": "twa", "n": n, "step": step}
+                for n in args.ns for step in ("donated", "plain")]
   return configs
 
 
-HEADER = ("model        phase    n         D   |P| MB  init MB  peak MB: setup"
-          "  compile  steps  steps vs SGD")
+HEADER = ("model        phase step       n         D   |P| MB  init MB  peak MB: "
+          "setup  compile  steps  steps vs SGD")
 
 
 def format_row(r: dict, sgd_peak: float) -> str:
   setup = f"{r['peak_setup_mb']:13.0f}" if "peak_setup_mb" in r else f"{'-':>13}"
   basis = f"{r['basis_mb']:7.1f}" if "basis_mb" in r else f"{'-':>7}"
-  return (f"{r['model']:<12} {r['phase']:<5} {r['n']:>4} {r['num_params']:>9}"
+  return (f"{r['model']:<12} {r['phase']:<5} {r['step']:<7} {r['n']:>4} "
+          f"{r['num_params']:>9}"
           f" {basis} {r['rss_init_mb']:8.0f} {setup} "
           f"{r['peak_compile_mb']:8.0f} {r['peak_steps_mb']:6.0f} "
           f"{r['peak_steps_mb'] / sgd_peak:13.3f}")

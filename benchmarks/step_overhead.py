@@ -20,12 +20,22 @@ Reported: the TWA/SGD step ratio of each framework (the paper's figure is
 1.02) as three estimates (see `summarize`), the projection times, and the projection
 bandwidth 2 |P| / time against the copy bandwidth (2 |buffer| / time). P is n
 random rows (timing does not depend on their values, and a random basis
-avoids an orthonormalization per configuration); PyTorch reads the very same
-buffer through DLPack. Combinations whose P exceeds --max-basis-gb are
+avoids an orthonormalization per configuration); PyTorch gets a copy of the
+same rows (DLPack cannot export a jax.Ref). Combinations whose P exceeds --max-basis-gb are
 skipped and listed.
 
   python benchmarks/step_overhead.py --models small_cnn,resnet20,vgg16 \
       --ns 10,100,300 --batch 32
+
+With --loops, the steps as users write them instead, on an MLP (--widths;
+default D = 4.2M), each with SGD and with TWA, all alternating in one run:
+`jit` (a plain `jax.jit` step returning params and optimizer state, no
+donation), `donated` (the same with both donated), `train_state` (flax
+`TrainState.apply_gradients` under `jax.jit`), `nnx` (`nnx.Optimizer` under
+`nnx.jit`) and `torch` (the reference style). Each TWA step closes over the
+basis; the report gives each style's TWA/SGD ratio.
+
+  python benchmarks/step_overhead.py --loops --ns 100 --batch 128
 """
 
 from __future__ import annotations
@@ -35,13 +45,16 @@ import copy
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import linen as nn
+from flax import nnx
+from flax.training import train_state
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -75,10 +88,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--momentum", type=float, default=0.9)
   p.add_argument("--weight-decay", type=float, default=5e-4)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--loops", action="store_true",
+                 help="instead of the model rows: the steps as users write "
+                      "them (plain jit, donated jit, TrainState, nnx.jit + "
+                      "nnx.Optimizer, PyTorch) on an MLP, TWA/SGD of each")
+  p.add_argument("--widths", default="1024,2048,1024,10",
+                 help="--loops: MLP input, hidden and output widths "
+                      "(default D = 4,207,626)")
   args = p.parse_args(argv)
   if args.smoke:  # small_cnn, n = 3, batch 4, 2 repeats
     args.models, args.ns, args.batch, args.repeats = "small_cnn", "3", 4, 2
+    args.widths = "32,64,10"
   args.models = [m for m in args.models.split(",") if m]
+  args.widths = [int(w) for w in args.widths.split(",") if w]
+  if len(args.widths) < 2 or min(args.widths) < 1:
+    p.error(f"--widths: need two or more positive integers, got {args.widths}")
   args.ns = [int(n) for n in args.ns.split(",") if n]
   unknown = [m for m in args.models if m not in models.MODEL_NAMES]
   if unknown:
@@ -133,8 +157,10 @@ class Trainer:
   """Steps of `twa_jax.training.steps.make_train_step` (what train.py runs)
   on a private copy of the model state; state and metrics are donated."""
 
-  def __init__(self, side: JaxSide, tx: optax.GradientTransformation):
+  def __init__(self, side: JaxSide, tx: optax.GradientTransformation,
+               basis: twa_jax.Basis | None = None):
     self.step = steps.make_train_step(side.model, tx, seed=side.args.seed)
+    self._basis = basis
     params, batch_stats = jax.tree.map(jnp.copy, (side.params,
                                                   side.batch_stats))
     self.state = {"step": jnp.zeros((), jnp.int32), "params": params,
@@ -147,12 +173,8 @@ class Trainer:
     return self.state
 
   def basis(self) -> twa_jax.Basis:
-    """The basis in a TWA state (`twa_jax.twa` chains `project` first).
-
-    A donated step consumes the state's buffers; P itself passes through
-    aliased (the same buffer, never copied), under a new array object.
-    """
-    return self.state["opt_state"][0].basis
+    """The basis the TWA step closes over (the optimizer state holds no P)."""
+    return self._basis
 
 
 class JaxSide:
@@ -179,15 +201,17 @@ class JaxSide:
     return twa_jax.twa(basis, self.args.lr, momentum=self.args.momentum,
                        weight_decay=self.args.weight_decay)
 
+  def loss(self, params: PyTree) -> jax.Array:
+    """Training loss on the batch (batch statistics of the batch itself)."""
+    logits, _ = self.model.apply(
+        {"params": params, "batch_stats": self.batch_stats},
+        self.batch["image"], train=True, mutable=["batch_stats"],
+        rngs={"dropout": jax.random.PRNGKey(self.args.seed)})
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, self.batch["label"]).mean()
+
   def grads(self) -> PyTree:
-    def loss(params):
-      logits, _ = self.model.apply(
-          {"params": params, "batch_stats": self.batch_stats},
-          self.batch["image"], train=True, mutable=["batch_stats"],
-          rngs={"dropout": jax.random.PRNGKey(self.args.seed)})
-      return optax.softmax_cross_entropy_with_integer_labels(
-          logits, self.batch["label"]).mean()
-    return jax.jit(jax.grad(loss))(self.params)
+    return jax.jit(jax.grad(self.loss))(self.params)
 
   def sides(self, basis: twa_jax.Basis
             ) -> tuple[dict[str, Callable[[], object]], Trainer, int]:
@@ -195,7 +219,7 @@ class JaxSide:
     grads = self.grads()
     flat = self.spec.ravel(grads)
     flat_spec = twa_jax.ParamSpec.of(flat)
-    sgd, twa = Trainer(self, self.sgd), Trainer(self, self.twa(basis))
+    sgd, twa = Trainer(self, self.sgd), Trainer(self, self.twa(basis), basis)
     copy_elements = min(basis.nbytes // 4, COPY_MAX_ELEMENTS)
     buffer = [jnp.zeros((copy_elements,), jnp.float32)]
     increment = jax.jit(lambda b: b + 1.0, donate_argnums=0)
@@ -244,15 +268,12 @@ class TorchSide:
       self.torch.cuda.synchronize()
 
   def sides(self, trainer: Trainer) -> dict[str, Callable[[], None]]:
-    """PyTorch sides reading P from the JAX TWA trainer's state.
-
-    Each call wraps the current buffer with DLPack (no copy) and lets go of
-    it before returning: a buffer with a live external reference could not
-    be donated, and the JAX step would copy P instead.
-    """
+    """PyTorch sides with their own copy of the JAX TWA trainer's P (the
+    basis keeps P in `jax.Ref`s, which DLPack cannot export)."""
     sgd_model, twa_model = copy.deepcopy(self.model), copy.deepcopy(self.model)
     sgd_opt, twa_opt = self.optimizer(sgd_model), self.optimizer(twa_model)
-    vectors = lambda: self.torch.from_dlpack(trainer.basis().vectors)
+    p = self.torch.from_dlpack(trainer.basis().read_vectors())
+    vectors = lambda: p
 
     def sgd():
       self.ref.train_step(sgd_model, sgd_opt, self.x, self.y)
@@ -391,10 +412,157 @@ def format_row(r: dict) -> str:
   return line + f" {r['copy_gbps']:9.1f}"
 
 
+LOOP_STYLES = ("jit", "donated", "train_state", "nnx")
+
+
+class LinenMLP(nn.Module):
+  """Dense layers with ReLU between them (the --loops model)."""
+
+  widths: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, x):
+    for i, width in enumerate(self.widths[1:]):
+      x = nn.Dense(width)(x if i == 0 else nn.relu(x))
+    return x
+
+
+class NNXMLP(nnx.Module):
+  """The NNX twin of `LinenMLP`."""
+
+  def __init__(self, widths: Sequence[int], rngs: nnx.Rngs):
+    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs)
+                            for a, b in zip(widths[:-1], widths[1:])])
+
+  def __call__(self, x):
+    for i, layer in enumerate(self.layers):
+      x = layer(x if i == 0 else nnx.relu(x))
+    return x
+
+
+def _xent(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def jit_side(loss, tx, params, donate: bool) -> Callable[[], PyTree]:
+  """A plain jitted step as users write it, returning params and optimizer
+  state (optionally donating both); each call runs one step."""
+  @functools.partial(jax.jit, donate_argnums=(0, 1) if donate else ())
+  def step(params, opt_state):
+    updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+  state = [jax.tree.map(jnp.copy, params), tx.init(params)]
+  def call():
+    state[:] = step(*state)
+    return state[0]
+  return call
+
+
+def _train_state_side(model, loss, tx, params) -> Callable[[], PyTree]:
+  ts = [train_state.TrainState.create(
+      apply_fn=model.apply, params=jax.tree.map(jnp.copy, params), tx=tx)]
+  step = jax.jit(lambda s: s.apply_gradients(grads=jax.grad(loss)(s.params)))
+  def call():
+    ts[0] = step(ts[0])
+    return ts[0].params
+  return call
+
+
+def _nnx_side(widths, x, y, tx, seed: int) -> Callable[[], PyTree]:
+  model = NNXMLP(widths, nnx.Rngs(seed))
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  @nnx.jit
+  def step(model, opt):
+    loss, grads = nnx.value_and_grad(lambda m: _xent(m(x), y))(model)
+    opt.update(model, grads)
+    return loss
+  return lambda: step(model, opt)
+
+
+def loop_sides(args: argparse.Namespace, n: int
+               ) -> tuple[dict[str, Callable[[], object]], int, float]:
+  """Every --loops side (SGD and TWA per style), D and the basis' GB."""
+  widths = args.widths
+  rng = np.random.default_rng(args.seed)
+  x_np = rng.standard_normal((args.batch, widths[0])).astype(np.float32)
+  y_np = rng.integers(0, widths[-1], args.batch).astype(np.int32)
+  x, y = jnp.asarray(x_np), jnp.asarray(y_np)
+  model = LinenMLP(tuple(widths))
+  params = jax.jit(model.init)(jax.random.PRNGKey(args.seed), x)["params"]
+  loss = lambda p: _xent(model.apply({"params": p}, x), y)
+  spec = twa_jax.ParamSpec.of(params)
+  basis = random_basis(spec, n, "float32", args.seed)
+  nnx_spec = twa_jax.ParamSpec.of(nnx.to_pure_dict(nnx.state(
+      NNXMLP(widths, nnx.Rngs(args.seed)), nnx.Param)))
+  nnx_basis = twa_jax.Basis(basis.vectors, nnx_spec, n)  # the same P
+  def tx(kind, b):
+    if kind == "twa":
+      return twa_jax.twa(b, args.lr, momentum=args.momentum,
+                         weight_decay=args.weight_decay)
+    return optax.chain(optax.add_decayed_weights(args.weight_decay),
+                       optax.sgd(args.lr, momentum=args.momentum))
+  sides = {}
+  for kind in ("sgd", "twa"):
+    sides[f"jit_{kind}"] = jit_side(loss, tx(kind, basis), params, False)
+    sides[f"donated_{kind}"] = jit_side(loss, tx(kind, basis), params, True)
+    sides[f"train_state_{kind}"] = _train_state_side(
+        model, loss, tx(kind, basis), params)
+    sides[f"nnx_{kind}"] = _nnx_side(widths, x, y, tx(kind, nnx_basis),
+                                     args.seed)
+  device, _ = torch_device(args.torch)
+  if device:
+    import torch  # pylint: disable=g-import-not-at-top
+    import torch_reference  # pylint: disable=g-import-not-at-top
+    torch.manual_seed(args.seed)
+    tx_, ty = (torch.from_numpy(x_np).to(device),
+               torch.from_numpy(y_np.astype(np.int64)).to(device))
+    vectors = torch.randn(n, spec.num_params, device=device) / np.sqrt(
+        spec.num_params)
+    for kind in ("sgd", "twa"):
+      net = torch_reference.MLP(widths).to(device)
+      if torch_reference.num_params(net) != spec.num_params:
+        raise RuntimeError("the PyTorch MLP has "
+                           f"{torch_reference.num_params(net)} parameters, "
+                           f"the Flax one {spec.num_params}")
+      opt = torch.optim.SGD(net.parameters(), lr=args.lr,
+                            momentum=args.momentum,
+                            weight_decay=args.weight_decay)
+      p = vectors if kind == "twa" else None
+      sides[f"torch_{kind}"] = functools.partial(
+          torch_reference.train_step, net, opt, tx_, ty, p)
+  return sides, spec.num_params, basis.nbytes / 1e9
+
+
+def run_loops(args: argparse.Namespace, report: dict) -> None:
+  """Fills report["loops"]: per n, the median step of every side and the
+  TWA/SGD ratio (median of per-round ratios) of every style."""
+  report["loops"] = []
+  for n in args.ns:
+    sides, d, basis_gb = loop_sides(args, n)
+    times = common.alternate(sides, args.repeats)
+    styles = [s for s in LOOP_STYLES + ("torch",) if f"{s}_twa" in times]
+    row = {"widths": args.widths, "num_params": d, "n": n,
+           "basis_gb": basis_gb,
+           "median_s": {k: common.median(v) for k, v in times.items()},
+           "times_s": times,
+           "ratio": {s: common.ratio(times[f"{s}_twa"], times[f"{s}_sgd"])
+                     for s in styles}}
+    report["loops"].append(row)
+    print(f"MLP D={d} n={n}: " + "  ".join(
+        f"{s} sgd {1e3 * row['median_s'][s + '_sgd']:.1f} ms twa "
+        f"{1e3 * row['median_s'][s + '_twa']:.1f} ms x{row['ratio'][s]:.2f}"
+        for s in styles), flush=True)
+    save(report, args.out)
+
+
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   report = {"benchmark": "step_overhead", "args": vars(args),
             "loadavg_start": os.getloadavg()}
+  if args.loops:
+    run_loops(args, report)
+    save(report, args.out)
+    return report
   run(args, report)
   save(report, args.out)
   return report

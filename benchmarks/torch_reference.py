@@ -160,6 +160,21 @@ _MODELS: dict[str, Callable[[int], nn.Module]] = {
 MODEL_NAMES: tuple[str, ...] = tuple(_MODELS)
 
 
+class MLP(nn.Module):
+  """Linear layers with ReLU between them: the twin of step_overhead.py's
+  `LinenMLP` (same widths, same parameter count)."""
+
+  def __init__(self, widths: Sequence[int]):
+    super().__init__()
+    self.layers = nn.ModuleList(
+        nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+
+  def forward(self, x):
+    for i, layer in enumerate(self.layers):
+      x = layer(x if i == 0 else F.relu(x))
+    return x
+
+
 def create_model(name: str, num_classes: int) -> nn.Module:
   """The PyTorch twin of `twa_jax.training.models.create_model(name, ...)`."""
   if name not in _MODELS:

@@ -110,14 +110,17 @@ def test_memory_smoke(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report["benchmark"] == "memory" and not report["skipped"]
-  sgd, twa = report["results"]
-  assert (sgd["phase"], twa["phase"], twa["n"]) == ("sgd", "twa", 2)
-  assert twa["basis_dim"] == 2
-  assert twa["basis_mb"] == pytest.approx(2 * twa["num_params"] * 4 / 2**20)
-  for r in (sgd, twa):
+  sgd, twa, plain = report["results"]
+  assert (sgd["phase"], twa["phase"], plain["phase"]) == ("sgd", "twa", "twa")
+  assert (twa["step"], plain["step"], twa["n"], plain["n"]) == (
+      "donated", "plain", 2, 2)
+  for r in (twa, plain):
+    assert r["basis_dim"] == 2
+    assert r["basis_mb"] == pytest.approx(2 * r["num_params"] * 4 / 2**20)
+    assert _positive(r["peak_setup_mb"])
+  for r in (sgd, twa, plain):
     assert all(_positive(r[k]) for k in ("rss_init_mb", "peak_compile_mb",
                                          "peak_steps_mb"))
-  assert _positive(twa["peak_setup_mb"])
   assert sgd["steps_peak_vs_sgd"] == 1.0
 
 
@@ -154,3 +157,22 @@ def test_torch_reference_projection_matches_basis_project(monkeypatch):
   torch_reference.project_grads(model, torch.from_dlpack(basis.read_vectors()))
   np.testing.assert_allclose(torch_reference.grad_vector(model).numpy(),
                              projected, atol=1e-5 * np.abs(expected).max())
+
+
+def test_step_overhead_loops_smoke(tmp_path):
+  out = tmp_path / "loops.json"
+  cmd = [sys.executable, str(BENCH / "step_overhead.py"), "--loops", "--smoke",
+         "--out", str(out)]
+  proc = _run(cmd + ([] if _has_torch() else ["--torch", "off"]))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  (row,) = report["loops"]
+  styles = {"jit", "donated", "train_state", "nnx"} | (
+      {"torch"} if _has_torch() else set())
+  assert set(row["ratio"]) == styles
+  assert set(row["times_s"]) == {f"{s}_{k}" for s in styles
+                                 for k in ("sgd", "twa")}
+  assert row["num_params"] == 32 * 64 + 64 + 64 * 10 + 10 and row["n"] == 3
+  assert all(_positive(r) for r in row["ratio"].values())
+  assert all(len(t) == 2 and all(_positive(x) for x in t)
+             for t in row["times_s"].values())

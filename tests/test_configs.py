@@ -12,6 +12,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `from configs import common` in the files
 # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from twa_jax.training import configuration
+from twa_jax.training import experiment as experiment_lib
 from twa_jax.training import models
 from twa_jax.training import steps as steps_lib
 from twa_jax.training import train_lib
@@ -29,9 +31,9 @@ def load(name: str) -> ml_collections.ConfigDict:
 
 
 def snapshot_plan(config, steps_per_epoch):
-  planned = train_lib.planned_snapshot_steps(config.sgd, steps_per_epoch)
-  return planned, train_lib.select_snapshot_steps(config.averaging, planned,
-                                                  steps_per_epoch)
+  planned = experiment_lib.planned_snapshot_steps(config.sgd, steps_per_epoch)
+  return planned, experiment_lib.select_snapshot_steps(
+      config.averaging, planned, steps_per_epoch)
 
 
 def lr_per_epoch(section, epochs, spe=10):
@@ -43,7 +45,7 @@ def lr_per_epoch(section, epochs, spe=10):
 def test_every_config_builds_and_validates(path):
   config = load(path.stem)
   assert isinstance(config, ml_collections.ConfigDict)
-  train_lib.validate_config(config)
+  configuration.validate_config(config)
   # Every phase but the optional loss surface.
   assert train_lib.parse_phases(config.phases) == [
       p for p in train_lib.PHASES if p != "surface"]
@@ -149,13 +151,13 @@ def test_validation_names_the_bad_field(field, value, message):
   c = load("default")
   section, key = field.split(".")
   c[section][key] = value
-  with pytest.raises(train_lib.ConfigError, match=rf"config\.{field}") as e:
-    train_lib.validate_config(c)
+  with pytest.raises(configuration.ConfigError, match=rf"config\.{field}") as e:
+    configuration.validate_config(c)
   assert message in str(e.value)
 
 
 def test_unknown_phase_is_rejected():
-  with pytest.raises(train_lib.ConfigError, match="unknown or no phase"):
+  with pytest.raises(configuration.ConfigError, match="unknown or no phase"):
     train_lib.parse_phases("sgd,fine-tune")
   assert train_lib.parse_phases("report, twa") == ["twa", "report"]
 
@@ -164,9 +166,10 @@ def test_averaging_index_range_beyond_the_plan_is_rejected():
   c = load("default")
   c.averaging.unit = "index"
   c.averaging.end = 10_000
-  planned = train_lib.planned_snapshot_steps(c.sgd, 5)
-  with pytest.raises(train_lib.ConfigError, match="records 31 snapshots"):
-    train_lib.select_snapshot_steps(c.averaging, planned, 5)
+  planned = experiment_lib.planned_snapshot_steps(c.sgd, 5)
+  with pytest.raises(configuration.ConfigError, match="records 31 snapshots"):
+    experiment_lib.select_snapshot_steps(c.averaging, planned, 5)
   c.averaging.end = 0
-  with pytest.raises(train_lib.ConfigError, match="only the initial weights"):
-    train_lib.select_snapshot_steps(c.averaging, planned, 5)
+  with pytest.raises(configuration.ConfigError,
+                     match="only the initial weights"):
+    experiment_lib.select_snapshot_steps(c.averaging, planned, 5)

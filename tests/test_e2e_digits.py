@@ -61,7 +61,7 @@ def test_twa_from_swa_start_lowers_training_loss():
   swa_start = 3  # SWA (and TWA's subspace) over epochs 4..12
   tail = snapshots[swa_start:]
   start = twa.swa(tail)
-  basis = twa.Basis.from_snapshots(tail)
+  basis = twa.basis_from_snapshots(tail)
   assert basis.dim == len(tail)
   swa_loss = float(train_loss(start))
 

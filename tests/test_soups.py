@@ -22,8 +22,11 @@ sys.path.insert(0, str(ROOT))  # `from configs import ...`
 # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import twa_jax as twa
+from twa_jax.training import configuration
+from twa_jax.training import experiment as experiment_lib
 from twa_jax.training import soups
 from twa_jax.training import train_lib
+from twa_jax.training import workdir as workdir_lib
 
 CONFIG = """
 from configs import default
@@ -135,7 +138,7 @@ def test_soup_of_three_runs(soup, capsys):
       sum(twa_details["coefficients"]))
   assert json.loads((root / "soup" / "soup" / "summary.json").read_text()) \
       == summary
-  records = train_lib.read_metrics(root / "soup")
+  records = workdir_lib.read_metrics(root / "soup")
   assert [(r["phase"], r["epoch"]) for r in records] == [("soup", 1),
                                                          ("soup", 2)]
   # A rerun returns the finished summary and prints the table.
@@ -152,11 +155,11 @@ def test_uniform_soup_is_the_mean_and_twa_lies_in_the_span(soup):
   root, sources, summary = soup
   ingredients = soups.load_ingredients(soups.parse_sources(sources))
   models = [i.params for i in ingredients]
-  experiment = train_lib.Experiment.create(config(), root / "soup")
-  _, stats = experiment.init_variables()
+  experiment = experiment_lib.create(config())
   mean = twa.swa(models)
-  row = experiment.evaluate(mean, experiment.recompute_batch_stats(mean, stats),
-                            "test")
+  row = experiment_lib.evaluate(
+      experiment, mean, experiment_lib.recompute_batch_stats(experiment, mean),
+      {"test": None})["test"]
   uniform = summary["results"]["uniform_soup"]
   assert row == {"loss": uniform["test_loss"],
                  "accuracy": uniform["test_accuracy"]}
@@ -182,14 +185,14 @@ def test_soup_resumes_twa_to_the_same_result(soup, tmp_path):
   resumed = soups.run(config(), workdir, sources)
   assert without_times(resumed) == without_times(summary)
   assert "soup: resuming after epoch 1" in (workdir / "log.txt").read_text()
-  assert [r["epoch"] for r in train_lib.read_metrics(workdir)] == [1, 2]
+  assert [r["epoch"] for r in workdir_lib.read_metrics(workdir)] == [1, 2]
 
 
 def test_bad_sources_are_refused_naming_them(soup, tmp_path):
   root, sources, _ = soup
 
   def fails(match, srcs, cfg=None):
-    with pytest.raises(train_lib.ConfigError, match=match):
+    with pytest.raises(configuration.ConfigError, match=match):
       soups.run(cfg or config(), tmp_path / "out", srcs)
 
   def copy(name, edit=None):
@@ -229,10 +232,12 @@ def test_bad_sources_are_refused_naming_them(soup, tmp_path):
   # A started soup refuses other sources or TWA settings.
   cfg = config()
   cfg.twa.lr = 0.25
-  with pytest.raises(train_lib.ConfigError, match=r"twa\.lr: 0\.5 in there; "
-                     r"0\.25 in now"):
+  with pytest.raises(configuration.ConfigError,
+                     match=r"twa\.lr: 0\.5 in the soup workdir; 0\.25 in "
+                     r"this config"):
     soups.run(cfg, root / "soup", sources)
-  with pytest.raises(train_lib.ConfigError, match="started from other sources"):
+  with pytest.raises(configuration.ConfigError,
+                     match="started from other sources"):
     soups.run(config(), root / "soup", sources[:2])
 
 

@@ -23,8 +23,13 @@ sys.path.insert(0, str(ROOT))  # `from configs import ...`
 # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from twa_jax.store import TrajectoryStore
+from twa_jax.training import configuration
+from twa_jax.training import experiment as experiment_lib
 from twa_jax.training import input_pipeline
+from twa_jax.training import loop
+from twa_jax.training import report
 from twa_jax.training import train_lib
+from twa_jax.training import workdir as workdir_lib
 
 METHODS = ("sgd", "sgd_head", "swa", "ema", "twa")
 
@@ -103,7 +108,7 @@ def test_all_phases_end_to_end(finished):
   assert json.loads((workdir / "summary.json").read_text()) == summary
   for plot in ("accuracy.png", "coefficients.png"):
     assert (workdir / "plots" / plot).stat().st_size > 1000
-  records = train_lib.read_metrics(workdir)
+  records = workdir_lib.read_metrics(workdir)
   assert [(r["phase"], r["epoch"]) for r in records] == (
       [("sgd", e) for e in range(1, 7)] + [("twa", e) for e in range(1, 3)])
   assert all(r["seconds"] > 0 and r["lr"] > 0 for r in records)
@@ -126,11 +131,11 @@ def test_rerun_skips_finished_phases(finished, tmp_path, capsys):
 def test_batch_norm_recomputation_is_the_exact_average(finished):
   """Against numpy: the first BN layer sees x @ W of every training batch."""
   workdir, _ = finished
-  experiment = train_lib.Experiment.create(tiny_config(), workdir)
-  params, batch_stats = experiment.init_variables()
+  experiment = experiment_lib.create(tiny_config())
+  params, _ = experiment_lib.init_variables(experiment)
   params = jax.tree.map(lambda p: p + 0.1 * np.random.default_rng(0)
                         .standard_normal(p.shape).astype(p.dtype), params)
-  stats = experiment.recompute_batch_stats(params, batch_stats)
+  stats = experiment_lib.recompute_batch_stats(experiment, params)
   kernel = np.asarray(params["Dense_0"]["kernel"], np.float64)
   means, variances = [], []
   for batch in input_pipeline.train_batches(experiment.dataset, 64, seed=0,
@@ -147,7 +152,7 @@ def test_batch_norm_recomputation_is_the_exact_average(finished):
 def test_holdout_replaces_the_test_split(tmp_path):
   config = tiny_config()
   config.data.holdout_fraction = 0.25
-  experiment = train_lib.Experiment.create(config, tmp_path)
+  experiment = experiment_lib.create(config)
   assert experiment.dataset.num_test == round(1437 * 0.25)
   assert experiment.dataset.num_train == 1437 - round(1437 * 0.25)
   train = {x.tobytes() for x in np.asarray(experiment.dataset.x_train)}
@@ -159,7 +164,7 @@ def test_twa_v_trains_on_a_part_sgd_never_saw(tmp_path):
   config = tiny_config(sgd_epochs=4, head=3)
   config.twa.holdout_fraction = 0.2
   summary = train_lib.run(config, tmp_path)
-  experiment = train_lib.Experiment.create(config, tmp_path)
+  experiment = experiment_lib.create(config)
   held = {x.tobytes() for x in np.asarray(experiment.holdout.x_train)}
   sgd_train = {x.tobytes() for x in np.asarray(experiment.dataset.x_train)}
   assert len(held) == round(1437 * 0.2) and not held & sgd_train
@@ -167,7 +172,7 @@ def test_twa_v_trains_on_a_part_sgd_never_saw(tmp_path):
   # SGD's epochs have the steps of the smaller training set; TWA-v's those
   # of the held-out part.
   spe = {r["phase"]: r["step"] // r["epoch"]
-         for r in train_lib.read_metrics(tmp_path)}
+         for r in workdir_lib.read_metrics(tmp_path)}
   assert spe == {"sgd": len(sgd_train) // 64, "twa": len(sgd_train) // 64,
                  "twa_v": len(held) // 64}
   results = summary["results"]
@@ -178,11 +183,11 @@ def test_twa_v_trains_on_a_part_sgd_never_saw(tmp_path):
     assert 0 <= row["holdout_accuracy"] <= 1
   # Trained on the held-out part, TWA-v fits it better than SWA does.
   assert results["twa_v"]["holdout_loss"] < results["swa"]["holdout_loss"]
-  assert "TWA-v" in train_lib.report.table(summary)
+  assert "TWA-v" in report.table(summary)
   # The held-out part is missing from the sgd phase's data: changing it
   # later is refused.
   config.twa.holdout_fraction = 0.1
-  with pytest.raises(train_lib.ConfigError, match=r"twa\.holdout_fraction"):
+  with pytest.raises(configuration.ConfigError, match=r"twa\.holdout_fraction"):
     train_lib.run(config, tmp_path)
 
 
@@ -205,7 +210,7 @@ def test_layer_wise_coefficients_and_low_bit_storage(finished, tmp_path):
   assert details["storage"] == "int8"
   assert twa["results"]["twa"]["test_accuracy"] > 0.6
   config.twa.storage = "int3"
-  with pytest.raises(train_lib.ConfigError, match=r"twa\.storage='int3'"):
+  with pytest.raises(configuration.ConfigError, match=r"twa\.storage='int3'"):
     train_lib.run(config, workdir)
 
 
@@ -236,12 +241,13 @@ def test_config_mismatch_with_a_started_phase_is_refused(finished, tmp_path):
   workdir = copy_workdir(finished[0], tmp_path / "w")
   config = tiny_config()
   config.sgd.lr = 0.2
-  with pytest.raises(train_lib.ConfigError,
-                     match=r"sgd\.lr: 0\.1 there, 0\.2 now"):
+  with pytest.raises(configuration.ConfigError,
+                     match=r"sgd\.lr: 0\.1 in the workdir; 0\.2 in this "
+                     r"config"):
     train_lib.run(config, workdir)
   config = tiny_config()
   config.twa.lr = 0.25
-  with pytest.raises(train_lib.ConfigError, match=r"twa\.lr"):
+  with pytest.raises(configuration.ConfigError, match=r"twa\.lr"):
     train_lib.run(config, workdir)
   # After deleting the TWA phase's folder, its settings may change.
   shutil.rmtree(workdir / "twa")
@@ -264,15 +270,16 @@ def test_workdir_from_before_a_field_existed_resumes(finished, tmp_path):
   (workdir / "config.json").write_text(json.dumps(saved))
   config = tiny_config()
   config.twa.holdout_fraction = 0.1
-  with pytest.raises(train_lib.ConfigError,
-                     match=r"twa\.holdout_fraction: 0\.0 there, 0\.1 now"):
+  with pytest.raises(configuration.ConfigError,
+                     match=r"twa\.holdout_fraction: 0\.0 in the workdir; "
+                     r"0\.1 in this config"):
     train_lib.run(config, workdir)
 
 
 def test_errors_before_training(finished, tmp_path):
   def fails(config, match, workdir=None):
     workdir = workdir or tmp_path / f"w{len(list(tmp_path.iterdir()))}"
-    with pytest.raises(train_lib.ConfigError, match=match):
+    with pytest.raises(configuration.ConfigError, match=match):
       train_lib.run(config, workdir)
     assert not (pathlib.Path(workdir) / "metrics.jsonl").exists()
     assert not (pathlib.Path(workdir) / "config.json").exists()
@@ -300,7 +307,7 @@ def test_errors_before_training(finished, tmp_path):
 def test_nan_loss_stops_naming_epoch_and_step(tmp_path):
   config = tiny_config()
   config.sgd.lr = 1e30
-  with pytest.raises(train_lib.TrainingDiverged,
+  with pytest.raises(loop.TrainingDiverged,
                      match=r"sgd: the training loss is NaN or infinite at "
                      r"step \d+ \(epoch 1, step \d+ of 22\)"):
     train_lib.run(config, tmp_path)
@@ -320,7 +327,7 @@ def _kill_when(proc, workdir, phase, epochs, timeout=300):
   """SIGKILLs `proc` once metrics.jsonl has `epochs` records of `phase`."""
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
-    records = [r for r in train_lib.read_metrics(workdir)
+    records = [r for r in workdir_lib.read_metrics(workdir)
                if r["phase"] == phase]
     if len(records) >= epochs or proc.poll() is not None:
       break
@@ -343,7 +350,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
   # The killed run's store lacks the end of the averaging range (epoch 8).
   config = tiny_config(**sizes)
   config.phases = "swa,twa"
-  with pytest.raises(train_lib.ConfigError,
+  with pytest.raises(configuration.ConfigError,
                      match=r"average the snapshots of epochs 0-8 \(9 "
                      r"snapshots, steps 0-176\); the store .* lacks \d+ of"):
     train_lib.run(config, workdir)
@@ -354,10 +361,10 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
   assert not (workdir / "twa" / "result.json").exists()
   summary = train_lib.run(tiny_config(**sizes), workdir)
   assert without_times(summary) == without_times(reference)
-  records = train_lib.read_metrics(workdir)
+  records = workdir_lib.read_metrics(workdir)
   assert [(r["phase"], r["epoch"]) for r in records] == (
       [("sgd", e) for e in range(1, 13)] + [("twa", e) for e in range(1, 5)])
-  ref_records = train_lib.read_metrics(tmp_path / "reference")
+  ref_records = workdir_lib.read_metrics(tmp_path / "reference")
   for r, ref in zip(records, ref_records):
     assert r["test_loss"] == ref["test_loss"] and r["lr"] == ref["lr"]
 
@@ -369,3 +376,97 @@ def test_help_explains_phases_and_workdir():
   for text in ("sgd", "swa", "twa", "report", "metrics.jsonl", "summary.json",
                "--config.phases", "trajectory/"):
     assert text in out, text
+
+
+def test_phases_table_runs_the_named_phases_in_order(finished, tmp_path):
+  assert list(train_lib.PHASES) == ["sgd", "swa", "twa", "surface", "report"]
+  assert train_lib.parse_phases("report, swa,sgd") == ["sgd", "swa", "report"]
+  with pytest.raises(configuration.ConfigError,
+                     match=r"config\.phases='sgd,fine-tune': unknown or no "
+                     r"phase \['fine-tune'\]"):
+    train_lib.parse_phases("sgd,fine-tune")
+  with pytest.raises(configuration.ConfigError, match="unknown or no phase"):
+    train_lib.parse_phases(" , ")
+  # Finished phases are skipped; report runs every time and returns the
+  # summary.
+  workdir = copy_workdir(finished[0], tmp_path / "w")
+  config = tiny_config()
+  config.phases = "report,swa"
+  assert train_lib.run(config, workdir) == finished[1]
+  assert "swa: finished earlier" in (workdir / "log.txt").read_text()
+  config.phases = "swa"
+  assert train_lib.run(config, workdir) is None
+
+
+@pytest.mark.parametrize("field,value", [
+    ("sgd.lr", float("inf")), ("twa.lr", float("nan")),
+    ("sgd.momentum", float("-inf")), ("surface.margin", float("inf"))])
+def test_non_finite_fields_fail_validation(field, value):
+  config = tiny_config()
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(configuration.ConfigError,
+                     match=rf"config\.{field}={value!r}: must be finite"):
+    configuration.validate_config(config)
+
+
+def test_validation_names_every_bad_field():
+  config = tiny_config()
+  config.sgd.lr = 0.0
+  config.twa.granularity = "row"
+  config.eval_batch_size = 0
+  with pytest.raises(configuration.ConfigError) as e:
+    configuration.validate_config(config)
+  lines = str(e.value).splitlines()
+  assert lines[0] == "invalid config:" and len(lines) == 4
+  assert "config.sgd.lr=0.0: the learning rate must be positive" in lines[1]
+  assert "config.twa.granularity='row'" in lines[2]
+  assert "config.eval_batch_size=0" in lines[3]
+  configuration.validate_config(tiny_config())  # the valid one passes
+
+
+def test_differences_name_each_field_and_where():
+  configs = {"a": {"seed": 0, "sgd": {"lr": 0.1, "epochs": 2}},
+             "b": {"seed": 1, "sgd": {"lr": 0.1, "epochs": 3}},
+             "c": {"seed": 0, "sgd": {"lr": 0.1}}}
+  assert configuration.differences(configs) == [
+      "seed: 0 in a, c; 1 in b",
+      "sgd.epochs: 2 in a; 3 in b; <missing> in c"]
+  assert configuration.differences(configs, ["sgd.lr", "model"]) == []
+  assert configuration.differences(configs, ["sgd"]) == [
+      "sgd.epochs: 2 in a; 3 in b; <missing> in c"]
+
+
+def test_json_files_are_strict(tmp_path):
+  path = tmp_path / "summary.json"
+  workdir_lib.write_json(path, {"loss": float("nan"), "rows": [float("inf"),
+                                                                 1.5]})
+
+  def refuse(constant):
+    raise AssertionError(f"non-standard JSON constant {constant}")
+
+  assert json.loads(path.read_text(), parse_constant=refuse) == {
+      "loss": None, "rows": [None, 1.5]}
+  workdir_lib.append_metrics(tmp_path, {"phase": "sgd", "epoch": 1,
+                                        "test_loss": float("nan")})
+  text = (tmp_path / "metrics.jsonl").read_text()
+  assert json.loads(text, parse_constant=refuse)["test_loss"] is None
+
+
+def test_train_py_reports_bad_configs_in_one_line(tmp_path):
+  def fails(*args):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"),
+         f"--workdir={tmp_path / 'w'}", *args], cwd=ROOT, capture_output=True,
+        text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    return out.stderr.strip().splitlines()[-1]
+
+  assert fails("--config.sdg.lr=0.1") == (
+      "error: --config.sdg.lr: the config has no field 'sdg'")
+  assert fails("--config.sgd.lrr=0.1").startswith(
+      "error: --config.sgd.lrr: the config has no field 'lrr' (Did you mean")
+  assert fails("--config.sgd.lr=inf") == (
+      "error: invalid config: config.sgd.lr=inf: must be finite")
+  assert not (tmp_path / "w").exists()

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -142,3 +143,75 @@ def test_stacked_tree_errors():
   stacked["a"][1, 2] = np.nan
   with pytest.raises(ValueError, match=r"snapshot 1: leaf \['a'\].*NaN"):
     tree_lib.stack_snapshots(stacked)
+
+
+# --- matching by leaf path; subsets; issue-13 inputs ---------------------------
+
+def test_containers_with_the_same_leaf_paths_agree():
+  model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  pure = nnx.to_pure_dict(state)
+  spec = ParamSpec.of(pure)
+  other = ParamSpec.of(state)
+  assert (other.paths, other.shapes, other.dtypes) == (
+      spec.paths, spec.shapes, spec.dtypes)
+  leaves, place = spec.select(state)
+  np.testing.assert_array_equal(leaves[0], pure["bias"])
+  back = place([2 * x for x in leaves])  # in the State's own structure
+  assert isinstance(back, nnx.State)
+  np.testing.assert_array_equal(back["kernel"], 2 * pure["kernel"])
+
+
+@pytest.mark.parametrize("trainable", [
+    {"dense": {"kernel": True, "bias": False, "step": False}},
+    lambda path: "kernel" in path])
+def test_trainable_subset_records_frozen_leaves(trainable):
+  full = _with(("step", np.int32(3)))  # integer leaves may be frozen
+  spec = ParamSpec.of(full, trainable=trainable)
+  assert spec.paths == ("['dense']['kernel']",)
+  assert spec.frozen == ("['dense']['bias']", "['dense']['step']")
+  leaves, place = spec.select(full)
+  assert len(leaves) == 1 and leaves[0].shape == (2, 3)
+  out = place([np.full((2, 3), 5.0, np.float32)])
+  np.testing.assert_array_equal(out["dense"]["bias"], 0.0)  # frozen: zero
+  np.testing.assert_array_equal(out["dense"]["kernel"], 5.0)
+  assert spec.mask(full) == {"dense": {"bias": False, "kernel": True,
+                                       "step": False}}
+  masked = {"dense": {"kernel": full["dense"]["kernel"]}}  # frozen left out
+  assert spec.check(masked)[0] is masked["dense"]["kernel"]
+  _, matrix = tree_lib.stack_snapshots([full, full], trainable=trainable)
+  assert matrix.shape == (2, 6)
+  with pytest.raises(ValueError, match="selects none"):
+    ParamSpec.of(full, trainable=lambda p: False)
+  with pytest.raises(ValueError, match="mask does not fit"):
+    ParamSpec.of(full, trainable={"other": True})
+
+
+def test_disagreements_name_the_leaf_and_both_sides():
+  spec = ParamSpec.of(BASE, trainable={"dense": {"kernel": True,
+                                                  "bias": False}})
+  extra = {"dense": {**BASE["dense"], "scale": np.ones((3,), np.float32)}}
+  with pytest.raises(ValueError, match=r"unexpected leaf \['dense'\]\['scale'\]"
+                     r" \(shape \(3,\).*spans 1 leaves \(\['dense'\]\['kernel'\]\)"
+                     r" and freezes \['dense'\]\['bias'\]"):
+    spec.check(extra, what="grads")
+  with pytest.raises(ValueError, match=r"missing leaf \['dense'\]\['kernel'\]: "
+                     r"the basis spans it \(shape \(2, 3\), dtype float32\)"):
+    spec.check({"dense": {"bias": BASE["dense"]["bias"]}})
+
+
+def test_snapshots_from_a_generator_and_mixed_key_errors():
+  snaps = [_with(("bias", np.full((3,), float(i), np.float32)))
+           for i in range(3)]
+  spec, matrix = tree_lib.stack_snapshots(s for s in snaps)
+  np.testing.assert_array_equal(matrix, tree_lib.stack_snapshots(snaps)[1])
+  assert spec == ParamSpec.of(BASE)
+  mixed = {"dense": {0: np.ones(2, np.float32), "b": np.ones(2, np.float32)}}
+  with pytest.raises(TypeError, match=r"dict at \['dense'\] mixes key types "
+                     r"\(int, str\)"):
+    ParamSpec.of(mixed)
+  with pytest.raises(TypeError, match="mixes key types"):
+    tree_lib.stack_snapshots([mixed])
+  with pytest.raises(ValueError, match="expected a list, tuple or iterator"):
+    tree_lib.stack_snapshots({"a": np.zeros((3,), np.float32),
+                              "b": np.float32(0)})

@@ -18,22 +18,24 @@ from twa_jax.build import from_snapshots as basis_from_snapshots
 from twa_jax.build import from_store as basis_from_store
 from twa_jax.orthonormalize import EmptySpanError
 from twa_jax.orthonormalize import orthonormalize
+from twa_jax.running_average import AveragedState
+from twa_jax.running_average import init_running_average
+from twa_jax.running_average import RunningAverage
+from twa_jax.running_average import swa_lr_schedule
+from twa_jax.running_average import update_running_average
+from twa_jax.running_average import with_running_average
 from twa_jax.sampling import SamplingSchedule
-from twa_jax.transform import basis_of
 from twa_jax.transform import project
-from twa_jax.transform import ProjectState
-from twa_jax.transform import restore_basis
 from twa_jax.transform import scale_by_subspace
-from twa_jax.transform import strip_basis
-from twa_jax.transform import SubspaceState
 from twa_jax.transform import twa
 from twa_jax.tree import ParamSpec
 
 __all__ = [
-    "Basis", "BlockBasis", "EmptySpanError", "ParamSpec", "ProjectState",
-    "SubspaceState", "averaging_coefficients", "basis_from_matrix",
-    "basis_from_snapshots", "basis_from_store", "basis_of", "greedy_soup",
-    "orthonormalize", "project", "restore_basis", "scale_by_subspace",
-    "strip_basis", "swa", "twa", "SamplingSchedule",
+    "AveragedState", "Basis", "BlockBasis", "EmptySpanError", "ParamSpec",
+    "RunningAverage", "averaging_coefficients", "basis_from_matrix",
+    "basis_from_snapshots", "basis_from_store", "greedy_soup",
+    "init_running_average", "orthonormalize", "project", "scale_by_subspace",
+    "swa", "swa_lr_schedule", "twa", "update_running_average",
+    "with_running_average", "SamplingSchedule",
 ]
 __version__ = "0.1.0"

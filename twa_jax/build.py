@@ -9,7 +9,7 @@ the placement (one device, or sharded over a mesh) and the storage dtype.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -35,7 +35,9 @@ def from_snapshots(snapshots: Sequence[PyTree] | PyTree, *,
                    granularity: blocks.Granularity = "global",
                    mesh: Mesh | None = None,
                    axis: kernels.AxisName | None = None,
-                   layout: str = "basis") -> Basis | BlockBasis:
+                   layout: str = "basis",
+                   trainable: PyTree | Callable[[str], bool] | None = None
+                   ) -> Basis | BlockBasis:
   """Orthonormal basis of span{w_1..w_n}.
 
   Args:
@@ -61,6 +63,9 @@ def from_snapshots(snapshots: Sequence[PyTree] | PyTree, *,
       mesh's only axis, or all of its axes.
     layout: "basis" or "params", the sharded layout (see
       `twa_jax.sharding`).
+    trainable: span only these leaves (a mask pytree or a predicate on
+      leaf paths, see `ParamSpec.of`); the others are frozen: the
+      transformations give them a zero update, or they may be absent.
 
   Returns:
     The basis (a `BlockBasis` for a granularity other than "global"),
@@ -71,7 +76,7 @@ def from_snapshots(snapshots: Sequence[PyTree] | PyTree, *,
     EmptySpanError: every snapshot is zero.
   """
   check_rtol(rtol)
-  spec, matrix = tree_lib.stack_snapshots(snapshots)
+  spec, matrix = tree_lib.stack_snapshots(snapshots, trainable=trainable)
   if granularity == "global" and mesh is None:
     matrix = _to_device(matrix)
   return from_matrix(spec, matrix, rtol=rtol, dtype=dtype,

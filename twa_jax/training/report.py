@@ -6,6 +6,8 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+from matplotlib import figure
+from matplotlib.backends import backend_agg
 import ml_collections
 
 METHODS = ("sgd", "sgd_head", "swa", "ema", "twa", "twa_v")
@@ -131,10 +133,6 @@ def plots(summary_: dict[str, Any], records: Sequence[dict[str, Any]],
   Returns:
     The paths written.
   """
-  # pylint: disable=g-import-not-at-top
-  from matplotlib import figure
-  from matplotlib.backends import backend_agg
-
   directory.mkdir(parents=True, exist_ok=True)
   labels = _labels(summary_)
   results = summary_["results"]

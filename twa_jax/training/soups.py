@@ -20,24 +20,25 @@ is then that part) or with twa.holdout_fraction > 0 (TWA-v's part).
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from absl import logging
-import jax.numpy as jnp
 import ml_collections
 
 import twa_jax
 from twa_jax.store import TrajectoryStore
+from twa_jax.training import configuration
+from twa_jax.training import experiment as experiment_lib
 from twa_jax.training import report
-from twa_jax.training import steps as steps_lib
-from twa_jax.training import train_lib
+from twa_jax.training import twa_training
+from twa_jax.training import workdir as workdir_lib
+from twa_jax.training.configuration import ConfigError
+from twa_jax.training.experiment import Experiment
 
 PyTree = Any
-ConfigError = train_lib.ConfigError
 
 WORKDIR_LAYOUT = """\
 soup workdir layout (--soup):
@@ -122,18 +123,19 @@ def check_sources(config: ml_collections.ConfigDict,
     if not path.is_file():
       raise ConfigError(f"soup source {source}: no {path}; not a train.py "
                         "workdir")
-    configs[str(source.workdir)] = train_lib.read_json(path)
-  configs["the soup run's config"] = train_lib.config_dict(config)
-  lines = _differences(configs, _SOURCE_FIELDS)
+    configs[str(source.workdir)] = workdir_lib.read_json(path)
+  configs["the soup run's config"] = configuration.to_json_data(config)
+  lines = configuration.differences(configs, _SOURCE_FIELDS)
   if lines:
     raise ConfigError(
         "the soup's sources must be one model on one dataset with one "
-        "held-out part (data.holdout_*); they differ in:\n  " + "\n  ".join(lines) + "\nRun the soup with "
-        "the sources' --config and overrides.")
+        "held-out part (data.holdout_*); they differ in:\n  "
+        + "\n  ".join(lines)
+        + "\nRun the soup with the sources' --config and overrides.")
 
 
 def holdout_split(config: ml_collections.ConfigDict) -> str:
-  """The `Experiment.evaluate` split holding data that no source trained on."""
+  """The `experiment.evaluate` split holding data that no source trained on."""
   if config.twa.holdout_fraction > 0:
     return "holdout"
   if config.data.holdout_fraction > 0:
@@ -197,28 +199,28 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     TrainingDiverged: NaN loss in TWA.
   """
   parsed = parse_sources(sources)
-  train_lib.validate_config(config)
+  configuration.validate_config(config)
   check_sources(config, parsed)
   split = holdout_split(config)
   ingredients = load_ingredients(parsed)
-  workdir = train_lib.prepare_workdir(workdir)
-  with train_lib.log_to(workdir / "log.txt"):
+  workdir = workdir_lib.prepare(workdir)
+  with workdir_lib.log_to(workdir / "log.txt"):
     logging.info("twa_jax %s: soup of %d sources in %s: %s",
                  twa_jax.__version__, len(parsed), workdir,
                  ", ".join(i.label for i in ingredients))
     record = {"sources": [{"workdir": str(i.source.workdir), "step": i.step}
                           for i in ingredients],
-              "config": train_lib.config_dict(config)}
+              "config": configuration.to_json_data(config)}
     _check_run(workdir, record)
     path = workdir / "soup" / "summary.json"
     if path.exists():
       logging.info("soup: finished earlier (%s)", path)
-      summary = train_lib.read_json(path)
+      summary = workdir_lib.read_json(path)
     else:
-      experiment = train_lib.Experiment.create(config, workdir)
-      train_lib.write_json(workdir / "soup" / "run.json", record)
-      summary = compare(experiment, ingredients, split)
-      train_lib.write_json(path, summary)
+      exp = experiment_lib.create(config)
+      workdir_lib.write_json(workdir / "soup" / "run.json", record)
+      summary = compare(exp, workdir, ingredients, split)
+      workdir_lib.write_json(path, summary)
     print(table(summary), flush=True)
     return summary
 
@@ -228,14 +230,15 @@ def _check_run(workdir: pathlib.Path, record: dict[str, Any]) -> None:
   path = workdir / "soup" / "run.json"
   if not path.exists():
     return
-  saved = train_lib.read_json(path)
+  saved = workdir_lib.read_json(path)
   if saved["sources"] != record["sources"]:
     names = [f"{s['workdir']}:{s['step']}" for s in saved["sources"]]
     raise ConfigError(f"the soup in {workdir} was started from other "
                       f"sources: {', '.join(names)}; use another --workdir "
                       f"or delete {workdir / 'soup'}")
-  lines = _differences({"there": saved["config"], "now": record["config"]},
-                       _RUN_FIELDS)
+  lines = configuration.differences(
+      {"the soup workdir": saved["config"], "this config": record["config"]},
+      _RUN_FIELDS)
   if lines:
     raise ConfigError(
         f"the config does not match the soup started in {workdir} ({path}):"
@@ -243,63 +246,40 @@ def _check_run(workdir: pathlib.Path, record: dict[str, Any]) -> None:
         f"those fields, or delete {workdir / 'soup'} to redo it.")
 
 
-def _differences(configs: dict[str, dict[str, Any]],
-                 fields: Sequence[str]) -> list[str]:
-  """Where configs differ in `fields` (sections or entries): a line a field.
-
-  Args:
-    configs: {where: a config as JSON data}, `where` naming its place.
-    fields: e.g. ("seed", "model", "twa.holdout_fraction").
-
-  Returns:
-    "field: value in where, ...; value in where, ..." for each field whose
-    value differs.
-  """
-  flat = {where: train_lib.flatten_config(c) for where, c in configs.items()}
-  keys = sorted({k for f in flat.values() for k in f
-                 if any(k == s or k.startswith(s + ".") for s in fields)})
-  lines = []
-  for key in keys:
-    groups = {}
-    for where, f in flat.items():
-      groups.setdefault(json.dumps(f.get(key, "<missing>")), []).append(where)
-    if len(groups) > 1:
-      lines.append(f"{key}: " + "; ".join(
-          f"{value} in {', '.join(places)}"
-          for value, places in groups.items()))
-  return lines
-
-
-def compare(experiment: train_lib.Experiment,
+def compare(exp: Experiment, workdir: pathlib.Path,
             ingredients: Sequence[Ingredient], split: str) -> dict[str, Any]:
   """Evaluates the ingredients and their soups, trains and evaluates TWA.
 
   Args:
-    experiment: the soup run's (its workdir gets soup/checkpoints).
+    exp: the soup run's experiment.
+    workdir: the soup run's workdir (TWA's checkpoints in soup/checkpoints).
     ingredients: from `load_ingredients`.
     split: the held-out split (`holdout_split`).
 
   Returns:
     The summary (see `run`).
   """
-  _, init_stats = experiment.init_variables()
+  splits = experiment_lib.row_splits(exp)
 
-  def batch_stats(params: PyTree) -> PyTree:
-    return experiment.recompute_batch_stats(params, init_stats)
+  def row(metrics: dict[str, Any], epochs: float | int,
+          seconds: float | None) -> dict[str, Any]:
+    out = experiment_lib.summary_row(metrics, epochs=epochs,
+                                     wall_time_s=seconds)
+    if split == "test":  # data.holdout_fraction: the test split is held out
+      out.update(holdout_accuracy=out["test_accuracy"],
+                 holdout_loss=out["test_loss"])
+    return out
 
   def evaluate(params: PyTree, epochs: float | int,
                start: float | None) -> dict[str, Any]:
     """A row; its wall time runs from `start` to the batch-norm statistics."""
-    stats = batch_stats(params)
-    seconds = None if start is None else time.perf_counter() - start
-    row = experiment.result(params, stats, epochs=epochs, wall_time_s=seconds)
-    if split == "test":  # data.holdout_fraction: the test split is held out
-      row.update(holdout_accuracy=row["test_accuracy"],
-                 holdout_loss=row["test_loss"])
-    return row
+    before = None if start is None else time.perf_counter() - start
+    metrics, seconds = experiment_lib.evaluate_averaged(exp, params, splits)
+    return row(metrics, epochs, None if before is None else before + seconds)
 
   def score(params: PyTree) -> float:
-    return experiment.evaluate(params, batch_stats(params), split)["accuracy"]
+    metrics, _ = experiment_lib.evaluate_averaged(exp, params, {split: None})
+    return metrics[split]["accuracy"]
 
   models = [i.params for i in ingredients]
   results = {f"ingredient_{n}": evaluate(i.params, i.epochs, None)
@@ -314,50 +294,26 @@ def compare(experiment: train_lib.Experiment,
   logging.info("greedy soup: kept %s of %d ingredients (held-out accuracy "
                "%.4f)", kept, len(models),
                results["greedy_soup"]["holdout_accuracy"])
-  results["twa"], details = _twa(experiment, models, evaluate, epochs)
-  for method, row in results.items():
+  cfg = exp.config.twa
+  outcome = twa_training.train_twa(exp, workdir, "soup", lambda: models,
+                                   start="mean", data=exp.dataset)
+  results["twa"] = row(outcome.metrics, epochs + cfg.epochs, outcome.seconds)
+  for method, r in results.items():
     logging.info("%s: held-out accuracy %.4f, test accuracy %.4f", method,
-                 row["holdout_accuracy"], row["test_accuracy"])
-  config = experiment.config
+                 r["holdout_accuracy"], r["test_accuracy"])
+  config = exp.config
   return {
-      "name": config.name, "dataset": experiment.dataset.name,
+      "name": config.name, "dataset": exp.dataset.name,
       "model": config.model.name, "holdout_split": split,
       "holdout_fraction": (config.twa.holdout_fraction if split == "holdout"
                            else config.data.holdout_fraction),
       "ingredients": [{"workdir": str(i.source.workdir), "step": i.step,
                        "epochs": i.epochs, "label": i.label}
                       for i in ingredients],
-      "results": results, "greedy_soup": {"kept": kept}, "twa": details}
-
-
-def _twa(experiment: train_lib.Experiment, models: Sequence[PyTree],
-         evaluate: Callable[..., dict[str, Any]], epochs: float | int
-         ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """TWA from the models' mean in their span: its row and details."""
-  cfg, seed = experiment.config.twa, experiment.config.seed
-  start = time.perf_counter()
-  basis = twa_jax.Basis.from_snapshots(models,
-                                       **train_lib.basis_options(cfg))
-  logging.info("soup: TWA basis of %d models has dimension %d (%d "
-               "parameters)", len(models), basis.dim, basis.num_params)
-  schedule = steps_lib.learning_rate_schedule(cfg, cfg.epochs,
-                                              experiment.steps_per_epoch)
-  tx = train_lib.twa_optimizer(cfg, schedule, basis)
-  params = twa_jax.swa(models)
-  _, batch_stats = experiment.init_variables()  # the steps donate the state
-  state = {"step": jnp.zeros((), jnp.int32), "params": params,
-           "batch_stats": batch_stats, "opt_state": tx.init(params)}
-  train_step = steps_lib.make_train_step(experiment.model, tx, seed=seed + 1)
-  setup = time.perf_counter() - start
-  state, elapsed = experiment.train("soup", state, train_step, schedule,
-                                     epochs=cfg.epochs, data_seed=seed + 1,
-                                     basis=basis)
-  basis = twa_jax.basis_of(state["opt_state"])  # the steps donated the old one
-  row = evaluate(state["params"], epochs + cfg.epochs,
-                 time.perf_counter() - setup - elapsed)
-  alpha = twa_jax.averaging_coefficients(state["params"], models, basis)
-  return row, {"basis_dim": basis.dim, "num_params": basis.num_params,
-               "epochs": cfg.epochs, **train_lib.coefficients_record(alpha)}
+      "results": results, "greedy_soup": {"kept": kept},
+      "twa": {"basis_dim": outcome.basis_dim,
+              "num_params": outcome.num_params, "epochs": cfg.epochs,
+              **outcome.coefficients}}
 
 
 def table(summary: dict[str, Any]) -> str:

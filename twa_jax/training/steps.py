@@ -1,10 +1,4 @@
-"""Jitted steps of the training world: train, evaluate, recompute batch norm.
-
-Also the learning-rate schedules and base optimizers the configs name. The
-same `make_train_step` serves SGD and TWA; TWA's basis travels in the
-optimizer state (`twa_jax.ProjectState`), so it is an input buffer of the
-compiled step, not a constant baked into it.
-"""
+"""The train state, jitted steps, schedules and base optimizers of training."""
 
 from __future__ import annotations
 
@@ -12,6 +6,7 @@ from collections.abc import Callable
 import math
 from typing import Any
 
+from flax import struct
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,10 +14,47 @@ import numpy as np
 import optax
 
 PyTree = Any
-State = dict[str, Any]
 Metrics = dict[str, jax.Array]
 SCHEDULES = ("step", "swa")
 OPTIMIZERS = ("sgd", "adam")
+
+
+@struct.dataclass
+class TrainState:
+  """What a training step updates (and a checkpoint holds).
+
+  Attributes:
+    step: steps taken.
+    params: the model parameters.
+    batch_stats: the batch-norm running statistics ({} without batch norm).
+    opt_state: the optimizer state.
+    ema: an exponential moving average of the parameters, or None (not
+      tracked). Started at zero: divide by 1 - decay**step for the
+      bias-corrected average, as Adam does.
+  """
+
+  step: jax.Array
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+  ema: PyTree | None = None
+
+  @classmethod
+  def create(cls, params: PyTree, batch_stats: PyTree,
+             tx: optax.GradientTransformation, *,
+             ema: bool = False) -> TrainState:
+    """Step 0, the optimizer's initial state and a zero EMA if `ema`."""
+    return cls(step=jnp.zeros((), jnp.int32), params=params,
+               batch_stats=batch_stats, opt_state=tx.init(params),
+               ema=jax.tree.map(jnp.zeros_like, params) if ema else None)
+
+  def to_dict(self) -> dict[str, PyTree]:
+    """The fields as a dict (no "ema" when not tracked): the checkpoint."""
+    out = {"step": self.step, "params": self.params,
+           "batch_stats": self.batch_stats, "opt_state": self.opt_state}
+    if self.ema is not None:
+      out["ema"] = self.ema
+    return out
 
 
 def milestone_epochs(decay_at, epochs: int) -> list[int]:
@@ -119,14 +151,11 @@ def new_metrics() -> Metrics:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     *, ema_decay: float | None = None, seed: int = 0
-                    ) -> Callable[[State, Metrics, dict],
-                                  tuple[State, Metrics]]:
+                    ) -> Callable[[TrainState, Metrics, dict],
+                                  tuple[TrainState, Metrics]]:
   """One jitted training step, `(state, metrics, batch) -> (state, metrics)`.
 
-  The state is a dict: `step`, `params`, `batch_stats`, `opt_state` and,
-  when `ema_decay` is given, `ema` (an exponential moving average of the
-  parameters, updated after every step; started at zero, so divide it by
-  1 - ema_decay**step for the bias-corrected average, as Adam does). Both
+  With `ema_decay`, the state's `ema` is updated after every step. Both
   state and metrics are donated.
   `metrics` accumulates the epoch's summed loss, correct predictions and
   example count on the device, and `nan_step`: the first step whose loss
@@ -142,28 +171,28 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     The jitted step.
   """
 
-  def step(state: State, metrics: Metrics, batch: dict):
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
+  def step(state: TrainState, metrics: Metrics, batch: dict):
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
     labels = batch["label"]
 
     def loss_fn(params):
       logits, updates = _apply_train(
-          model, variables(params, state["batch_stats"]), batch["image"], rng)
+          model, variables(params, state.batch_stats), batch["image"], rng)
       loss = optax.softmax_cross_entropy_with_integer_labels(
           logits, labels).mean()
       return loss, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state["params"])
-    deltas, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], deltas)
-    new_state = dict(state, step=state["step"] + 1, params=params,
-                     opt_state=opt_state,
-                     batch_stats=updates.get("batch_stats", {}))
+        loss_fn, has_aux=True)(state.params)
+    deltas, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, deltas)
+    ema = state.ema
     if ema_decay is not None:
-      new_state["ema"] = jax.tree.map(
-          lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-          state["ema"], params)
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                         ema, params)
+    new_state = state.replace(step=state.step + 1, params=params,
+                              opt_state=opt_state, ema=ema,
+                              batch_stats=updates.get("batch_stats", {}))
     n = labels.shape[0]
     correct = jnp.sum(jnp.argmax(logits, -1) == labels)
     first_bad = (metrics["nan_step"] < 0) & ~jnp.isfinite(loss)
@@ -171,7 +200,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         "loss": metrics["loss"] + loss * n,
         "correct": metrics["correct"] + correct,
         "count": metrics["count"] + n,
-        "nan_step": jnp.where(first_bad, state["step"] + 1,
+        "nan_step": jnp.where(first_bad, state.step + 1,
                               metrics["nan_step"]),
     }
     return new_state, new_metrics_

@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
+from matplotlib import figure
+from matplotlib.backends import backend_agg
 import numpy as np
 from tqdm import auto as tqdm
 
@@ -221,10 +223,6 @@ def plot(result: Surface, path: str | pathlib.Path) -> pathlib.Path:
   Returns:
     The path written.
   """
-  # pylint: disable=g-import-not-at-top
-  from matplotlib import figure
-  from matplotlib.backends import backend_agg
-
   panels = (("train_loss", 1.0, "train loss"),
             ("test_error", 100.0, "test error (%)"))
   missing = [name for name, _, _ in panels if name not in result.metrics]

@@ -1,0 +1,271 @@
+"""A run's data, model and snapshot plan, and evaluation on its data."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import auto as tqdm
+
+from twa_jax.sampling import SamplingSchedule
+from twa_jax.store import TrajectoryStore
+from twa_jax.training import input_pipeline
+from twa_jax.training import models
+from twa_jax.training import steps as steps_lib
+from twa_jax.training.configuration import ConfigError
+
+PyTree = Any
+Metrics = dict[str, float]  # {"loss", "accuracy"} of one split
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """What every phase of one config shares: data, model, steps, snapshot plan.
+
+  Attributes:
+    config: the experiment config.
+    dataset: train and test splits (with `data.holdout_fraction`, the test
+      split is a held-out part of the training set).
+    holdout: TWA-v's held-out part (`twa.holdout_fraction`), which the sgd
+      phase never trains on; None without TWA-v.
+    model: the flax module.
+    steps_per_epoch: SGD's training steps per epoch.
+    planned_steps: every step at which the sgd phase records a snapshot.
+    selected_steps: the averaged ones (SWA, EMA's end, TWA's snapshots).
+    eval_step: `steps.make_eval_step(model)`.
+    batch_stats_step: `steps.make_batch_stats_step(model)`.
+  """
+
+  config: ml_collections.ConfigDict
+  dataset: input_pipeline.Dataset
+  holdout: input_pipeline.Dataset | None
+  model: Any
+  steps_per_epoch: int
+  planned_steps: list[int]
+  selected_steps: list[int]
+  eval_step: Callable[..., jax.Array]
+  batch_stats_step: Callable[..., PyTree]
+
+  @property
+  def averaging_end(self) -> int:
+    """The step of the last averaged snapshot (end of the averaging range)."""
+    return self.selected_steps[-1]
+
+  def epochs_at(self, step: int) -> float | int:
+    """SGD's epochs after `step` steps (an int when whole)."""
+    epochs = step / self.steps_per_epoch
+    return int(epochs) if epochs == int(epochs) else round(epochs, 4)
+
+
+def create(config: ml_collections.ConfigDict) -> Experiment:
+  """Loads the data and the model and plans the snapshots; no training.
+
+  Raises:
+    ConfigError: unknown dataset or model, a batch larger than a training
+      split, or an averaging range without snapshots.
+  """
+  try:
+    dataset = input_pipeline.load_dataset(config.data)
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    raise ConfigError(f"config.data (name={config.data.name!r}): {e}") from e
+  if config.data.holdout_fraction > 0:
+    train, holdout = input_pipeline.holdout_split(
+        dataset, config.data.holdout_fraction, config.data.holdout_seed)
+    dataset = dataclasses.replace(train, x_test=holdout.x_train,
+                                  y_test=holdout.y_train)
+    logging.info("holdout: %d training examples, %d held out and used as "
+                 "the test split", dataset.num_train, dataset.num_test)
+  holdout = None
+  if config.twa.holdout_fraction > 0:
+    dataset, holdout = input_pipeline.holdout_split(
+        dataset, config.twa.holdout_fraction, config.data.holdout_seed + 1)
+    logging.info("TWA-v: %d training examples held out of the sgd phase "
+                 "for training the coefficients (%d left for sgd)",
+                 holdout.num_train, dataset.num_train)
+  try:
+    model = models.create_model(config.model.name, dataset.num_classes,
+                                **config.model.kwargs.to_dict())
+  except ValueError as e:
+    raise ConfigError(f"config.model: {e}") from e
+  try:
+    spe = input_pipeline.steps_per_epoch(dataset, config.sgd.batch_size)
+    if holdout is not None:
+      input_pipeline.steps_per_epoch(holdout, config.sgd.batch_size)
+  except ValueError as e:
+    raise ConfigError(f"config.sgd.batch_size (twa.holdout_fraction="
+                      f"{config.twa.holdout_fraction}): {e}") from e
+  planned = planned_snapshot_steps(config.sgd, spe)
+  selected = select_snapshot_steps(config.averaging, planned, spe)
+  logging.info(
+      "%s: %d train / %d test examples, %d classes, input %s; model %s; "
+      "%d steps per epoch; %d snapshots planned, %d averaged (steps %d-%d)",
+      dataset.name, dataset.num_train, dataset.num_test, dataset.num_classes,
+      dataset.input_shape, config.model.name, spe, len(planned),
+      len(selected), selected[0], selected[-1])
+  return Experiment(config, dataset, holdout, model, spe, planned, selected,
+                    steps_lib.make_eval_step(model),
+                    steps_lib.make_batch_stats_step(model))
+
+
+def planned_snapshot_steps(sgd: ml_collections.ConfigDict,
+                           steps_per_epoch: int) -> list[int]:
+  """Every step at which the sgd phase records a snapshot."""
+  schedule = SamplingSchedule(
+      per_epoch=sgd.snapshots_per_epoch, steps_per_epoch=steps_per_epoch,
+      include_initial=sgd.include_initial)
+  total = sgd.epochs * steps_per_epoch
+  return [s for s in range(total + 1) if schedule.should_sample(s)]
+
+
+def select_snapshot_steps(averaging: ml_collections.ConfigDict,
+                          planned: Sequence[int],
+                          steps_per_epoch: int) -> list[int]:
+  """The planned steps in the averaging range (inclusive at both ends).
+
+  Raises:
+    ConfigError: the range selects no snapshot taken after training started.
+  """
+  if averaging.unit == "epoch":
+    lo, hi = averaging.start * steps_per_epoch, averaging.end * steps_per_epoch
+    selected = [s for s in planned if lo <= s <= hi]
+  else:
+    if averaging.end >= len(planned):
+      raise ConfigError(
+          f"config.averaging.end={averaging.end}: the sgd phase records "
+          f"{len(planned)} snapshots (indices 0-{len(planned) - 1})")
+    selected = list(planned[averaging.start:averaging.end + 1])
+  if not selected or selected[-1] == 0:
+    raise ConfigError(
+        f"config.averaging: {averaging.unit}s {averaging.start}-"
+        f"{averaging.end} select {len(selected)} snapshots"
+        + (" (only the initial weights)" if selected else "")
+        + "; the range must include snapshots taken after training started")
+  return selected
+
+
+def init_variables(exp: Experiment) -> tuple[PyTree, PyTree]:
+  """Initial (params, batch_stats) from the seed (fresh buffers each call)."""
+  shape = (1,) + tuple(exp.dataset.input_shape)
+  variables = exp.model.init(jax.random.PRNGKey(exp.config.seed),
+                             jnp.zeros(shape, jnp.float32), train=False)
+  return variables["params"], variables.get("batch_stats", {})
+
+
+def read_snapshots(store: TrajectoryStore, steps: Sequence[int]) -> PyTree:
+  """The snapshots at `steps` as one tree with a leading snapshot axis."""
+  spec, matrix = store.read_matrix(steps)
+  offsets = np.cumsum((0,) + spec.sizes)
+  n = matrix.shape[0]
+  leaves = [matrix[:, a:b].reshape((n,) + shape).astype(dtype, copy=False)
+            for a, b, shape, dtype in zip(offsets[:-1], offsets[1:],
+                                          spec.shapes, spec.dtypes)]
+  return jax.tree_util.tree_unflatten(spec.treedef, leaves)
+
+
+def row_splits(exp: Experiment) -> dict[str, int | None]:
+  """The splits of a summary row, each with its example limit (None: all)."""
+  splits = {"test": None, "train": exp.config.train_eval_size}
+  if exp.holdout is not None:
+    splits["holdout"] = None
+  return splits
+
+
+def evaluate(exp: Experiment, params: PyTree, batch_stats: PyTree,
+             splits: Mapping[str, int | None]) -> dict[str, Metrics]:
+  """Loss and accuracy on each split (on its first `limit` examples).
+
+  Args:
+    exp: the experiment.
+    params, batch_stats: the model's variables.
+    splits: {split: limit}; splits are "train" (what SGD trains on), "test",
+      and with TWA-v "holdout".
+
+  Returns:
+    {split: {"loss", "accuracy"}}.
+  """
+  return {name: _evaluate_split(exp, params, batch_stats, name, limit)
+          for name, limit in splits.items()}
+
+
+def _evaluate_split(exp: Experiment, params: PyTree, batch_stats: PyTree,
+                    name: str, limit: int | None) -> Metrics:
+  if name == "holdout":
+    if exp.holdout is None:
+      raise ConfigError("no held-out split: set config.twa.holdout_fraction")
+    data, split = exp.holdout, "train"
+  else:
+    data, split = exp.dataset, name
+  bs = exp.config.eval_batch_size
+  totals = jnp.zeros((3,), jnp.float32)
+  variables = steps_lib.variables(params, batch_stats)
+  seen = 0
+  for batch in input_pipeline.eval_batches(data, split, bs, pad=True):
+    if limit is not None:
+      if seen >= limit:
+        break
+      batch["mask"][max(limit - seen, 0):] = False
+    seen += bs
+    totals = exp.eval_step(totals, variables, batch)
+  loss, correct, count = np.asarray(totals, np.float64)
+  return {"loss": float(loss / count), "accuracy": float(correct / count)}
+
+
+def recompute_batch_stats(exp: Experiment, params: PyTree) -> PyTree:
+  """Exact batch-norm statistics of `params`: one pass over the train data.
+
+  Returns:
+    The statistics ({} for a model without batch norm).
+  """
+  shapes = jax.eval_shape(lambda: init_variables(exp))[1]
+  if not shapes:
+    return {}
+  sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  template = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  total = 0
+  batches = input_pipeline.train_batches(
+      exp.dataset, exp.config.sgd.batch_size, seed=exp.config.seed, epoch=0)
+  for batch in tqdm.tqdm(batches, total=exp.steps_per_epoch,
+                         desc="batch-norm statistics", leave=False,
+                         disable=None):
+    sums = exp.batch_stats_step(sums, params, template, batch["image"])
+    total += batch["image"].shape[0]
+  return jax.tree.map(lambda s: s / total, sums)
+
+
+def evaluate_averaged(exp: Experiment, params: PyTree,
+                      splits: Mapping[str, int | None]
+                      ) -> tuple[dict[str, Metrics], float]:
+  """Recomputes the batch-norm statistics of `params`, then evaluates them.
+
+  For parameters that no training step produced (averages, TWA, points of
+  the loss surface), whose running statistics are stale.
+
+  Returns:
+    The metrics of each split (as `evaluate`) and the seconds spent
+    recomputing the statistics (part of the method's cost).
+  """
+  start = time.perf_counter()
+  batch_stats = recompute_batch_stats(exp, params)
+  seconds = time.perf_counter() - start
+  return evaluate(exp, params, batch_stats, splits), seconds
+
+
+def summary_row(metrics: Mapping[str, Metrics], *, epochs: float | int,
+                wall_time_s: float | None) -> dict[str, Any]:
+  """A method's row of the summary from its `row_splits` metrics."""
+  test, train = metrics["test"], metrics["train"]
+  row = {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
+         "train_accuracy": train["accuracy"], "train_loss": train["loss"],
+         "generalization_gap": train["accuracy"] - test["accuracy"],
+         "epochs": epochs, "wall_time_s": wall_time_s}
+  if "holdout" in metrics:
+    row.update(holdout_accuracy=metrics["holdout"]["accuracy"],
+               holdout_loss=metrics["holdout"]["loss"])
+  return row
