@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -540,14 +541,17 @@ def _host(leaf: jax.Array | np.ndarray) -> np.ndarray:
 
 
 def _root_cause(error: BaseException) -> str:
-  """One line: the innermost OS error of `error`'s chain, else its message."""
+  """One line: the innermost OS error of `error`'s chain (as Python or
+  TensorStore reports it), else the innermost message."""
   chain = [error]
   while chain[-1].__cause__ or chain[-1].__context__:
     chain.append(chain[-1].__cause__ or chain[-1].__context__)
   for e in reversed(chain):
-    if isinstance(e, OSError) and e.strerror:
-      return f"[Errno {e.errno}] {e.strerror}" + (
-          f": {e.filename!r}" if e.filename else "")
+    if isinstance(e, OSError) and e.errno:
+      return f"[Errno {e.errno}] {os.strerror(e.errno)}"
+    code = re.search(r"os_error_code='(\d+)'", str(e))
+    if code:
+      return f"[Errno {code[1]}] {os.strerror(int(code[1]))}"
   lines = str(chain[-1]).strip().splitlines() or [type(chain[-1]).__name__]
   return lines[0][:300]
 
