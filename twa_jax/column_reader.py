@@ -155,7 +155,9 @@ class ColumnView:
     what = f"{self._what}(step={self.steps[r]})"
     size = math.prod(self._shapes[i])
     try:
-      values, lo = self._read_leaves(r, [(i, 0, size)])[0]
+      values, _ = self._read_leaves(r, [(i, 0, size)])[0]
+    except checksums_lib.ChecksumError:
+      raise  # names the step and leaf already
     except ValueError as e:
       raise ValueError(f"{what}: cannot read the stored snapshot: {e}") from e
     return values.reshape(self._shapes[i])
@@ -171,7 +173,7 @@ class ColumnView:
     try:
       reads = self._read_leaves(r, ranges)
     except checksums_lib.ChecksumError:
-      raise
+      raise  # names the step and leaf already
     except ValueError as e:
       raise ValueError(f"{what}: cannot read the stored snapshot: {e}") from e
     for (i, a, b), (values, lo) in zip(ranges, reads):
