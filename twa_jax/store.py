@@ -206,6 +206,11 @@ class TrajectoryStore:
     return self._directory
 
   @property
+  def chunk_bytes(self) -> int:
+    """The largest stored chunk, and the checksums' block size, of a save."""
+    return self._chunk_bytes
+
+  @property
   def spec(self) -> tree_lib.ParamSpec | None:
     """The recorded parameter spec (None before the first snapshot)."""
     return self._spec
