@@ -66,30 +66,35 @@ class CheckpointSnapshots:
         read_only=True, create=False, lightweight_initialize=True,
         save_root_metadata=False)
     self._manager = ocp.CheckpointManager(self._directory, options=options)
-    self._steps = sorted(int(s) for s in self._manager.all_steps())
-    if not self._steps:
-      self._manager.close()
-      entries = sorted(p.name for p in self._directory.iterdir())
-      raise ValueError(
-          f"{where}: not an orbax CheckpointManager directory: no step "
-          f"checkpoints in it; found {entries[:8]}"
-          + (" ..." if len(entries) > 8 else "") + ".")
-    step_dir = self._step_dir(self._steps[-1])
-    items = sorted(p.name for p in step_dir.iterdir()
-                   if (p / "_METADATA").exists())
-    if item is None and len(items) != 1:
-      self._manager.close()
-      raise ValueError(f"{where}: the checkpoints hold the items {items}; "
-                       "choose one with item=...")
-    if item is not None and item not in items:
-      self._manager.close()
-      raise ValueError(f"{where}: no item {item!r} in the checkpoint of "
-                       f"step {self._steps[-1]}; found items {items}.")
-    self._item = items[0] if item is None else item
     self._where = where
     self._closed = False
-    node = self._stored(self._steps[-1], where)[1]
-    self._spec = tree_lib.ParamSpec.of(node, what=f"{where}: item {self._item!r}")
+    try:
+      self._steps = sorted(int(s) for s in self._manager.all_steps())
+      self._item = self._find_item(item)
+      node = self._stored(self._steps[-1], where)[1]
+      self._spec = tree_lib.ParamSpec.of(
+          node, what=f"{where}: item {self._item!r}")
+    except BaseException:
+      self.close()
+      raise
+
+  def _find_item(self, item: str | None) -> str:
+    """`item`, or the only PyTree item of the newest checkpoint."""
+    if not self._steps:
+      entries = sorted(p.name for p in self._directory.iterdir())
+      raise ValueError(
+          f"{self._where}: not an orbax CheckpointManager directory: no step "
+          f"checkpoints in it; found {entries[:8]}"
+          + (" ..." if len(entries) > 8 else "") + ".")
+    items = sorted(p.name for p in self._step_dir(self._steps[-1]).iterdir()
+                   if (p / "_METADATA").exists())
+    if item is None and len(items) != 1:
+      raise ValueError(f"{self._where}: the checkpoints hold the items "
+                       f"{items}; choose one with item=...")
+    if item is not None and item not in items:
+      raise ValueError(f"{self._where}: no item {item!r} in the checkpoint of "
+                       f"step {self._steps[-1]}; found items {items}.")
+    return items[0] if item is None else item
 
   @property
   def directory(self) -> epath.Path:
@@ -101,7 +106,7 @@ class CheckpointSnapshots:
     return self._spec
 
   def steps(self) -> list[int]:
-    """The steps of the checkpoints, sorted."""
+    """The steps of the checkpoints (when opened), sorted."""
     self._check_open()
     return list(self._steps)
 
