@@ -179,7 +179,7 @@ def test_duplicate_step(tmp_path):
     assert fingerprint(store.load(2)) == fingerprint(params(2, rows=4))
 
 
-def test_layout_mismatch_names_the_leaf(tmp_path):
+def test_spec_mismatch_names_the_leaf(tmp_path):
   good = params(0, rows=4)
   with TrajectoryStore(tmp_path / "s") as store:
     store.save(0, good)
@@ -201,7 +201,7 @@ def test_layout_mismatch_names_the_leaf(tmp_path):
                                        "kernel": np.ones((4, 1024), np.int32)}})
     store.wait_until_finished()
     assert store.steps() == [0]
-  with TrajectoryStore(tmp_path / "s") as store:  # the layout is kept on disk
+  with TrajectoryStore(tmp_path / "s") as store:  # the spec is kept on disk
     with pytest.raises(ValueError, match=r"\['dense'\]\['kernel'\] has shape"):
       store.save(1, shape)
 
@@ -268,8 +268,23 @@ def test_incompatible_version(tmp_path):
     TrajectoryStore(tmp_path / "s", read_only=True)
 
 
-def test_snapshot_differing_from_recorded_layout(tmp_path):
-  """Reads check every snapshot against the layout and name the step."""
+def test_version_1_store_is_read_unverified(tmp_path):
+  """Stores written before checksums (format version 1) stay readable."""
+  with TrajectoryStore(tmp_path / "s") as store:
+    store.save(0, params(0, rows=4))
+  info_path = tmp_path / "s" / INFO_FILE
+  info = json.loads(info_path.read_text())
+  info["version"], info["layout"] = 1, info.pop("params")
+  info_path.write_text(json.dumps(info))
+  with TrajectoryStore(tmp_path / "s", read_only=True) as store:
+    assert store.spec == twa.ParamSpec.of(params(0, rows=4))
+    assert fingerprint(store.load(0)) == fingerprint(params(0, rows=4))
+    np.testing.assert_array_equal(store.columns()[1][:, 5:900],
+                                  store.read_matrix()[1][:, 5:900])
+
+
+def test_snapshot_differing_from_recorded_spec(tmp_path):
+  """Reads check every snapshot against the spec and name the step."""
   with TrajectoryStore(tmp_path / "s") as store:
     store.save(0, {"w": np.ones(3, np.float32), "v": np.ones(2, np.float32)})
   info_path = tmp_path / "s" / INFO_FILE
