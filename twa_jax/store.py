@@ -127,18 +127,19 @@ class TrajectoryStore:
       self._check_can_create(create and not read_only)
     if not read_only:  # every process looks before process 0 writes
       self._take_lock()
-      _barrier("open")
-    if not exists:
-      self._initialize()
-    self._version, self._spec, self._skeleton = store_format.read_info(
-        info_path)
-    # A writable open holds the lock, so every temporary directory left is
-    # a dead writer's: orbax removes them.
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=None, enable_async_checkpointing=True, create=False,
-        read_only=read_only, cleanup_tmp_directories=not read_only,
-        lightweight_initialize=True, save_root_metadata=False)
     try:
+      if not read_only:
+        _barrier("open")
+      if not exists:
+        self._initialize()
+      self._version, self._spec, self._skeleton = store_format.read_info(
+          info_path)
+      # A writable open holds the lock, so every temporary directory left is
+      # a dead writer's: orbax removes them.
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=None, enable_async_checkpointing=True, create=False,
+          read_only=read_only, cleanup_tmp_directories=not read_only,
+          lightweight_initialize=True, save_root_metadata=False)
       self._manager = ocp.CheckpointManager(
           self._directory, options=options,
           item_names=(_PARAMS, _METADATA, _CHECKSUMS))
