@@ -19,6 +19,14 @@ time), plus the median time spent
 inside `save` (what the training loop blocks on, after the queued steps
 are done) and in the final wait.
 
+Then the cost of the checksums (issue 13 item 3), on the same snapshots:
+
+  save  the time to compute a snapshot's checksums (in `save`, blocking)
+        against the rest of a save (`save` + `wait_until_finished`)
+  read  `read_matrix` of every stored snapshot, verified, against the same
+        read of a copy of the store marked format version 1 (read without
+        checksums), alternating; the median of verified/unverified - 1
+
   python benchmarks/store_overhead.py
 """
 
@@ -26,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -36,6 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import twa_jax
+from twa_jax import checksums
+from twa_jax import store_format
 from twa_jax.store import TrajectoryStore
 
 import common  # benchmarks/common.py
@@ -111,6 +123,51 @@ def run_block(params, batch, args, store=None, first_step=0):
           time.process_time() - start_cpu, in_save, wait)
 
 
+def checksum_cost(store: TrajectoryStore, params: dict, step: int,
+                  repeats: int) -> dict:
+  """Checksum time against save time, and verified against unverified
+  reads of every snapshot in `store` (see the module docstring)."""
+  leaves = jax.tree.leaves(jax.device_get(params))
+  saves, sums = [], []
+  for r in range(repeats):
+    t = time.perf_counter()
+    store.save(step + 1 + r, params)
+    store.wait_until_finished()
+    saves.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    for leaf in leaves:
+      checksums.block_checksums(np.asarray(leaf), store.chunk_bytes)
+    sums.append(time.perf_counter() - t)
+  save_s, sum_s = statistics.median(saves), statistics.median(sums)
+  unverified = f"{store.directory}-v1"
+  shutil.copytree(store.directory, unverified,
+                  ignore=shutil.ignore_patterns("twa_store.lock"))
+  info_path = os.path.join(unverified, store_format.INFO_FILE)
+  with open(info_path) as f:
+    info = json.load(f)
+  info["version"], info["layout"] = 1, info.pop("params")
+  with open(info_path, "w") as f:
+    json.dump(info, f)
+  reads = {"verified": [], "unverified": []}
+  with TrajectoryStore(store.directory, read_only=True) as verified, \
+      TrajectoryStore(unverified, read_only=True) as plain:
+    n = len(verified.steps())
+    for r in range(repeats):
+      for side in (("verified", "unverified") if r % 2 else
+                   ("unverified", "verified")):
+        t = time.perf_counter()
+        (verified if side == "verified" else plain).read_matrix()
+        reads[side].append(time.perf_counter() - t)
+  ratios = [v / u for v, u in zip(reads["verified"], reads["unverified"])]
+  return {
+      "save_s": save_s, "checksum_s": sum_s,
+      "save_overhead": sum_s / (save_s - sum_s),
+      "read_snapshots": n,
+      "read_s": {k: statistics.median(v) for k, v in reads.items()},
+      "read_overhead": statistics.median(ratios) - 1.0,
+  }
+
+
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   widths = [int(w) for w in args.widths.split(",")]
@@ -141,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
       ratios.append(block["store"] / block["plain"])
       cpu_ratios.append(cpu["store"] / cpu["plain"])
     saved = len(store.steps())
+    cost = checksum_cost(store, params, step, args.repeats)
   epoch = {k: statistics.median(v) for k, v in times.items()}
   result = {
       "benchmark": "store_overhead",
@@ -155,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
       "overhead_per_repeat": [r - 1.0 for r in ratios],
       "cpu_overhead": statistics.median(cpu_ratios) - 1.0,
       "cpu_overhead_per_repeat": [r - 1.0 for r in cpu_ratios],
+      "checksums": cost,
   }
   print(f"store_overhead: MLP {args.widths} ({num_params / 1e6:.2f}M params, "
         f"{result['snapshot_mb']:.1f} MB/snapshot), {args.steps_per_epoch} "
@@ -169,6 +228,12 @@ def main(argv: list[str] | None = None) -> dict:
         f"{100 * result['overhead']:+.2f}% wall time, "
         f"{100 * result['cpu_overhead']:+.2f}% process CPU time "
         "(target <= 2%)")
+  print(f"checksums: {cost['checksum_s'] * 1e3:.2f} ms per snapshot against "
+        f"{cost['save_s'] * 1e3:.1f} ms per save+wait: save overhead "
+        f"{100 * cost['save_overhead']:+.2f}%; read_matrix of "
+        f"{cost['read_snapshots']} snapshots {cost['read_s']['verified']:.3f}"
+        f" s verified, {cost['read_s']['unverified']:.3f} s unverified: read "
+        f"overhead {100 * cost['read_overhead']:+.2f}% (target < 5%)")
   common.write_json(args.out, result)
   return result
 

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import twa_jax as twa
-from twa_jax import store as store_lib
+from twa_jax.store import TrajectoryStore
 
 LOCAL_DEVICES = 4
 N, SHAPES = 7, {"w": (9, 5), "b": (5,)}  # n = 7, D = 50: neither divides 8
@@ -75,12 +75,11 @@ def _bytes_read() -> int:
 
 def _from_store(mesh, directory: str) -> dict[str, Any]:
   """Sharded bases from a store both processes save to; bytes each read."""
-  store_lib._CHUNK_BYTES = 4 << 10  # pylint: disable=protected-access
   rng = np.random.default_rng(1)
   snapshots = [{name: rng.normal(size=shape).astype(np.float32)
                 for name, shape in STORED.items()} for _ in range(N)]
   results = {}
-  with store_lib.TrajectoryStore(directory) as store:
+  with TrajectoryStore(directory, chunk_bytes=4 << 10) as store:
     for step, snapshot in enumerate(snapshots):
       store.save(step, snapshot)
     store.wait_until_finished()

@@ -31,6 +31,11 @@ def test_store_overhead_smoke(tmp_path):
               "final_wait_s"):
     assert _finite(report[key]), key
   assert all(_finite(report["epoch_s"][s]) for s in ("plain", "store"))
+  cost = report["checksums"]
+  assert cost["read_snapshots"] == report["snapshots_saved"] + cfg["repeats"]
+  for key in ("save_overhead", "read_overhead", "checksum_s", "save_s"):
+    assert _finite(cost[key]), key
+  assert 0 < cost["checksum_s"] < cost["save_s"]
 
 
 def test_from_store_memory_smoke(tmp_path):

@@ -20,7 +20,10 @@ from hypothesis import strategies as st
 
 import strategies
 import twa_jax as twa
-from twa_jax import store as store_lib
+from flax import nnx
+from twa_jax import column_reader
+from twa_jax.checksums import ChecksumError
+from twa_jax.lock import LockedError
 from twa_jax.store import INFO_FILE, TrajectoryStore
 
 # Deterministic snapshot of a step, shared with the writer subprocesses.
@@ -176,7 +179,7 @@ def test_duplicate_step(tmp_path):
     assert fingerprint(store.load(2)) == fingerprint(params(2, rows=4))
 
 
-def test_layout_mismatch_names_the_leaf(tmp_path):
+def test_spec_mismatch_names_the_leaf(tmp_path):
   good = params(0, rows=4)
   with TrajectoryStore(tmp_path / "s") as store:
     store.save(0, good)
@@ -185,7 +188,7 @@ def test_layout_mismatch_names_the_leaf(tmp_path):
       store.save(1, shape)
     dtype = params(1, rows=4)
     dtype["scales"][0] = dtype["scales"][0].astype(np.float16)
-    with pytest.raises(ValueError,
+    with pytest.raises(TypeError,
                        match=r"\['scales'\]\[0\] has dtype float16"):
       store.save(1, dtype)
     missing = params(1, rows=4)
@@ -198,7 +201,7 @@ def test_layout_mismatch_names_the_leaf(tmp_path):
                                        "kernel": np.ones((4, 1024), np.int32)}})
     store.wait_until_finished()
     assert store.steps() == [0]
-  with TrajectoryStore(tmp_path / "s") as store:  # the layout is kept on disk
+  with TrajectoryStore(tmp_path / "s") as store:  # the spec is kept on disk
     with pytest.raises(ValueError, match=r"\['dense'\]\['kernel'\] has shape"):
       store.save(1, shape)
 
@@ -250,8 +253,9 @@ def test_not_a_store(tmp_path):
     TrajectoryStore(tmp_path / "empty", read_only=True)
   (tmp_path / "json").mkdir()
   (tmp_path / "json" / INFO_FILE).write_text('{"format": "something else"}')
-  with pytest.raises(ValueError, match="not a trajectory store file"):
-    TrajectoryStore(tmp_path / "json")
+  for _ in range(2):  # the failed writable open released its lock
+    with pytest.raises(ValueError, match="not a trajectory store file"):
+      TrajectoryStore(tmp_path / "json")
 
 
 def test_incompatible_version(tmp_path):
@@ -261,22 +265,37 @@ def test_incompatible_version(tmp_path):
   info = json.loads(info_path.read_text())
   info["version"] = 99
   info_path.write_text(json.dumps(info))
-  with pytest.raises(ValueError, match="format version 99.*reads version 1"):
+  with pytest.raises(ValueError, match=r"format version 99.*reads versions \[1, 2\]"):
     TrajectoryStore(tmp_path / "s", read_only=True)
 
 
-def test_snapshot_differing_from_recorded_layout(tmp_path):
-  """Reads check every snapshot against the layout and name the step."""
+def test_version_1_store_is_read_unverified(tmp_path):
+  """Stores written before checksums (format version 1) stay readable."""
+  with TrajectoryStore(tmp_path / "s") as store:
+    store.save(0, params(0, rows=4))
+  info_path = tmp_path / "s" / INFO_FILE
+  info = json.loads(info_path.read_text())
+  info["version"], info["layout"] = 1, info.pop("params")
+  info_path.write_text(json.dumps(info))
+  with TrajectoryStore(tmp_path / "s", read_only=True) as store:
+    assert store.spec == twa.ParamSpec.of(params(0, rows=4))
+    assert fingerprint(store.load(0)) == fingerprint(params(0, rows=4))
+    np.testing.assert_array_equal(store.columns()[1][:, 5:900],
+                                  store.read_matrix()[1][:, 5:900])
+
+
+def test_snapshot_differing_from_recorded_spec(tmp_path):
+  """Reads check every snapshot against the spec and name the step."""
   with TrajectoryStore(tmp_path / "s") as store:
     store.save(0, {"w": np.ones(3, np.float32), "v": np.ones(2, np.float32)})
   info_path = tmp_path / "s" / INFO_FILE
   info = json.loads(info_path.read_text())
-  info["layout"]["dtypes"][1] = "float16"
+  info["params"]["dtypes"][1] = "float16"
   info_path.write_text(json.dumps(info))
   with TrajectoryStore(tmp_path / "s", read_only=True) as store:
-    with pytest.raises(ValueError, match=r"step=0.*\['w'\] has dtype float32"):
+    with pytest.raises(TypeError, match=r"step=0.*\['w'\] has dtype float32"):
       store.load(0)
-    with pytest.raises(ValueError, match=r"step=0.*\['w'\] has dtype float32"):
+    with pytest.raises(TypeError, match=r"step=0.*\['w'\] has dtype float32"):
       store.read_matrix()
 
 
@@ -373,7 +392,7 @@ def test_flat_boxes_hold_exactly_the_range(shape, data):
   size = int(np.prod(shape))
   start = data.draw(st.integers(0, size))
   stop = data.draw(st.integers(start, size))
-  boxes = store_lib._flat_boxes(shape, start, stop)  # pylint: disable=protected-access
+  boxes = column_reader.flat_boxes(shape, start, stop)
   flat = np.arange(size).reshape(shape)
   got = [flat[box].reshape(-1) for box in boxes]
   np.testing.assert_array_equal(np.concatenate([np.zeros(0, int)] + got),
@@ -445,10 +464,9 @@ def _bytes_read() -> int:
       "/tensorstore/kvstore/file/bytes_read") for value in metric["values"])
 
 
-def test_column_view_reads_only_the_chunks_of_its_slice(tmp_path, monkeypatch):
-  monkeypatch.setattr(store_lib, "_CHUNK_BYTES", 32 << 10)  # 128-row chunks
+def test_column_view_reads_only_the_chunks_of_its_slice(tmp_path):
   rng = np.random.default_rng(0)
-  with TrajectoryStore(tmp_path / "s") as store:
+  with TrajectoryStore(tmp_path / "s", chunk_bytes=32 << 10) as store:
     for step in range(2):
       store.save(step, {"a": rng.standard_normal((1024, 64), np.float32),
                         "b": rng.standard_normal((1024, 64), np.float32)})
@@ -510,7 +528,7 @@ def test_column_view_errors(tmp_path):
         view[index]  # pylint: disable=pointless-statement
   info_path = tmp_path / "s" / INFO_FILE
   info = json.loads(info_path.read_text())
-  info["layout"]["shapes"][1] = [1, 3]
+  info["params"]["shapes"][1] = [1, 3]
   info_path.write_text(json.dumps(info))
   with TrajectoryStore(tmp_path / "s", read_only=True) as store:
     with pytest.raises(ValueError,
@@ -526,3 +544,188 @@ def test_relative_directory(tmp_path, monkeypatch):
     assert store.steps() == [3]
     np.testing.assert_array_equal(store.read_matrix()[1], [[0, 1, 2, 3]])
   assert (tmp_path / "runs" / "a" / "trajectory" / "3").is_dir()
+
+
+def test_second_writer_gets_a_clear_error(tmp_path):
+  directory = tmp_path / "s"
+  with TrajectoryStore(directory) as store:
+    store.save(0, params(0, rows=4))
+    store.wait_until_finished()
+    with pytest.raises(LockedError,
+                       match=rf"in use by process {os.getpid()} "):
+      TrajectoryStore(directory)
+    with TrajectoryStore(directory, read_only=True) as reader:
+      assert reader.steps() == [0]
+    store.save(1, params(1, rows=4))
+  with TrajectoryStore(directory) as store:  # released by close
+    assert store.steps() == [0, 1]
+
+
+def test_writer_and_second_writable_open_race(tmp_path):
+  """Issue 13 item 1: a writer saves in a loop while another process opens
+  the store writable (refused, naming the writer) and read-only (works)."""
+  directory = tmp_path / "s"
+  writer = _run("""
+      import os, sys
+      from twa_jax.store import TrajectoryStore
+      with TrajectoryStore(sys.argv[1]) as store:
+        print(os.getpid(), flush=True)
+        for step in range(40):
+          store.save(step, params(step, rows=244))  # 250k parameters
+      print("done", flush=True)
+      """, str(directory))
+  try:
+    pid = int(writer.stdout.readline())
+    refused = 0
+    for _ in range(8):
+      with pytest.raises(LockedError, match=rf"in use by process {pid} "):
+        TrajectoryStore(directory)
+      refused += 1
+      with TrajectoryStore(directory, read_only=True) as reader:
+        for step in reader.steps()[-2:]:
+          assert fingerprint(reader.load(step)) == fingerprint(
+              params(step, rows=244))
+      time.sleep(0.2)
+    out, err = writer.communicate(timeout=300)
+  finally:
+    writer.kill()
+  assert writer.returncode == 0 and out.strip() == "done", err
+  assert refused == 8
+  with TrajectoryStore(directory, read_only=True) as store:
+    assert store.steps() == list(range(40))
+    for step in store.steps():
+      assert fingerprint(store.load(step)) == fingerprint(
+          params(step, rows=244)), step
+
+
+def _flip_one_bit(step_dir):
+  """Flips a bit in the middle of the largest data file of `step_dir`."""
+  files = [os.path.join(d, f) for d, _, names in os.walk(step_dir / "params")
+           for f in names if os.sep + "d" + os.sep in os.path.join(d, f)]
+  path = max(files, key=os.path.getsize)
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)[0]
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte ^ 0x10]))
+
+
+def test_flipped_bit_is_found_by_every_read(tmp_path):
+  directory = tmp_path / "s"
+  with TrajectoryStore(directory, chunk_bytes=64 << 10) as store:
+    for step in range(3):
+      store.save(step, params(step, rows=64))
+  _flip_one_bit(directory / "1")
+  corrupt = r"step=1\): leaf \['dense'\]\['kernel'\]: the stored bytes differ"
+  with TrajectoryStore(directory, read_only=True) as store:
+    assert fingerprint(store.load(0)) == fingerprint(params(0, rows=64))
+    with pytest.raises(ChecksumError, match=r"load\(" + corrupt):
+      store.load(1)
+    with pytest.raises(ChecksumError, match=r"read_matrix\(" + corrupt):
+      store.read_matrix()
+    _, view = store.columns([1])
+    with pytest.raises(ChecksumError, match=r"columns\(" + corrupt):
+      view[:, :]
+    with pytest.raises(ChecksumError, match=r"columns\(" + corrupt):
+      view.leaves([1])[:, :]
+    # Other leaves of the corrupted step are still readable.
+    np.testing.assert_array_equal(
+        view.leaves([0])[:, :][0],
+        params(1, rows=64)["dense"]["bias"].astype(np.float32))
+
+
+def test_checksum_blocks_verify_partial_reads(tmp_path):
+  """A column slice verifies the whole blocks around it, and only those."""
+  rng = np.random.default_rng(0)
+  tree = {"w": rng.standard_normal((64, 64), np.float32)}
+  with TrajectoryStore(tmp_path / "s", chunk_bytes=1024) as store:
+    store.save(0, tree)
+    _, view = store.columns()
+    for start, stop in [(0, 1), (255, 257), (1000, 4096), (4095, 4096)]:
+      np.testing.assert_array_equal(view[:, start:stop],
+                                    tree["w"].reshape(1, -1)[:, start:stop])
+
+
+def test_truncated_metadata_names_the_step(tmp_path):
+  directory = tmp_path / "s"
+  with TrajectoryStore(directory) as store:
+    for step in range(3):
+      store.save(step, params(step, rows=4), metadata={"step": step})
+  for item, name in (("params", "_METADATA"), ("metadata", "metadata"),
+                     ("checksums", "metadata")):
+    path = directory / "2" / item / name
+    text = path.read_text()
+    path.write_text(text[:len(text) // 2])
+    with TrajectoryStore(directory, read_only=True) as store:
+      assert store.metadata(1) == {"step": 1}
+      reads = [store.load, store.read_matrix, store.columns]
+      if item == "metadata":
+        reads = [store.metadata]
+      for read in reads:
+        arg = 2 if read in (store.load, store.metadata) else None
+        with pytest.raises(ValueError, match=r"step=2\): cannot read"):
+          read(arg)
+    path.write_text(text)
+
+
+def test_failed_write_names_step_and_directory(tmp_path):
+  """Issue 13 item 8, with a real write failure: a file size limit
+  (RLIMIT_FSIZE) makes the writes of step 1 fail as a full disk would."""
+  directory = tmp_path / "s"
+  script = _run("""
+      import resource, signal, sys
+      import numpy as np
+      from twa_jax.store import StoreWriteError, TrajectoryStore
+      def snapshot(step):  # 256 KiB of incompressible data
+        rng = np.random.default_rng(step)
+        return {"w": rng.standard_normal(1 << 16).astype(np.float32)}
+      store = TrajectoryStore(sys.argv[1])
+      store.save(0, snapshot(0))
+      store.wait_until_finished()
+      signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+      resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+      store.save(1, snapshot(1))
+      try:
+        store.wait_until_finished()
+      except StoreWriteError as e:
+        print(e)
+      print(store.steps())
+      store.close()
+      """, str(directory))
+  out, err = script.communicate(timeout=120)
+  assert script.returncode == 0, err
+  error, steps = out.strip().splitlines()
+  assert error.startswith(
+      f"save(step=1): writing the snapshot to {str(directory)!r} failed: ")
+  assert "too large" in error and "intact" in error, error
+  assert steps == "[0]"
+  with TrajectoryStore(directory) as store:  # nothing lost; saves go on
+    assert store.steps() == [0]
+    rng = np.random.default_rng(0)
+    np.testing.assert_array_equal(
+        store.load(0)["w"], rng.standard_normal(1 << 16).astype(np.float32))
+    assert store.save(1, {"w": np.zeros(1 << 16, np.float32)})
+    store.wait_until_finished()
+    assert store.steps() == [0, 1]
+    assert not _partial_saves(directory)
+
+
+def test_nnx_state(tmp_path):
+  """An nnx.State is stored as its pure dict; the basis has its leaf paths."""
+  model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
+                         nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
+  snapshots = []
+  with TrajectoryStore(tmp_path / "s") as store:
+    for step in range(3):
+      state = nnx.state(model, nnx.Param)
+      snapshots.append(nnx.to_pure_dict(state))
+      store.save(step, state)
+      nnx.update(model, jax.tree.map(
+          lambda x: x + jax.random.normal(jax.random.key(step), x.shape),
+          state))
+  with TrajectoryStore(tmp_path / "s", read_only=True) as store:
+    for step, snapshot in enumerate(snapshots):
+      assert fingerprint(store.load(step)) == fingerprint(snapshot)
+    basis = twa.basis_from_store(store)
+  assert basis.spec.paths == twa.ParamSpec.of(nnx.state(model, nnx.Param)).paths
+  assert basis.dim == 3

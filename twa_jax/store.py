@@ -2,14 +2,16 @@
 
 A store is a directory holding
 
-* ``twa_store.json``: the format name and version, and the parameter layout
-  (tree structure, leaf paths, shapes, dtypes) recorded with the first
-  snapshot; written atomically (temporary file, then rename);
-* one orbax checkpoint per step, ``<step>/params`` (the parameter tree, one
-  zarr array per leaf in OCDBT, leaves over 4 MiB split into chunks of at
-  most 4 MiB) and ``<step>/metadata`` (a small JSON dict), written
-  asynchronously and atomically by ``orbax.checkpoint.CheckpointManager``:
-  a step directory appears only once the snapshot is complete.
+* ``twa_store.json``: the format name and version, and the parameter spec and
+  tree skeleton recorded with the first snapshot (see `store_format`);
+* ``twa_store.lock``: the writer's lock (see `lock`): one writer at a time;
+* one orbax checkpoint per step: ``<step>/params`` (the parameter tree, one
+  zarr array per leaf in OCDBT, leaves over `chunk_bytes` split into chunks
+  of at most that size), ``<step>/metadata`` (a small JSON dict) and
+  ``<step>/checksums`` (a checksum per `chunk_bytes` block of every leaf,
+  see `checksums`), written asynchronously and atomically by
+  ``orbax.checkpoint.CheckpointManager``: a step directory appears only once
+  the snapshot is complete.
 """
 
 from __future__ import annotations
@@ -17,31 +19,35 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import os
-from collections.abc import Iterator, Sequence
+import re
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorstore as ts
 from etils import epath
+from jax.experimental import multihost_utils
 
+from twa_jax import checksums as checksums_lib
+from twa_jax import column_reader
+from twa_jax import lock as lock_lib
+from twa_jax import store_format
 from twa_jax import tree as tree_lib
+from twa_jax.column_reader import ColumnView
 
 PyTree = Any
-FORMAT = "twa_jax.TrajectoryStore"
-VERSION = 1
-INFO_FILE = "twa_store.json"
-_PARAMS, _METADATA = "params", "metadata"
-# Largest stored chunk: a column slice of a larger leaf reads only the chunks
-# holding its entries (see `ColumnView`).
-_CHUNK_BYTES = 4 << 20
-# Chunk cache of a `ColumnView`: the boxes of one leaf read at once share
-# the chunks at their edges, which are then fetched once.
-_CACHE_BYTES = 16 << 20
+INFO_FILE = store_format.INFO_FILE
+LOCK_FILE = "twa_store.lock"
+_PARAMS, _METADATA, _CHECKSUMS = "params", "metadata", "checksums"
 _barrier_ids = itertools.count()
+
+
+class StoreWriteError(OSError):
+  """A snapshot could not be written (disk full, no permission, ...); the
+  store's complete snapshots are intact."""
 
 
 class TrajectoryStore:
@@ -49,36 +55,48 @@ class TrajectoryStore:
 
   Usage::
 
-    with twa.TrajectoryStore("/runs/a/trajectory") as store:
+    from twa_jax.store import TrajectoryStore
+
+    with TrajectoryStore("/runs/a/trajectory") as store:
       for step in range(num_steps + 1):
         if schedule.should_sample(step):
           store.save(step, params, metadata={"epoch": step // steps_per_epoch})
         params = train_step(params, ...)
 
-    with twa.TrajectoryStore("/runs/a/trajectory", read_only=True) as store:
-      basis = twa.Basis.from_store(store)
+    with TrajectoryStore("/runs/a/trajectory", read_only=True) as store:
+      basis = twa_jax.basis_from_store(store)
 
   Snapshots are parameter pytrees built from plain dicts (string or integer
-  keys), lists, tuples and None, with floating-point array leaves (flax linen
-  params; for nnx use ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``).
-  The first snapshot fixes the store's layout; every later save and read is
+  keys), lists, tuples and None, with floating-point array leaves (flax
+  linen params), or an `nnx.State` (stored as `nnx.to_pure_dict`). The first
+  snapshot fixes the store's parameter spec; every later save and read is
   checked against it. A snapshot is never overwritten or deleted.
 
   `save` returns once the arrays are copied to host memory; the files are
   written in the background (at most one save in flight: the next `save`,
   and any read, first waits for it; `steps` lists complete snapshots only).
-  A process killed during a save leaves only complete snapshots visible; the
-  partial one is removed on the next writable open. One writer at a time:
-  any number of read-only stores may follow it from other processes.
+  A failed write (e.g. a full disk) raises `StoreWriteError` naming the step
+  and directory, at the latest from the next call. A process killed during
+  a save leaves only complete snapshots visible; the partial one is removed
+  on the next writable open. Every read verifies the stored bytes against
+  checksums recorded at save time (`checksums.ChecksumError` names the step
+  and leaf).
+
+  One writer at a time: a writable open takes an OS file lock on the store
+  (released when the writer closes the store or dies), and a second one
+  raises `lock.LockedError` naming the holder's pid. Any number of read-only
+  stores may follow the writer from other processes; they never write,
+  nor touch a save in progress.
 
   Multi-host: create the store and call `save` (with the same step, metadata
   and globally sharded params), `wait_until_finished` and `close` on every
   process, with `directory` on a file system all processes share (e.g. GCS
   or NFS); orbax writes each process' shards, and only the primary process
-  (process 0) writes ``twa_store.json`` and the metadata. Readers
-  (`load`, `read_matrix`) may run on any process, each reading the full
-  snapshots into its own host memory; `columns` reads only column slices
-  (`Basis.from_store` with a mesh reads those of the process' devices).
+  (process 0) holds the lock and writes ``twa_store.json``, the metadata and
+  the checksums (a sharded leaf is gathered to every process' host memory
+  for them). Readers (`load`, `read_matrix`) may run on any process, each
+  reading the full snapshots into its own host memory; `columns` reads only
+  column slices. Remote directories (a URL) are not locked.
 
   Args:
     directory: the store's directory (a local path or an `etils.epath` URL).
@@ -86,29 +104,48 @@ class TrajectoryStore:
       is an empty directory).
     read_only: open for reading only; nothing is ever written, and `save`
       raises.
+    chunk_bytes: the largest stored chunk of a leaf, and the block size of
+      its checksums: a column slice of a larger leaf reads only the chunks
+      holding its entries (a multiple of 8).
   """
 
   def __init__(self, directory: str | os.PathLike[str], *, create: bool = True,
-               read_only: bool = False):
+               read_only: bool = False, chunk_bytes: int = 4 << 20):
     if "://" not in str(directory):  # orbax needs absolute local paths
       directory = os.path.abspath(os.path.expanduser(directory))
     self._directory = epath.Path(directory)
     self._read_only = read_only
+    if chunk_bytes <= 0 or chunk_bytes % 8:
+      raise ValueError(f"{self!r}: chunk_bytes must be a positive multiple "
+                       f"of 8, got {chunk_bytes}.")
+    self._chunk_bytes = chunk_bytes
+    self._lock = None
+    self._closed = True  # until the manager exists
     info_path = self._directory / INFO_FILE
     exists = info_path.exists()
     if not exists:
       self._check_can_create(create and not read_only)
     if not read_only:  # every process looks before process 0 writes
-      _barrier("open")
-    if not exists:
-      self._initialize()
-    self._spec, self._skeleton = _read_layout(info_path)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=None, enable_async_checkpointing=True, create=False,
-        read_only=read_only, cleanup_tmp_directories=not read_only,
-        lightweight_initialize=True, save_root_metadata=False)
-    self._manager = ocp.CheckpointManager(
-        self._directory, options=options, item_names=(_PARAMS, _METADATA))
+      self._take_lock()
+    try:
+      if not read_only:
+        _barrier("open")
+      if not exists:
+        self._initialize()
+      self._version, self._spec, self._skeleton = store_format.read_info(
+          info_path)
+      # A writable open holds the lock, so every temporary directory left is
+      # a dead writer's: orbax removes them.
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=None, enable_async_checkpointing=True, create=False,
+          read_only=read_only, cleanup_tmp_directories=not read_only,
+          lightweight_initialize=True, save_root_metadata=False)
+      self._manager = ocp.CheckpointManager(
+          self._directory, options=options,
+          item_names=(_PARAMS, _METADATA, _CHECKSUMS))
+    except BaseException:
+      self._release_lock()
+      raise
     self._closed = False
     self._in_flight = None  # the step of the last save started
 
@@ -120,7 +157,8 @@ class TrajectoryStore:
     """
     where = f"TrajectoryStore({str(self._directory)!r})"
     if self._directory.exists():
-      entries = sorted(p.name for p in self._directory.iterdir())
+      entries = sorted(p.name for p in self._directory.iterdir()
+                       if p.name != LOCK_FILE)
       if entries:
         raise ValueError(
             f"{where}: not a trajectory store: the directory has no "
@@ -133,11 +171,35 @@ class TrajectoryStore:
           f"{where}: the directory is empty, not a trajectory store "
           f"(no {INFO_FILE}); open it with create=True to start one.")
 
+  def _take_lock(self) -> None:
+    """Process 0 locks a local store; every process raises if it failed."""
+    error = None
+    if jax.process_index() == 0 and "://" not in str(self._directory):
+      try:
+        os.makedirs(self._directory, exist_ok=True)
+        self._lock = lock_lib.FileLock(self._directory / LOCK_FILE,
+                                       what=repr(self))
+      except lock_lib.LockedError as e:
+        error = e
+    if jax.process_count() > 1:
+      failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+      if failed and error is None:
+        self._release_lock()
+        raise lock_lib.LockedError(
+            f"{self!r}: process 0 could not lock the store; see its error.")
+    if error is not None:
+      raise error
+
+  def _release_lock(self) -> None:
+    if self._lock is not None:
+      self._lock.release()
+      self._lock = None
+
   def _initialize(self) -> None:
     """Makes `directory` an empty store (process 0 writes), then syncs."""
     if jax.process_index() == 0:
       self._directory.mkdir(parents=True, exist_ok=True)
-      _write_info(self._directory, None)
+      store_format.write_info(self._directory)
     _barrier("init")
 
   @property
@@ -145,8 +207,13 @@ class TrajectoryStore:
     return self._directory
 
   @property
+  def chunk_bytes(self) -> int:
+    """The largest stored chunk, and the checksums' block size, of a save."""
+    return self._chunk_bytes
+
+  @property
   def spec(self) -> tree_lib.ParamSpec | None:
-    """The recorded parameter layout (None before the first snapshot)."""
+    """The recorded parameter spec (None before the first snapshot)."""
     return self._spec
 
   def steps(self) -> list[int]:
@@ -162,8 +229,7 @@ class TrajectoryStore:
       if self._manager.is_saving_in_progress():
         return sorted(int(s) for s in self._manager.all_steps()
                       if s != self._in_flight)
-      self._manager.wait_until_finished()  # done: raises if the save failed
-      self._in_flight = None
+      self._finish()  # done: raises if the save failed
     return sorted(int(s) for s in self._manager.all_steps())
 
   def save(self, step: int, params: PyTree, *,
@@ -175,7 +241,8 @@ class TrajectoryStore:
 
     Args:
       step: a non-negative integer not yet in the store.
-      params: the parameter pytree; the first snapshot fixes the layout.
+      params: the parameter pytree (or `nnx.State`); the first snapshot fixes
+        the parameter spec.
       metadata: a small JSON-serializable dict (epoch, learning rate, loss).
 
     Returns:
@@ -185,10 +252,12 @@ class TrajectoryStore:
 
     Raises:
       ValueError: the store is read-only; `step` is negative or holds
-        different parameters; the structure, a shape or a dtype differs from
-        the store's layout (the leaf is named).
+        different parameters; the structure or a shape differs from the
+        store's parameter spec (the leaf is named).
       TypeError: a node of `params` is not a dict, list, tuple or None, a
-        leaf is not floating point, or `metadata` is not JSON-serializable.
+        leaf is not floating point or its dtype differs from the spec, or
+        `metadata` is not JSON-serializable.
+      StoreWriteError: writing this or the previous snapshot failed.
     """
     self._check_open()
     if self._read_only:
@@ -197,13 +266,17 @@ class TrajectoryStore:
           "open read-only.")
     step = _check_step(step, "save")
     what = f"save(step={step})"
-    skeleton = _skeleton(params, what)
+    nnx = sys.modules.get("flax.nnx")  # only present if the caller uses NNX
+    if nnx is not None and isinstance(params, nnx.State):
+      params = nnx.to_pure_dict(params)
+    skeleton = store_format.skeleton_of(params, what)
     if self._spec is None:
       spec = tree_lib.ParamSpec.of(params, what=what)
       if not spec.num_params:
         raise ValueError(f"{what}: the parameter tree has no entries.")
     else:
-      _check_layout(self._spec, params, what)
+      spec = self._spec
+      spec.check(params, what=what, check_dtypes=True)
     metadata = {} if metadata is None else metadata
     try:
       json.dumps(metadata)
@@ -213,7 +286,7 @@ class TrajectoryStore:
     if not isinstance(metadata, dict):
       raise TypeError(f"{what}: metadata must be a dict, got "
                       f"{type(metadata).__name__}.")
-    self._manager.wait_until_finished()
+    self._finish()
     if step in self.steps():
       if _bit_identical(self.load(step), params):
         logging.info("%s: identical snapshot already stored; skipped.", what)
@@ -223,59 +296,117 @@ class TrajectoryStore:
           f"{str(self._directory)!r}; snapshots are never overwritten.")
     if self._spec is None:
       if jax.process_index() == 0:
-        _write_info(self._directory, (spec, skeleton))
+        store_format.write_info(self._directory, spec, skeleton)
       self._spec, self._skeleton = spec, skeleton
-    # orbax cannot save zero-size arrays; the layout restores them.
+    # orbax cannot save zero-size arrays; the spec restores them.
     leaves = [None if not size else
               leaf if isinstance(leaf, jax.Array) else np.array(leaf)
               for leaf, size in zip(jax.tree_util.tree_leaves(params),
-                                    self._spec.sizes)]
-    item = _build(skeleton, iter(leaves), orbax=True)
-    save_args = _build(skeleton, iter(
-        [ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES) if size else None
-         for size in self._spec.sizes]), orbax=True)
-    self._manager.save(step, args=ocp.args.Composite(**{
-        _PARAMS: ocp.args.PyTreeSave(item, save_args=save_args),
-        _METADATA: ocp.args.JsonSave(metadata)}), force=True)
+                                    spec.sizes)]
+    sums = [[] if leaf is None else checksums_lib.block_checksums(
+        _host(leaf), self._chunk_bytes) for leaf in leaves]
+    item = store_format.build(skeleton, iter(leaves), stored=True)
+    save_args = store_format.build(skeleton, iter(
+        [ocp.SaveArgs(chunk_byte_size=self._chunk_bytes) if size else None
+         for size in spec.sizes]), stored=True)
     self._in_flight = step
+    try:
+      self._manager.save(step, args=ocp.args.Composite(**{
+          _PARAMS: ocp.args.PyTreeSave(item, save_args=save_args),
+          _METADATA: ocp.args.JsonSave(metadata),
+          _CHECKSUMS: ocp.args.JsonSave(
+              {"block_bytes": self._chunk_bytes, "leaves": sums})}),
+                         force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_write_error(e)
     return True
 
-  def load(self, step: int) -> PyTree:
-    """The snapshot at `step`: the recorded structure, numpy array leaves."""
-    self._check_open()
-    return self._restore(self._existing(step, "load"))
+  def _finish(self) -> None:
+    """Waits for the save in flight; raises `StoreWriteError` if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_write_error(e)
+    self._in_flight = None
 
-  def _restore(self, step: int) -> PyTree:
-    spec = self._spec
-    restore_args = _build(self._skeleton, iter(
+  def _raise_write_error(self, error: Exception) -> None:
+    step, self._in_flight = self._in_flight, None
+    raise StoreWriteError(
+        f"save(step={step}): writing the snapshot to "
+        f"{str(self._directory)!r} failed: {_root_cause(error)}. The "
+        "snapshots stored before it are intact.") from error
+
+  def load(self, step: int) -> PyTree:
+    """The snapshot at `step`: the recorded structure, numpy array leaves.
+
+    Raises:
+      ValueError: `step` is not stored; the stored snapshot does not match
+        the spec or cannot be read.
+      checksums.ChecksumError: the stored bytes are corrupted.
+    """
+    self._check_open()
+    step = self._existing(step, "load")
+    spec, what = self._spec, f"load(step={step})"
+    restore_args = store_format.build(self._skeleton, iter(
         [ocp.RestoreArgs(restore_type=np.ndarray) if size else None
-         for size in spec.sizes]), orbax=True)
-    what = f"load(step={step})"
+         for size in spec.sizes]), stored=True)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**{
           _PARAMS: ocp.args.PyTreeRestore(restore_args=restore_args)}))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{what}: cannot read the stored snapshot: a "
+                       f"metadata file is not valid JSON (truncated?): {e}"
+                       ) from e
     except (KeyError, IndexError, TypeError, ValueError) as e:
       raise ValueError(f"{what}: the stored snapshot does not match the "
-                       f"store's layout: {e}") from e
-    leaves = _stored_leaves(self._skeleton, restored[_PARAMS], what)
+                       f"store's parameter spec: {e}") from e
+    leaves = store_format.stored_leaves(self._skeleton, restored[_PARAMS],
+                                        what)
     leaves = [np.zeros(shape, dtype) if leaf is None and not size else leaf
               for leaf, shape, dtype, size in zip(
                   leaves, spec.shapes, spec.dtypes, spec.sizes)]
-    tree = _build(self._skeleton, iter(leaves), orbax=False)
-    _check_layout(spec, tree, what)
+    tree = store_format.build(self._skeleton, iter(leaves), stored=False)
+    spec.check(tree, what=what, check_dtypes=True)
+    block_bytes, sums = self._checksums(step, what)
+    if sums is not None:
+      for leaf, name, expected in zip(leaves, spec.paths, sums):
+        checksums_lib.verify(leaf, block_bytes, expected, 0,
+                             f"{what}: leaf {name}")
     return tree
 
   def metadata(self, step: int) -> dict[str, Any]:
     """The metadata dict saved with snapshot `step`."""
     self._check_open()
     step = self._existing(step, "metadata")
-    restored = self._manager.restore(step, args=ocp.args.Composite(**{
-        _METADATA: ocp.args.JsonRestore()}))
-    return dict(restored[_METADATA] or {})
+    return dict(self._restore_json(step, _METADATA,
+                                   f"metadata(step={step})") or {})
+
+  def _restore_json(self, step: int, item: str, what: str) -> Any:
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          item: ocp.args.JsonRestore()}))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise ValueError(f"{what}: cannot read the stored {item} (truncated "
+                       f"or missing?): {e}") from e
+    return restored[item]
+
+  def _checksums(self, step: int, what: str
+                 ) -> tuple[int, list[list[int]] | None]:
+    """(block bytes, per-leaf block checksums) of `step`; None for a
+    version-1 store (none recorded)."""
+    if self._version < 2:
+      return 0, None
+    recorded = self._restore_json(step, _CHECKSUMS, what)
+    if (not isinstance(recorded, dict)
+        or len(recorded.get("leaves", ())) != len(self._spec.paths)):
+      raise ValueError(f"{what}: the stored checksums do not "
+                       "match the store's parameter spec.")
+    return int(recorded["block_bytes"]), recorded["leaves"]
 
   def read_matrix(self, steps: Sequence[int] | None = None
                   ) -> tuple[tree_lib.ParamSpec, np.ndarray]:
-    """The layout and the n x D float32 snapshot matrix, one row per step.
+    """The parameter spec and the n x D float32 snapshot matrix, one row per
+    step.
 
     Snapshots are read one at a time into the preallocated matrix, so peak
     host memory is the matrix plus about one snapshot.
@@ -285,31 +416,33 @@ class TrajectoryStore:
 
     Raises:
       ValueError: no snapshots, a step is missing or repeated, or a snapshot
-        differs from the layout or holds NaN/Inf (the step and leaf named).
+        differs from the spec or holds NaN/Inf (the step and leaf named).
+      checksums.ChecksumError: stored bytes are corrupted.
     """
     spec, view = self._columns(steps, "read_matrix")
     return spec, view[:, :]
 
   def columns(self, steps: Sequence[int] | None = None
               ) -> tuple[tree_lib.ParamSpec, ColumnView]:
-    """The layout and the snapshot matrix as a lazy `ColumnView`.
+    """The parameter spec and the snapshot matrix as a lazy `ColumnView`.
 
-    Nothing is read but the snapshots' metadata, which is checked against
-    the layout here; `view[:, start:stop]` then reads only the stored chunks
-    holding columns [start, stop) of each snapshot.
+    Nothing is read but the snapshots' metadata and checksums, which are
+    checked against the spec here; `view[:, start:stop]` then reads only the
+    stored chunks holding columns [start, stop) of each snapshot.
 
     Args:
       steps: the steps, in this order (default: all, sorted).
 
     Raises:
-      ValueError: as `read_matrix`; NaN/Inf is found when a slice is read.
+      ValueError: as `read_matrix`; NaN/Inf and corruption are found when a
+        slice is read.
     """
     return self._columns(steps, "columns")
 
   def _columns(self, steps: Sequence[int] | None, what: str
                ) -> tuple[tree_lib.ParamSpec, ColumnView]:
     self._check_open()
-    self._manager.wait_until_finished()
+    self._finish()
     available = self.steps()
     if steps is None:
       steps = available
@@ -322,54 +455,61 @@ class TrajectoryStore:
       raise ValueError(f"{what}: steps {repeated} are requested twice.")
     for s in steps:
       self._existing(s, what, available)
-    context = ts.Context({"cache_pool": {"total_bytes_limit": _CACHE_BYTES}},
-                         parent=ocp.type_handlers.get_ts_context())
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
-      stored = [self._stored_arrays(handler, context, s, f"{what}(step={s})")
-                for s in steps]
-    finally:
-      handler.close()
+    context = column_reader.new_context()
+    stored, block_bytes = [], None
+    for s in steps:
+      block_bytes, leaves = self._stored_leaves(s, f"{what}(step={s})",
+                                                context)
+      stored.append(leaves)
     return self._spec, ColumnView(self._spec.paths, self._spec.shapes, steps,
-                                  stored, context, what)
+                                  stored, context, what, block_bytes)
 
-  def _stored_arrays(self, handler: ocp.PyTreeCheckpointHandler,
-                     context: ts.Context, step: int, what: str
-                     ) -> list[dict[str, Any] | None]:
-    """TensorStore read specs of snapshot `step`'s leaves (None: empty leaf),
-    from its orbax metadata, checked against the layout."""
+  def _stored_leaves(self, step: int, what: str, context
+                     ) -> tuple[int, list[column_reader.StoredLeaf]]:
+    """Read specs and checksums of snapshot `step`'s leaves, from its
+    orbax metadata, checked against the spec."""
     directory = ocp.step.build_step_path(
         self._directory, ocp.step.standard_name_format(), step) / _PARAMS
-    metadata = handler.metadata(directory)
-    arrays = _stored_leaves(self._skeleton, metadata.tree, what)
+    item = column_reader.StoredItem.open(directory, what)
+    arrays = store_format.stored_leaves(self._skeleton, item.tree, what)
+    spec = self._spec
     shapes = []
     for array, name, shape, dtype, size in zip(
-        arrays, self._spec.paths, self._spec.shapes, self._spec.dtypes,
-        self._spec.sizes):
+        arrays, spec.paths, spec.shapes, spec.dtypes, spec.sizes):
       if array is None and size:
         raise ValueError(f"{what}: leaf {name} is not stored.")
       shapes.append(np.zeros(shape, dtype) if array is None else
                     jax.ShapeDtypeStruct(array.shape, array.dtype))
-    _check_layout(self._spec, _build(self._skeleton, iter(shapes),
-                                     orbax=False), what)
-    use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(directory)
-    return [None if array is None else ocp.type_handlers.get_json_tspec_read(
-        ocp.type_handlers.ParamInfo(
-            name=array.name, parent_dir=directory,
-            is_ocdbt_checkpoint=use_ocdbt, use_zarr3=metadata.use_zarr3,
-            ts_context=context), use_ocdbt=use_ocdbt)
-            for array in arrays]
+    spec.check(store_format.build(self._skeleton, iter(shapes), stored=False),
+               what=what, check_dtypes=True)
+    block_bytes, sums = self._checksums(step, what)
+    sums = [None] * len(arrays) if sums is None else sums
+    return block_bytes, [column_reader.StoredLeaf(
+        None if array is None else item.read_spec(array, context), s)
+                         for array, s in zip(arrays, sums)]
 
   def wait_until_finished(self) -> None:
-    """Blocks until the save in flight (if any) is on disk; raises its error."""
+    """Blocks until the save in flight (if any) is on disk.
+
+    Raises:
+      StoreWriteError: the save failed (naming its step and the directory).
+    """
     self._check_open()
-    self._manager.wait_until_finished()
+    self._finish()
 
   def close(self) -> None:
-    """Waits for the save in flight and releases orbax' resources."""
+    """Waits for the save in flight, releases orbax' resources and the lock.
+
+    Raises:
+      StoreWriteError: the save in flight failed (the store is closed).
+    """
     if not self._closed:
       self._closed = True
-      self._manager.close()
+      try:
+        self._finish()
+      finally:
+        self._manager.close()
+        self._release_lock()
 
   def __enter__(self) -> TrajectoryStore:
     return self
@@ -389,7 +529,7 @@ class TrajectoryStore:
                 available: list[int] | None = None) -> int:
     step = _check_step(step, what)
     if available is None:
-      self._manager.wait_until_finished()
+      self._finish()
       available = self.steps()
     if step not in available:
       raise ValueError(
@@ -398,116 +538,28 @@ class TrajectoryStore:
     return step
 
 
-class ColumnView:
-  """A store's n x D float32 snapshot matrix, read by column ranges.
-
-  Made by `TrajectoryStore.columns`. `view[rows, start:stop]` (rows: a
-  slice) reads, of each snapshot, only the leaves overlapping columns
-  [start, stop) and, within a leaf, only the boxes of its C-order entries in
-  that range, hence only the stored chunks holding them (each once: the
-  view keeps a small chunk cache). Each leaf read is
-  checked for NaN/Inf (the step and leaf named). `view.leaves(indices)` is
-  the view of some leaves' columns only (one block of a layer-wise basis).
-
-  Attributes:
-    steps: the snapshots' steps, one per row.
-  """
-
-  dtype = np.dtype(np.float32)
-
-  def __init__(self, paths: Sequence[str],
-               shapes: Sequence[tuple[int, ...]], steps: list[int],
-               stored: list[list[dict[str, Any] | None]], context: ts.Context,
-               what: str):
-    self.steps = steps
-    self._paths = tuple(paths)
-    self._shapes = tuple(shapes)
-    self._stored = stored
-    self._context = context
-    self._what = what
-    self._offsets = np.cumsum([0] + [math.prod(s) for s in self._shapes])
-
-  @property
-  def shape(self) -> tuple[int, int]:
-    return len(self.steps), int(self._offsets[-1])
-
-  def leaves(self, indices: Sequence[int]) -> ColumnView:
-    """The matrix of only the leaves `indices` (of this view, in that order;
-    of the store's layout for a view from `columns`): their columns side by
-    side. Nothing is read."""
-    indices = list(indices)
-    return ColumnView([self._paths[i] for i in indices],
-                      [self._shapes[i] for i in indices], self.steps,
-                      [[row[i] for i in indices] for row in self._stored],
-                      self._context, self._what)
-
-  def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
-    if not (isinstance(index, tuple) and len(index) == 2
-            and all(isinstance(i, slice) for i in index)
-            and index[1].step in (None, 1)):
-      raise TypeError("ColumnView: index with [rows, start:stop] (slices, "
-                      f"contiguous columns), got {index!r}.")
-    rows, cols = index
-    start, stop, _ = cols.indices(self.shape[1])
-    rows = range(*rows.indices(self.shape[0]))
-    out = np.empty((len(rows), max(stop - start, 0)), np.float32)
-    for row, r in zip(out, rows):
-      self._read(r, start, stop, row)
-    return out
-
-  def _read(self, r: int, start: int, stop: int, out: np.ndarray) -> None:
-    """Columns [start, stop) of snapshot row `r` into `out`.
-
-    All of the row's leaves are opened, then all their boxes read,
-    concurrently.
-    """
-    what = f"{self._what}(step={self.steps[r]})"
-    offsets, shapes = self._offsets, self._shapes
-    leaves = [(i, max(start, offsets[i]), min(stop, offsets[i + 1]))
-              for i in range(len(shapes))]
-    leaves = [(i, lo, hi) for i, lo, hi in leaves if lo < hi]
-    try:
-      opened = [ts.open(self._stored[r][i], context=self._context)
-                for i, _, _ in leaves]
-      reads = [[array.result()[box].read() for box in _flat_boxes(
-          shapes[i], lo - offsets[i], hi - offsets[i])]
-               for (i, lo, hi), array in zip(leaves, opened)]
-      for (_, lo, _), boxes in zip(leaves, reads):
-        at = lo - start
-        for box in boxes:
-          values = box.result().reshape(-1)
-          out[at:at + values.size] = values
-          at += values.size
-    except ValueError as e:
-      raise ValueError(f"{what}: cannot read the stored snapshot: {e}") from e
-    for i, lo, hi in leaves:
-      if not np.isfinite(out[lo - start:hi - start]).all():
-        raise ValueError(
-            f"{what}: leaf {self._paths[i]} contains NaN or Inf.")
+def _host(leaf: jax.Array | np.ndarray) -> np.ndarray:
+  """The whole value of `leaf` in this process' host memory (a sharded leaf
+  of a multi-host run is gathered from every process)."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+  return np.asarray(leaf)
 
 
-def _flat_boxes(shape: tuple[int, ...], start: int, stop: int
-                ) -> list[tuple[slice, ...]]:
-  """The boxes (index tuples) that hold exactly the C-order entries
-  [start, stop) of an array of `shape`, in order (at most 2 ndim - 1)."""
-  if start >= stop:
-    return []
-  if not shape:
-    return [()]
-  inner = math.prod(shape[1:])
-  (first, a), (last, b) = divmod(start, inner), divmod(stop, inner)
-  if first == last:
-    return [(slice(first, first + 1),) + box
-            for box in _flat_boxes(shape[1:], a, b)]
-  boxes = []
-  if a:
-    boxes += [(slice(first, first + 1),) + box
-              for box in _flat_boxes(shape[1:], a, inner)]
-    first += 1
-  if first < last:
-    boxes.append((slice(first, last),) + (slice(None),) * (len(shape) - 1))
-  return boxes + [(slice(last, last + 1),) + box
-                  for box in _flat_boxes(shape[1:], 0, b)]
+def _root_cause(error: BaseException) -> str:
+  """One line: the innermost OS error of `error`'s chain (as Python or
+  TensorStore reports it), else the innermost message."""
+  chain = [error]
+  while chain[-1].__cause__ or chain[-1].__context__:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  for e in reversed(chain):
+    if isinstance(e, OSError) and e.errno:
+      return f"[Errno {e.errno}] {os.strerror(e.errno)}"
+    code = re.search(r"os_error_code='(\d+)'", str(e))
+    if code:
+      return f"[Errno {code[1]}] {os.strerror(int(code[1]))}"
+  lines = str(chain[-1]).strip().splitlines() or [type(chain[-1]).__name__]
+  return lines[0][:300]
 
 
 def _check_step(step: Any, what: str) -> int:
@@ -531,152 +583,8 @@ def _barrier(name: str) -> None:
         f"twa_jax.TrajectoryStore:{name}:{next(_barrier_ids)}")
 
 
-# Structure skeleton: JSON for the plain-container part of a pytree.
-# null = None node; "leaf"; {"dict": [[key, child], ...]} with keys in JAX's
-# (sorted) order; {"list": [...]}; {"tuple": [...]}.
-
-
-def _skeleton(tree: PyTree, what: str, path: str = "") -> Any:
-  """JSON description of the containers of `tree`; rejects other nodes."""
-  if tree is None:
-    return None
-  if type(tree) is dict:  # pylint: disable=unidiomatic-typecheck
-    for key in tree:
-      if isinstance(key, bool) or not isinstance(key, (str, int)):
-        raise TypeError(f"{what}: key {key!r} at {path or '<root>'} is a "
-                        f"{type(key).__name__}; keys must be str or int.")
-    return {"dict": [[k, _skeleton(tree[k], what, f"{path}[{k!r}]")]
-                     for k in sorted(tree)]}
-  if type(tree) in (list, tuple):
-    kind = type(tree).__name__
-    return {kind: [_skeleton(c, what, f"{path}[{i}]")
-                   for i, c in enumerate(tree)]}
-  if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(tree)):
-    raise TypeError(
-        f"{what}: the node at {path or '<root>'} is a {type(tree).__name__}; "
-        "a stored tree holds plain dicts, lists, tuples and arrays (convert "
-        "it first, e.g. with flax.core.unfreeze or nnx.to_pure_dict).")
-  return "leaf"
-
-
-def _build(skeleton: Any, leaves: Iterator[Any], *, orbax: bool) -> PyTree:
-  """The tree described by `skeleton` with `leaves` in order.
-
-  With `orbax`, in the form orbax saves and restores: string keys (see
-  `_orbax_key`), lists for tuples.
-  """
-  if skeleton is None:
-    return None
-  if skeleton == "leaf":
-    return next(leaves)
-  (kind, children), = skeleton.items()
-  if kind == "dict":
-    return {_orbax_key(k) if orbax else k: _build(c, leaves, orbax=orbax)
-            for k, c in children}
-  built = [_build(c, leaves, orbax=orbax) for c in children]
-  return tuple(built) if kind == "tuple" and not orbax else built
-
-
-def _orbax_key(key: str | int) -> str:
-  """The key as orbax stores it: a string without '.' (orbax joins leaf
-  names with '.', so {'a.b': x} and {'a': {'b': y}} would collide)."""
-  return str(key).replace("%", "%25").replace(".", "%2E")
-
-
-def _orbax_leaves(skeleton: Any, node: Any, path: str) -> list[Any]:
-  """The leaves, in order, of a tree orbax restored in the form of `skeleton`.
-
-  Raises ValueError naming the first container that differs.
-  """
-  if skeleton is None:
-    return []
-  if skeleton == "leaf":
-    if isinstance(node, (dict, list)):
-      raise ValueError(f"{path or '<root>'} is a container, not a leaf")
-    return [node]
-  (kind, children), = skeleton.items()
-  if kind == "dict":
-    if not isinstance(node, dict):
-      raise ValueError(f"{path or '<root>'} is not a dict")
-    missing = [k for k, _ in children if _orbax_key(k) not in node]
-    if missing:
-      raise ValueError(f"missing key {missing[0]!r} at {path or '<root>'}")
-    pairs = [(c, node[_orbax_key(k)], f"{path}[{k!r}]") for k, c in children]
-  else:
-    if not isinstance(node, (list, tuple)) or len(node) != len(children):
-      raise ValueError(
-          f"{path or '<root>'} is not a {kind} of {len(children)}")
-    pairs = [(c, n, f"{path}[{i}]")
-             for i, (c, n) in enumerate(zip(children, node))]
-  return [leaf for c, n, p in pairs for leaf in _orbax_leaves(c, n, p)]
-
-
-def _stored_leaves(skeleton: Any, node: Any, what: str) -> list[Any]:
-  """`_orbax_leaves` of a stored snapshot; a mismatch names `what`."""
-  try:
-    return _orbax_leaves(skeleton, node, "")
-  except ValueError as e:
-    raise ValueError(f"{what}: the stored snapshot does not match the "
-                     f"store's layout: {e}") from e
-
-
-def _check_layout(spec: tree_lib.ParamSpec, tree: PyTree, what: str) -> None:
-  """Raises ValueError naming the leaf where `tree` differs from `spec`."""
-  leaves = spec.check(tree, what=what)
-  for leaf, name, dtype in zip(leaves, spec.paths, spec.dtypes):
-    leaf_dtype = tree_lib._dtype(leaf)  # pylint: disable=protected-access
-    if leaf_dtype != dtype:
-      raise ValueError(f"{what}: leaf {name} has dtype {leaf_dtype}, the "
-                       f"store's layout has {dtype}.")
-
-
 def _bit_identical(a: PyTree, b: PyTree) -> bool:
   return all(
       np.asarray(x).tobytes() == np.asarray(jax.device_get(y)).tobytes()
       for x, y in zip(jax.tree_util.tree_leaves(a),
                       jax.tree_util.tree_leaves(b)))
-
-
-def _write_info(directory: epath.Path, layout) -> None:
-  """Writes twa_store.json atomically (temporary file, then rename)."""
-  info = {"format": FORMAT, "version": VERSION, "layout": None}
-  if layout is not None:
-    spec, skeleton = layout
-    info["layout"] = {
-        "structure": skeleton, "paths": list(spec.paths),
-        "shapes": [list(s) for s in spec.shapes],
-        "dtypes": [np.dtype(d).name for d in spec.dtypes]}
-  tmp = directory / f"{INFO_FILE}.tmp-{os.getpid()}"
-  tmp.write_text(json.dumps(info))
-  tmp.replace(directory / INFO_FILE)
-
-
-def _read_layout(path: epath.Path):
-  """Reads twa_store.json: (spec, skeleton), or (None, None) if no snapshot."""
-  try:
-    info = json.loads(path.read_text())
-    if info.get("format") != FORMAT:
-      raise ValueError(f"format is {info.get('format')!r}, not {FORMAT!r}")
-  except (ValueError, AttributeError) as e:
-    raise ValueError(f"{path}: not a trajectory store file ({e}).") from e
-  if info.get("version") != VERSION:
-    raise ValueError(
-        f"{path}: store format version {info.get('version')!r}; this "
-        f"twa_jax reads version {VERSION} (use the twa_jax release that "
-        "wrote it).")
-  layout = info["layout"]
-  if layout is None:
-    return None, None
-  skeleton = layout["structure"]
-  n = len(layout["paths"])
-  placeholder = _build(skeleton, iter(range(n)), orbax=False)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(placeholder)
-  paths = tuple(jax.tree_util.keystr(p) or "<root>" for p, _ in leaves)
-  if [i for _, i in leaves] != list(range(n)) or paths != tuple(
-      layout["paths"]):
-    raise ValueError(f"{path}: corrupted layout (structure and leaf paths "
-                     "disagree).")
-  spec = tree_lib.ParamSpec(
-      treedef, paths, tuple(tuple(s) for s in layout["shapes"]),
-      tuple(np.dtype(jax.numpy.dtype(d)) for d in layout["dtypes"]))
-  return spec, skeleton
