@@ -369,6 +369,32 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
     assert r["test_loss"] == ref["test_loss"] and r["lr"] == ref["lr"]
 
 
+@pytest.mark.slow
+def test_a_second_train_py_in_a_running_workdir_is_refused(tmp_path):
+  config_file = tmp_path / "tiny.py"
+  config_file.write_text(TINY.format(sgd_epochs=12, head=8, twa_epochs=4))
+  workdir = tmp_path / "shared"
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  first = _start(config_file, workdir, env)
+  try:
+    deadline = time.monotonic() + 300
+    while not workdir_lib.read_metrics(workdir) and first.poll() is None:
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+    assert first.poll() is None, first.stdout.read()
+    second = _start(config_file, workdir, env)
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 1
+    assert (f"error: workdir {workdir}: in use by process {first.pid}"
+            in out.splitlines()[-1])
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+  config = tiny_config(sgd_epochs=12, head=8, twa_epochs=4)
+  config.phases = "sgd"
+  train_lib.run(config, workdir)  # the kill -9 left no stale lock
+
+
 def test_help_explains_phases_and_workdir():
   out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"],
                        cwd=ROOT, capture_output=True, text=True,

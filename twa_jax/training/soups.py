@@ -203,8 +203,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   check_sources(config, parsed)
   split = holdout_split(config)
   ingredients = load_ingredients(parsed)
-  workdir = workdir_lib.prepare(workdir)
-  with workdir_lib.log_to(workdir / "log.txt"):
+  with workdir_lib.opened(workdir) as workdir:
     logging.info("twa_jax %s: soup of %d sources in %s: %s",
                  twa_jax.__version__, len(parsed), workdir,
                  ", ".join(i.label for i in ingredients))

@@ -52,8 +52,7 @@ def run(config: ml_collections.ConfigDict,
   """
   phases = parse_phases(config.phases)
   configuration.validate_config(config)
-  workdir = workdir_lib.prepare(workdir)
-  with workdir_lib.log_to(workdir / "log.txt"):
+  with workdir_lib.opened(workdir) as workdir:
     logging.info("twa_jax %s: config %s, workdir %s, phases %s",
                  twa_jax.__version__, config.name, workdir, ",".join(phases))
     saved = workdir_lib.check_saved_config(config, workdir)

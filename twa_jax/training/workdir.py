@@ -14,6 +14,7 @@ from typing import Any
 from absl import logging
 import ml_collections
 
+from twa_jax.lock import FileLock, LockedError
 from twa_jax.training import configuration
 from twa_jax.training.configuration import ConfigError
 
@@ -21,6 +22,8 @@ LAYOUT = """\
 workdir layout:
   config.json         the config the workdir was started with; a rerun must
                       match it in the fields of every phase already started
+  lock                held by the one process running in the workdir (an OS
+                      lock: a second process is refused, naming its pid)
   log.txt             the log
   metrics.jsonl       one record per epoch and phase: train/test loss and
                       accuracy, learning rate, seconds
@@ -75,6 +78,23 @@ def prepare(workdir: str | os.PathLike) -> pathlib.Path:
   except OSError as e:
     raise ConfigError(f"workdir {path} is not writable: {e}") from e
   return path
+
+
+@contextlib.contextmanager
+def opened(workdir: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """The workdir (see `prepare`), held by this process alone and logged to.
+
+  Raises:
+    ConfigError: it cannot be written, or another process holds it (two
+      runs in one workdir would mix their snapshots and results).
+  """
+  path = prepare(workdir)
+  try:
+    held = FileLock(path / "lock", what=f"workdir {path}")
+  except LockedError as e:
+    raise ConfigError(str(e)) from None
+  with held, log_to(path / "log.txt"):
+    yield path
 
 
 def _strict(obj: Any) -> Any:
