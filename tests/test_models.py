@@ -1,8 +1,11 @@
 """Models: parameter counts (shapes only), output shapes, batch norm, errors."""
 
+import functools
 import math
 
+import flax
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,3 +166,126 @@ def test_unknown_model_and_bad_arguments():
   with pytest.raises(ValueError, match="9n\\+2"):
     model = models.create_model("preresnet164", 10, depth=50)
     _abstract_init(model, (8, 8, 3))
+
+
+def _conv_paddings(name: str, shape: tuple[int, ...], **kwargs):
+  """(kernel size, strides, padding) of every convolution in a forward pass."""
+  model = models.create_model(name, 10, **kwargs)
+  variables = _abstract_init(model, shape)
+  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(
+      variables, jax.ShapeDtypeStruct((2, *shape), jnp.float32))
+  return [(eqn.invars[1].aval.shape[0], eqn.params["window_strides"],
+           eqn.params["padding"])
+          for eqn in jaxpr.eqns if eqn.primitive.name == "conv_general_dilated"]
+
+
+@pytest.mark.parametrize("name,kwargs,shape", [
+    ("resnet18", {"width": 8}, (32, 32, 3)),
+    ("resnet50", {"width": 4}, (32, 32, 3)),
+    ("preresnet164", {"depth": 20}, (16, 16, 3)),
+    ("resnet20", {}, (16, 16, 3)),
+    ("vgg16", {"layers": (8, 0, 8)}, (8, 8, 3)),
+    ("cnn7", {}, (16, 16, 3)),
+])
+def test_every_conv_pads_as_pytorch(name, kwargs, shape):
+  convs = _conv_paddings(name, shape, **kwargs)
+  assert any(strides == (2, 2) for _, strides, _ in convs) == (
+      name.startswith(("resnet", "preresnet")))
+  for kernel, _, padding in convs:
+    # PyTorch's padding=k // 2 on both sides ("SAME" pads (0, 1) at stride 2).
+    assert padding == ((kernel // 2, kernel // 2),) * 2, (kernel, padding)
+
+
+@pytest.mark.parametrize("block", ["basic", "bottleneck", "preact"])
+def test_strided_conv_matches_pytorch_padding(block):
+  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 4))
+  module = {"basic": models.BasicBlock(8, strides=2),
+            "bottleneck": models.Bottleneck(2, strides=2),
+            "preact": models.PreActBottleneck(2, strides=2)}[block]
+  variables = jax.jit(functools.partial(module.init, train=False))(
+      jax.random.key(0), x)
+  _, state = jax.jit(functools.partial(
+      module.apply, train=False, capture_intermediates=True))(variables, x)
+  inter = state["intermediates"]
+  # The input of the strided 3x3 conv: the block's input, or the ReLU of the
+  # batch norm before it.
+  strided, before = {"basic": ("Conv_0", None),
+                     "bottleneck": ("Conv_1", "BatchNorm_0"),
+                     "preact": ("Conv_1", "BatchNorm_1")}[block]
+  inputs = x if before is None else nn.relu(inter[before]["__call__"][0])
+  kernel = variables["params"][strided]["kernel"]
+  assert kernel.shape[:2] == (3, 3)
+
+  def conv(padding):
+    return jax.lax.conv_general_dilated(
+        inputs, kernel, (2, 2), padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  out = inter[strided]["__call__"][0]
+  assert out.shape == (2, 3, 3, kernel.shape[-1])
+  np.testing.assert_allclose(out, conv([(1, 1), (1, 1)]), rtol=1e-5,
+                             atol=1e-5)
+  assert not np.allclose(out, conv([(0, 1), (0, 1)]), atol=1e-3)
+
+
+def _init_params(module: nn.Module, shape: tuple[int, ...]):
+  return module.init(jax.random.key(0), jnp.zeros((2, *shape)),
+                     train=False)["params"]
+
+
+def _layers(params, kind: str):
+  """{path: {leaf: array}} of the layers of a kind: "dense", "conv", "bn"."""
+  layers = {}
+  for path, value in flax.traverse_util.flatten_dict(params).items():
+    layers.setdefault(path[:-1], {})[path[-1]] = np.asarray(value)
+
+  def kind_of(leaves):
+    if "scale" in leaves:
+      return "bn"
+    return {2: "dense", 4: "conv"}[leaves["kernel"].ndim]
+  return {p: l for p, l in layers.items() if kind_of(l) == kind}
+
+
+# Every layer type (linear, conv with and without bias, strided shortcut conv,
+# batch norm); all models build them with the same helpers.
+INIT_CASES = [
+    ("vgg16", models.create_model("vgg16", 10, layers=(16, 0, 32, 0)),
+     (8, 8, 3)),
+    ("basic_block", models.BasicBlock(32, strides=2), (8, 8, 16)),
+]
+
+
+@pytest.mark.parametrize("name,module,shape", INIT_CASES,
+                         ids=[c[0] for c in INIT_CASES])
+def test_initializers_match_the_reference_models(name, module, shape):
+  params = _init_params(module, shape)
+  # Linear layers: PyTorch's default, weight and bias uniform in
+  # +-1/sqrt(fan_in), so they fill that range with std bound / sqrt(3).
+  assert bool(_layers(params, "dense")) == (name == "vgg16")
+  for path, leaves in _layers(params, "dense").items():
+    bound = 1 / np.sqrt(leaves["kernel"].shape[0])
+    for leaf, value in leaves.items():
+      assert np.abs(value).max() <= bound, (path, leaf)
+      if value.size >= 500:
+        assert np.abs(value).max() > 0.95 * bound, (path, leaf)
+        assert value.std() == pytest.approx(bound / np.sqrt(3), rel=0.1)
+    assert np.abs(leaves["bias"]).min() > 0, path  # not zeros
+  # Convolutions: He normal on fan_out = k * k * out (the reference init
+  # loops and torchvision), biases (VGG) zero.
+  for path, leaves in _layers(params, "conv").items():
+    kernel = leaves["kernel"]
+    std = np.sqrt(2 / (kernel.shape[0] * kernel.shape[1] * kernel.shape[3]))
+    if kernel.size >= 500:
+      assert kernel.std() == pytest.approx(std, rel=0.1), path
+      assert abs(kernel.mean()) < 0.1 * std, path
+      # Normal, not truncated: some weights beyond two standard deviations.
+      assert np.abs(kernel).max() > 2.5 * std, path
+    if "bias" in leaves:
+      np.testing.assert_array_equal(leaves["bias"], 0)
+  assert any("shortcut_conv" in p for p in _layers(params, "conv")) == (
+      name == "basic_block")
+  # Batch norm: scale 1, offset 0.
+  assert _layers(params, "bn")
+  for leaves in _layers(params, "bn").values():
+    np.testing.assert_array_equal(leaves["scale"], 1)
+    np.testing.assert_array_equal(leaves["bias"], 0)

@@ -7,20 +7,54 @@ statistics in the `batch_stats` collection and expose a `bn_momentum` field:
 statistics of that batch, which is how the batch statistics are recomputed
 exactly after averaging. Only the `params` collection enters the TWA subspace.
 VGG16 uses dropout in training: pass `rngs={"dropout": key}` to `apply` when
-`train=True` (other models ignore that rng).
+`train=True` (other models ignore that rng). Layers pad and initialize as the
+PyTorch reference models: convs pad `kernel // 2` on both sides and start He
+normal (fan_out), linear layers start uniform in +-1/sqrt(fan_in) (weight
+and bias, PyTorch's default), batch norm at scale 1, offset 0.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import functools
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# He initialization (fan_out), as in the PyTorch reference models.
+# He initialization (fan_out), as in the PyTorch reference models' init
+# loops (VGG16BN, PreResNet) and torchvision's ResNets.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _conv(features: int, kernel: int, strides: int = 1, *,
+          use_bias: bool = False, name: str | None = None) -> nn.Conv:
+  """A square conv padded as PyTorch's `padding=kernel // 2`, He-initialized.
+
+  Explicit padding, not "SAME": with stride 2 on an even size, "SAME" pads
+  (0, 1) and shifts the output a pixel against PyTorch's (1, 1) (and against
+  a strided 1x1 shortcut).
+  """
+  return nn.Conv(features, (kernel, kernel), strides, padding=kernel // 2,
+                 use_bias=use_bias, kernel_init=_conv_init, name=name)
+
+
+def _linear_init(fan_in: int) -> nn.initializers.Initializer:
+  """PyTorch's `nn.Linear` default: uniform(+-1/sqrt(fan_in)), weight and bias."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key: jax.Array, shape: Sequence[int],
+           dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def _dense(features: int, x: jax.Array, use_bias: bool = True) -> jax.Array:
+  """A fully connected layer initialized as PyTorch's `nn.Linear`."""
+  init = _linear_init(x.shape[-1])
+  return nn.Dense(features, use_bias=use_bias, kernel_init=init,
+                  bias_init=init)(x)
 
 
 def _batch_norm(train: bool, momentum: float, **kwargs) -> nn.BatchNorm:
@@ -47,11 +81,11 @@ class MLP(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = x.reshape((x.shape[0], -1))
     for width in self.hidden_sizes:
-      x = nn.Dense(width, use_bias=not self.batch_norm)(x)
+      x = _dense(width, x, use_bias=not self.batch_norm)
       if self.batch_norm:
         x = _batch_norm(train, self.bn_momentum)(x)
       x = nn.relu(x)
-    return nn.Dense(self.num_classes)(x)
+    return _dense(self.num_classes, x)
 
 
 class ConvNet(nn.Module):
@@ -72,11 +106,11 @@ class ConvNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for i, width in enumerate(self.channels):
-      x = nn.Conv(width, (3, 3), use_bias=False, kernel_init=_conv_init)(x)
+      x = _conv(width, 3)(x)
       x = nn.relu(_batch_norm(train, self.bn_momentum)(x))
       if i in self.pool_after:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+    return _dense(self.num_classes, jnp.mean(x, axis=(1, 2)))
 
 
 class VGG(nn.Module):
@@ -103,13 +137,13 @@ class VGG(nn.Module):
       if width == 0:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       else:
-        x = nn.Conv(width, (3, 3), kernel_init=_conv_init)(x)
+        x = _conv(width, 3, use_bias=True)(x)
         x = nn.relu(_batch_norm(train, self.bn_momentum)(x))
     x = x.reshape((x.shape[0], -1))
     for _ in range(2):
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-      x = nn.relu(nn.Dense(512)(x))
-    return nn.Dense(self.num_classes)(x)
+      x = nn.relu(_dense(512, x))
+    return _dense(self.num_classes, x)
 
 
 class BasicBlock(nn.Module):
@@ -131,11 +165,8 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     bn = functools.partial(_batch_norm, train, self.bn_momentum)
-    y = nn.Conv(self.features, (3, 3), self.strides, use_bias=False,
-                kernel_init=_conv_init)(x)
-    y = nn.relu(bn()(y))
-    y = nn.Conv(self.features, (3, 3), use_bias=False,
-                kernel_init=_conv_init)(y)
+    y = nn.relu(bn()(_conv(self.features, 3, self.strides)(x)))
+    y = _conv(self.features, 3)(y)
     y = bn()(y)
     return nn.relu(y + _shortcut(self, x, y.shape[-1], bn))
 
@@ -150,13 +181,9 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     bn = functools.partial(_batch_norm, train, self.bn_momentum)
-    y = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=_conv_init)(x)
-    y = nn.relu(bn()(y))
-    y = nn.Conv(self.features, (3, 3), self.strides, use_bias=False,
-                kernel_init=_conv_init)(y)
-    y = nn.relu(bn()(y))
-    y = nn.Conv(4 * self.features, (1, 1), use_bias=False,
-                kernel_init=_conv_init)(y)
+    y = nn.relu(bn()(_conv(self.features, 1)(x)))
+    y = nn.relu(bn()(_conv(self.features, 3, self.strides)(y)))
+    y = _conv(4 * self.features, 1)(y)
     y = bn()(y)
     return nn.relu(y + _shortcut(self, x, y.shape[-1], bn))
 
@@ -170,8 +197,7 @@ def _shortcut(block: nn.Module, x: jax.Array, features: int,
     x = x[:, ::block.strides, ::block.strides, :]
     extra = features - x.shape[-1]
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-  x = nn.Conv(features, (1, 1), block.strides, use_bias=False,
-              kernel_init=_conv_init, name="shortcut_conv")(x)
+  x = _conv(features, 1, block.strides, name="shortcut_conv")(x)
   return bn(name="shortcut_bn")(x)
 
 
@@ -198,12 +224,11 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.stem == "imagenet":
-      x = nn.Conv(self.width, (7, 7), 2, padding=[(3, 3), (3, 3)],
-                  use_bias=False, kernel_init=_conv_init)(x)
+      x = _conv(self.width, 7, 2)(x)
       x = nn.relu(_batch_norm(train, self.bn_momentum)(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     else:
-      x = nn.Conv(self.width, (3, 3), use_bias=False, kernel_init=_conv_init)(x)
+      x = _conv(self.width, 3)(x)
       x = nn.relu(_batch_norm(train, self.bn_momentum)(x))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for i in range(num_blocks):
@@ -211,7 +236,7 @@ class ResNet(nn.Module):
                        strides=2 if stage > 0 and i == 0 else 1,
                        shortcut=self.shortcut,
                        bn_momentum=self.bn_momentum)(x, train)
-    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+    return _dense(self.num_classes, jnp.mean(x, axis=(1, 2)))
 
 
 class PreActBottleneck(nn.Module):
@@ -227,15 +252,11 @@ class PreActBottleneck(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     bn = functools.partial(_batch_norm, train, self.bn_momentum)
-    y = nn.Conv(self.features, (1, 1), use_bias=False,
-                kernel_init=_conv_init)(nn.relu(bn()(x)))
-    y = nn.Conv(self.features, (3, 3), self.strides, use_bias=False,
-                kernel_init=_conv_init)(nn.relu(bn()(y)))
-    y = nn.Conv(4 * self.features, (1, 1), use_bias=False,
-                kernel_init=_conv_init)(nn.relu(bn()(y)))
+    y = _conv(self.features, 1)(nn.relu(bn()(x)))
+    y = _conv(self.features, 3, self.strides)(nn.relu(bn()(y)))
+    y = _conv(4 * self.features, 1)(nn.relu(bn()(y)))
     if self.strides != 1 or x.shape[-1] != y.shape[-1]:
-      x = nn.Conv(y.shape[-1], (1, 1), self.strides, use_bias=False,
-                  kernel_init=_conv_init, name="shortcut_conv")(x)
+      x = _conv(y.shape[-1], 1, self.strides, name="shortcut_conv")(x)
     return x + y
 
 
@@ -256,14 +277,14 @@ class PreResNet(nn.Module):
     if (self.depth - 2) % 9:
       raise ValueError(f"PreResNet depth must be 9n+2, got {self.depth}")
     num_blocks = (self.depth - 2) // 9
-    x = nn.Conv(16, (3, 3), use_bias=False, kernel_init=_conv_init)(x)
+    x = _conv(16, 3)(x)
     for stage in range(3):
       for i in range(num_blocks):
         x = PreActBottleneck(16 * 2**stage,
                              strides=2 if stage > 0 and i == 0 else 1,
                              bn_momentum=self.bn_momentum)(x, train)
     x = nn.relu(_batch_norm(train, self.bn_momentum)(x))
-    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+    return _dense(self.num_classes, jnp.mean(x, axis=(1, 2)))
 
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {

@@ -58,11 +58,23 @@ class TrainState:
 
 
 def milestone_epochs(decay_at, epochs: int) -> list[int]:
-  """Epochs after which a step schedule decays: ceil(fraction * epochs).
+  """Epochs after which a step schedule decays, rounded as the reference code.
 
-  This is how the reference code rounds (10 epochs at 0.5, 0.75: 5 and 8).
+  The reference TWA script decays at `[int(0.5 E), int(0.75 E + 0.9)]`: the
+  first fraction rounds down, every later one is `int(f E + 0.9)` (up, unless
+  f E lies less than 0.1 above an integer). E = 10: 5, 8; E = 5: 2, 4;
+  E = 3: 1, 3. For the sgd phases: 200 epochs at (0.5, 0.75): 100, 150;
+  90 at (1/3, 2/3): 30, 60.
+
+  Args:
+    decay_at: fractions of the epochs, in order.
+    epochs: the epochs they are fractions of.
+
+  Returns:
+    One milestone epoch per fraction.
   """
-  return [math.ceil(round(f * epochs, 6)) for f in decay_at]
+  return [int(round(f * epochs, 6) + (0.9 if i else 0.0))
+          for i, f in enumerate(decay_at)]
 
 
 def learning_rate_schedule(section: Any, epochs: int,
@@ -70,8 +82,10 @@ def learning_rate_schedule(section: Any, epochs: int,
   """The per-step learning rate of a config section (`sgd` or `twa`).
 
   "step": `lr`, multiplied by `decay_factor` after each milestone epoch of
-  the first `epochs - linear_epochs` epochs (see `milestone_epochs`); the
-  last `linear_epochs` epochs then decay linearly to 0. "swa": the SWA
+  the first `epochs - linear_epochs` epochs (see `milestone_epochs`; epoch e
+  runs at `lr * decay_factor ** #{milestones <= e}`, as PyTorch's
+  MultiStepLR, so a milestone 0 decays from the first step); the last
+  `linear_epochs` epochs then decay linearly to 0. "swa": the SWA
   paper's schedule, per epoch e with t = e / swa_start: `lr` for t <= 0.5,
   linear to `swa_lr` at t = 0.9, `swa_lr` after.
 
@@ -97,11 +111,11 @@ def learning_rate_schedule(section: Any, epochs: int,
   linear = int(section.linear_epochs)
   step_epochs = epochs - linear
   boundaries: dict[int, float] = {}
-  for m in milestone_epochs(section.decay_at, step_epochs):
-    if 0 < m <= step_epochs:
-      step = m * steps_per_epoch
-      boundaries[step] = (boundaries.get(step, 1.0)
-                          * float(section.decay_factor))
+  milestones = (milestone_epochs(section.decay_at, step_epochs)
+                if step_epochs else [])  # all linear: nothing to step
+  for m in milestones:  # fractions in (0, 1]: 0 <= m <= step_epochs
+    step = m * steps_per_epoch
+    boundaries[step] = boundaries.get(step, 1.0) * float(section.decay_factor)
   constant = optax.piecewise_constant_schedule(lr, boundaries)
   if not linear:
     return constant
