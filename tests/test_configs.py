@@ -190,7 +190,7 @@ def test_imagenet_90_1_is_the_reference_tail_run(model):
 @pytest.mark.parametrize("epochs", [1, 2, 5, 10])
 def test_pretrained_imagenet_is_the_papers_table_2_setting(epochs):
   c = load_with_arg("imagenet_resnet50_pretrained", str(epochs))
-  train_lib.validate_config(c)
+  configuration.validate_config(c)
   assert c.name == f"imagenet_resnet50_pretrained_{epochs}ep"
   assert (c.data.name, c.model.name, c.sgd.batch_size) == (
       "imagenet2012", "resnet50", 256)
