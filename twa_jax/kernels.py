@@ -21,9 +21,8 @@ AxisName = str | tuple[str, ...]
 Vectors = jax.Array | quantization.QuantizedVectors  # the stored basis rows
 CHUNK = 1 << 15  # columns per float64 Gram block: keeps the float64 copy small
 # Float32 bytes per converted block of the low-bit products: the block stays
-# in the last-level cache. Measured at n = 100, D = 1e6 (BENCHMARKS.md): 8k to
-# 16k columns per block were fastest, 1k-4k paid the loop's per-step cost.
-BLOCK_BYTES = 1 << 22
+# in the last-level cache. Measured at n = 100, D = 1e6 (BENCHMARKS.md).
+BLOCK_BYTES = 1 << 23
 
 
 def over_columns(cols: int, body: Callable[[Any, Any, int], Any], carry: Any,
@@ -100,8 +99,10 @@ class ColumnBlocks(NamedTuple):
 
 
 def block_width(rows: int, unit: int = 1) -> int:
-  """Columns per block: about BLOCK_BYTES of float32, a multiple of `unit`."""
-  return max(1, BLOCK_BYTES // (4 * max(rows, 1) * unit)) * unit
+  """Columns per block: a power of two (aligned rows) of about BLOCK_BYTES
+  of float32, and a multiple of `unit` (a quantization group)."""
+  width = 1 << (BLOCK_BYTES // (4 * max(rows, 1))).bit_length() - 1
+  return max(1, width // unit) * unit
 
 
 def widen_bfloat16(vectors: jax.Array, start, size: int) -> jax.Array:
