@@ -9,11 +9,12 @@ the low nibbles hold its first half and the high nibbles its second half, so
 unpacking is two contiguous slices.
 
 The products (`twa_jax.kernels`) dequantize one column block at a time
-inside a loop, so no full-precision copy of P is ever made; an int4 block is
-read as its two nibble planes (`parts`), never re-interleaved. A quantized basis is no longer
-exactly orthonormal: `project` then computes Q Q^T g with Q the dequantized
-vectors, an update that still lies in span(Q), close to (but not exactly)
-the orthogonal projection onto the snapshots' span.
+inside a loop, so no full-precision copy of P is ever made; they read an
+int4 block as its two nibble planes (`parts`), never re-interleaved, and
+cut the vector they multiply the same way (`split`, `merge`). A quantized
+basis is no longer exactly orthonormal: `project` then computes Q Q^T g with
+Q the dequantized vectors, an update that still lies in span(Q), close to
+(but not exactly) the orthogonal projection onto the snapshots' span.
 """
 
 from __future__ import annotations
