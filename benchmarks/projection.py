@@ -8,7 +8,8 @@ of them is the floor used.
 
 Sides, all storage dtypes (float32, bfloat16, int8, int4) alternated in the
 same rounds for each n, so each dtype's time is also a paired ratio to the
-first dtype's (``x_float32``):
+first dtype's (``x_float32``, with the range over rounds; ``cpu_x_float32``:
+the same ratio of the process' CPU time, steadier on a loaded machine):
 
 * ``project_flat``: `basis.project` of a one-leaf tree (a flat vector);
 * ``project_tree``: `basis.project` of a ~60-leaf ResNet-like tree of the
@@ -29,6 +30,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -125,7 +127,17 @@ def measure(d: int, n: int, dtypes: list, repeats: int) -> list[dict]:
   sides.update({"reduce": lambda: _reduce(probe),
                 "copy": lambda: _copy(probe),
                 "numpy_reduce": lambda: probe_np.sum()})
-  times = common.alternate(sides, repeats)
+  cpu = {name: [] for name in sides}
+  def with_cpu(name, fn):
+    def run():
+      start = time.process_time()
+      out = jax.block_until_ready(fn())
+      cpu[name].append(time.process_time() - start)
+      return out
+    return run
+  times = common.alternate(
+      {name: with_cpu(name, fn) for name, fn in sides.items()}, repeats)
+  cpu = {name: c[-repeats:] for name, c in cpu.items()}  # without the warmup
   # Bandwidths in bytes/s per round; each floor takes the round's best probe.
   bw = {"reduce": [probe_bytes / t for t in times["reduce"]],
         "copy": [2 * probe_bytes / t for t in times["copy"]],
@@ -145,6 +157,11 @@ def measure(d: int, n: int, dtypes: list, repeats: int) -> list[dict]:
     for s in ("project_flat", "project_tree"):
       row[f"{s}_x_{base}"] = common.ratio(times[f"{name}/{s}"],
                                           times[f"{base}/{s}"])
+      row[f"{s}_cpu_x_{base}"] = common.ratio(cpu[f"{name}/{s}"],
+                                              cpu[f"{base}/{s}"])
+      ratios = [a / b for a, b in zip(times[f"{name}/{s}"],
+                                      times[f"{base}/{s}"])]
+      row[f"{s}_x_{base}_range"] = [min(ratios), max(ratios)]
     rows.append(row)
   return rows
 
@@ -168,8 +185,9 @@ def main(argv=None) -> None:
   base = rows[0]["dtype"]
   print(common.table(rows, [
       "dtype", "n", "P_MB", "floor_ms", "project_flat_ms",
-      "project_flat_x_floor", f"project_flat_x_{base}", "project_tree_ms",
-      "project_tree_x_floor", f"project_tree_x_{base}", "mulsum_flat_ms",
+      "project_flat_x_floor", f"project_flat_x_{base}",
+      f"project_flat_cpu_x_{base}", "project_tree_ms", "project_tree_x_floor",
+      f"project_tree_x_{base}", f"project_tree_cpu_x_{base}", "mulsum_flat_ms",
       "mulsum_flat_x_floor", "bw_reduce_GBs", "bw_copy_GBs",
       "bw_numpy_reduce_GBs"]))
   common.write_json(args.out, {"D": args.d, "repeats": args.repeats,
