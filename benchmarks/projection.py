@@ -1,12 +1,15 @@
 """Projection P P^T g against the memory floor (two passes over P).
 
 One jitted `Basis.project` reads P twice (P^T g, then P beta); its floor is
-2 * bytes(P) / bandwidth, the bandwidth measured in the same run on arrays of
-P's size: an XLA reduction (`jnp.sum`, one read), an XLA copy (one read plus
-one write) and a numpy reduction; the best of them is the floor used.
+2 * bytes(P) / bandwidth, the bandwidth measured in the same rounds on an
+array of float32 P's size (n x D floats): an XLA reduction (`jnp.sum`, one
+read), an XLA copy (one read plus one write) and a numpy reduction; the best
+of them is the floor used.
 
-Sides, alternated, for each storage dtype (float32, bfloat16, int8, int4)
-and n:
+Sides, all storage dtypes (float32, bfloat16, int8, int4) alternated in the
+same rounds for each n, so each dtype's time is also a paired ratio to the
+first dtype's (``x_float32``, with the range over rounds; ``cpu_x_float32``:
+the same ratio of the process' CPU time, steadier on a loaded machine):
 
 * ``project_flat``: `basis.project` of a one-leaf tree (a flat vector);
 * ``project_tree``: `basis.project` of a ~60-leaf ResNet-like tree of the
@@ -24,8 +27,10 @@ and n:
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -93,45 +98,72 @@ _reduce = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
 _copy = jax.jit(lambda x: x + 1)  # a fused read-and-write pass
 
 
-def measure(d: int, n: int, dtype, repeats: int) -> dict:
+def measure(d: int, n: int, dtypes: list, repeats: int) -> list[dict]:
+  """One row per storage dtype; all dtypes alternate in the same rounds."""
   tree = resnet_like_tree(d)
   flat_tree = {"w": jnp.concatenate([jnp.ravel(x) for x in
                                      jax.tree_util.tree_leaves(tree)])}
-  tree_basis = random_basis(tree, n, dtype)
-  flat_basis = Basis(tree_basis.vectors, ParamSpec.of(flat_tree), n)
-  p_bytes = tree_basis.nbytes
-  probe = jnp.ones((p_bytes // 4,), jnp.float32)  # P's bytes, as float32
-  probe_np = np.ones((p_bytes // 4,), np.float32)
-  low_bit = dtype in quantization.BITS
-  sides = {
-      "project_flat": lambda: _project(flat_basis, flat_tree),
-      "project_tree": lambda: _project(tree_basis, tree),
-      "reduce": lambda: _reduce(probe),
-      "copy": lambda: _copy(probe),
-      "numpy_reduce": lambda: probe_np.sum(),
-  }
-  if not low_bit:
-    sides["mulsum_flat"] = lambda: _mulsum(flat_basis.vectors, flat_tree["w"])
-  times = common.alternate(sides, repeats)
-  # Bandwidths in bytes/s per round; the floor takes the best probe.
-  bw = {"reduce": [p_bytes / t for t in times["reduce"]],
-        "copy": [2 * p_bytes / t for t in times["copy"]],
-        "numpy_reduce": [p_bytes / t for t in times["numpy_reduce"]]}
-  floor = [2 * p_bytes / max(b[r] for b in bw.values())
-           for r in range(repeats)]
-  if not low_bit:  # the candidate computes the same thing
-    np.testing.assert_allclose(
-        np.asarray(_mulsum(flat_basis.vectors, flat_tree["w"])),
-        np.asarray(_project(flat_basis, flat_tree)["w"]),
-        rtol=2e-2 if dtype == jnp.bfloat16 else 1e-4, atol=1e-3)
-  row = {"dtype": dtype if low_bit else jnp.dtype(dtype).name, "n": n,
-         "D": d, "P_MB": p_bytes / 2**20,
-         "floor_ms": 1e3 * common.median(floor),
-         **{f"bw_{k}_GBs": common.median(v) / 1e9 for k, v in bw.items()}}
-  for s in ("project_flat", "project_tree", "mulsum_flat")[:3 - low_bit]:
-    row[f"{s}_ms"] = 1e3 * common.median(times[s])
-    row[f"{s}_x_floor"] = common.ratio(times[s], floor)
-  return row
+  bases, sides = {}, {}
+  for dtype in dtypes:
+    name = dtype if dtype in quantization.BITS else jnp.dtype(dtype).name
+    tree_basis = random_basis(tree, n, dtype)
+    flat_basis = Basis(tree_basis.vectors, ParamSpec.of(flat_tree), n)
+    bases[name] = tree_basis
+    sides[f"{name}/project_flat"] = functools.partial(
+        _project, flat_basis, flat_tree)
+    sides[f"{name}/project_tree"] = functools.partial(
+        _project, tree_basis, tree)
+    if dtype not in quantization.BITS:  # the candidate computes the same thing
+      sides[f"{name}/mulsum_flat"] = functools.partial(
+          _mulsum, flat_basis.vectors, flat_tree["w"])
+      np.testing.assert_allclose(
+          np.asarray(sides[f"{name}/mulsum_flat"]()),
+          np.asarray(sides[f"{name}/project_flat"]()["w"]),
+          rtol=2e-2 if dtype == jnp.bfloat16 else 1e-4, atol=1e-3)
+  # Bandwidth probes on an array of float32 P's size (n x D floats).
+  probe_bytes = 4 * n * d
+  probe = jnp.ones((probe_bytes // 4,), jnp.float32)
+  probe_np = np.ones((probe_bytes // 4,), np.float32)
+  sides.update({"reduce": lambda: _reduce(probe),
+                "copy": lambda: _copy(probe),
+                "numpy_reduce": lambda: probe_np.sum()})
+  cpu = {name: [] for name in sides}
+  def with_cpu(name, fn):
+    def run():
+      start = time.process_time()
+      out = jax.block_until_ready(fn())
+      cpu[name].append(time.process_time() - start)
+      return out
+    return run
+  times = common.alternate(
+      {name: with_cpu(name, fn) for name, fn in sides.items()}, repeats)
+  cpu = {name: c[-repeats:] for name, c in cpu.items()}  # without the warmup
+  # Bandwidths in bytes/s per round; each floor takes the round's best probe.
+  bw = {"reduce": [probe_bytes / t for t in times["reduce"]],
+        "copy": [2 * probe_bytes / t for t in times["copy"]],
+        "numpy_reduce": [probe_bytes / t for t in times["numpy_reduce"]]}
+  best = [max(b[r] for b in bw.values()) for r in range(repeats)]
+  base = next(iter(bases))
+  rows = []
+  for name, basis in bases.items():
+    floor = [2 * basis.nbytes / b for b in best]
+    row = {"dtype": name, "n": n, "D": d, "P_MB": basis.nbytes / 2**20,
+           "floor_ms": 1e3 * common.median(floor),
+           **{f"bw_{k}_GBs": common.median(v) / 1e9 for k, v in bw.items()}}
+    for s in ("project_flat", "project_tree", "mulsum_flat"):
+      if f"{name}/{s}" in times:
+        row[f"{s}_ms"] = 1e3 * common.median(times[f"{name}/{s}"])
+        row[f"{s}_x_floor"] = common.ratio(times[f"{name}/{s}"], floor)
+    for s in ("project_flat", "project_tree"):
+      row[f"{s}_x_{base}"] = common.ratio(times[f"{name}/{s}"],
+                                          times[f"{base}/{s}"])
+      row[f"{s}_cpu_x_{base}"] = common.ratio(cpu[f"{name}/{s}"],
+                                              cpu[f"{base}/{s}"])
+      ratios = [a / b for a, b in zip(times[f"{name}/{s}"],
+                                      times[f"{base}/{s}"])]
+      row[f"{s}_x_{base}_range"] = [min(ratios), max(ratios)]
+    rows.append(row)
+  return rows
 
 
 def main(argv=None) -> None:
@@ -142,17 +174,21 @@ def main(argv=None) -> None:
   args = p.parse_args(argv)
   if args.smoke:
     args.d, args.ns, args.repeats = 50_000, "4", 2
+  dtypes = [dtype if dtype in quantization.BITS else jnp.dtype(dtype)
+            for dtype in args.dtypes.split(",")]
   rows = []
-  for dtype in args.dtypes.split(","):
-    for n in map(int, args.ns.split(",")):
-      rows.append(measure(args.d, n, dtype if dtype in quantization.BITS
-                          else jnp.dtype(dtype), args.repeats))
-      print(f"{dtype} n={n}: project {rows[-1]['project_flat_x_floor']:.2f}x "
-            "floor", flush=True)
+  for n in map(int, args.ns.split(",")):
+    rows += measure(args.d, n, dtypes, args.repeats)
+    for row in rows[-len(dtypes):]:
+      print(f"{row['dtype']} n={n}: project {row['project_flat_x_floor']:.2f}x"
+            " floor", flush=True)
+  base = rows[0]["dtype"]
   print(common.table(rows, [
       "dtype", "n", "P_MB", "floor_ms", "project_flat_ms",
-      "project_flat_x_floor", "project_tree_ms", "project_tree_x_floor",
-      "mulsum_flat_ms", "mulsum_flat_x_floor", "bw_reduce_GBs", "bw_copy_GBs",
+      "project_flat_x_floor", f"project_flat_x_{base}",
+      f"project_flat_cpu_x_{base}", "project_tree_ms", "project_tree_x_floor",
+      f"project_tree_x_{base}", f"project_tree_cpu_x_{base}", "mulsum_flat_ms",
+      "mulsum_flat_x_floor", "bw_reduce_GBs", "bw_copy_GBs",
       "bw_numpy_reduce_GBs"]))
   common.write_json(args.out, {"D": args.d, "repeats": args.repeats,
                                "rows": rows})

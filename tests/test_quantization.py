@@ -1,4 +1,5 @@
-"""Low-bit (int8 / int4) basis storage: memory, error bounds, optax use."""
+"""Low-bit (int8 / int4, bfloat16) basis storage: memory, error bounds, products,
+optax use."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 import strategies
 import twa_jax as twa
+from twa_jax import kernels
 from twa_jax import quantization
 
 
@@ -85,3 +87,42 @@ def test_bad_low_bit_arguments():
     twa.basis_from_snapshots(snaps, dtype="int2")
   with pytest.raises(ValueError, match="group"):
     quantization.quantize(jnp.ones((2, 4)), "int8", group=3)
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.sampled_from(["bfloat16", "int8", "int4"]),
+       st.sampled_from([(3, 900), (64, 70_001)]), st.sampled_from([256, 250]),
+       st.integers(0, 2**31))
+def test_block_products_match_the_stored_values(dtype, shape, group, seed):
+  """P^T g and P beta over column blocks equal float64 products of the stored
+  values: bfloat16 widened exactly, int8/int4 entries code * scale + offset
+  read from the raw codes (k = 64, D = 70001 runs the loop over blocks)."""
+  k, d = shape
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(k, d)).astype(np.float32))
+  if dtype == "bfloat16":
+    vectors = x.astype(jnp.bfloat16)
+    stored = np.asarray(vectors).astype(np.float64)  # numpy's own widening
+    size = np.abs(stored)
+  else:
+    vectors = quantization.quantize(x, dtype, group=group)
+    codes = np.asarray(vectors.codes)
+    if dtype == "int4":  # low nibbles: first half of each group
+      halves = codes.reshape(k, -1, group // 2)
+      codes = np.concatenate([halves & 0xF, halves >> 4], axis=-1)
+    steps = codes.reshape(k, -1, group) * np.asarray(vectors.scale)[..., None]
+    offset = np.asarray(vectors.offset)[..., None]
+    stored = (steps + offset).reshape(k, -1)
+    size = (steps + np.abs(offset)).reshape(k, -1)  # float32 rounds both
+    np.testing.assert_allclose(
+        np.asarray(vectors.dequantize(0, stored.shape[1])), stored, rtol=1e-6,
+        atol=1e-6)
+  g = rng.normal(size=stored.shape[1]).astype(np.float32)
+  beta = rng.normal(size=k).astype(np.float32)
+  # float32 rounding and accumulation: well under 1e-5 of the sum of the
+  # terms' magnitudes.
+  err = np.abs(np.asarray(jax.jit(kernels.matvec)(vectors, g)) - stored @ g)
+  assert np.all(err <= 1e-5 * (size @ np.abs(g)))
+  err = np.abs(np.asarray(jax.jit(kernels.vecmat)(beta, vectors))
+               - beta @ stored)
+  assert np.all(err <= 1e-5 * (np.abs(beta) @ size))

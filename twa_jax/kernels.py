@@ -10,7 +10,7 @@ device's columns; `axis_name` then sums the n x n Grams with one psum.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,9 @@ from twa_jax import quantization
 AxisName = str | tuple[str, ...]
 Vectors = jax.Array | quantization.QuantizedVectors  # the stored basis rows
 CHUNK = 1 << 15  # columns per float64 Gram block: keeps the float64 copy small
-LOW_PRECISION_BLOCK = 4096  # columns per converted block in bfloat16 products
+# Float32 bytes per converted block of the low-bit products: the block stays
+# in the last-level cache. Measured at n = 100, D = 1e6 (BENCHMARKS.md).
+BLOCK_BYTES = 1 << 23
 
 
 def over_columns(cols: int, body: Callable[[Any, Any, int], Any], carry: Any,
@@ -79,22 +81,65 @@ def combine_and_gram(c: jax.Array, v: jax.Array,
   return q, gram64(q, axis_name)
 
 
-def column_blocks(vectors: Vectors) -> tuple[Callable[[Any, int], jax.Array],
-                                             int] | None:
+class ColumnBlocks(NamedTuple):
+  """How the products read stored rows as float32 column blocks.
+
+  Attributes:
+    read: read(start, size) -> float32 columns [start, start + size) as a
+      list of k x m blocks (one block, or an int4 block's two nibble planes).
+    split: cuts a vector over those columns like `read`'s blocks.
+    merge: the inverse of `split`.
+    width: columns per block; a multiple of every `read` size constraint.
+  """
+
+  read: Callable[[Any, int], list[jax.Array]]
+  split: Callable[[jax.Array], list[jax.Array]]
+  merge: Callable[[list[jax.Array]], jax.Array]
+  width: int
+
+
+def block_width(rows: int, unit: int = 1) -> int:
+  """Columns per block: a power of two (aligned rows) of about BLOCK_BYTES
+  of float32, and a multiple of `unit` (a quantization group)."""
+  width = 1 << (BLOCK_BYTES // (4 * max(rows, 1))).bit_length() - 1
+  return max(1, width // unit) * unit
+
+
+def widen_bfloat16(vectors: jax.Array, start, size: int) -> jax.Array:
+  """Columns [start, start + size) of bfloat16 `vectors`, exactly in float32.
+
+  A bfloat16 is the top half of a float32: the bits are shifted into place
+  (XLA:CPU's own conversion is about 10x slower). The optimization barrier
+  keeps the bit view inside the caller's loop: hoisted out of it, it would
+  be a full copy of P (and XLA:CPU widens bfloat16 slices before slicing).
+  """
+  vectors, start = jax.lax.optimization_barrier(
+      (vectors, jnp.asarray(start, jnp.int32)))
+  bits = jax.lax.bitcast_convert_type(vectors, jnp.uint16)
+  bits = jax.lax.dynamic_slice_in_dim(bits, start, size, axis=1)
+  return jax.lax.bitcast_convert_type(bits.astype(jnp.uint32) << 16,
+                                      jnp.float32)
+
+
+def column_blocks(vectors: Vectors) -> ColumnBlocks | None:
   """How to read `vectors` as float32 column blocks, if it needs to be.
 
   For storage that XLA cannot multiply at full speed (bfloat16 on CPU,
-  int8/int4 codes): a function giving float32 columns [start, start + size)
-  and the block width; None for float32, which goes to one matrix product.
+  int8/int4 codes); None for float32, and for any float storage on an
+  accelerator, which go to one matrix product.
   """
   if isinstance(vectors, quantization.QuantizedVectors):
-    return vectors.dequantize, vectors.block
+    return ColumnBlocks(vectors.parts, vectors.split, vectors.merge,
+                        block_width(vectors.shape[0], vectors.group))
   if vectors.dtype == jnp.float32 or jax.default_backend() != "cpu":
     return None  # accelerators multiply bfloat16 natively
-  def columns(start, size):
-    return jax.lax.dynamic_slice_in_dim(vectors, start, size, axis=1).astype(
-        jnp.float32)
-  return columns, LOW_PRECISION_BLOCK
+  def read(start, size):
+    if vectors.dtype == jnp.bfloat16:
+      return [widen_bfloat16(vectors, start, size)]
+    return [jax.lax.dynamic_slice_in_dim(vectors, start, size, axis=1).astype(
+        jnp.float32)]
+  return ColumnBlocks(read, lambda x: [x], lambda pieces: pieces[0],
+                      block_width(vectors.shape[0]))
 
 
 def zeros(vectors: Vectors, size: int) -> jax.Array:
@@ -114,12 +159,13 @@ def matvec(vectors: Vectors, flat: jax.Array) -> jax.Array:
   if blocks is None:
     return jnp.dot(vectors, flat.astype(vectors.dtype),
                    preferred_element_type=jnp.float32)
-  columns, width = blocks
   def body(acc, start, size):
-    return acc + columns(start, size) @ jax.lax.dynamic_slice_in_dim(
-        flat, start, size)
+    pieces = blocks.split(jax.lax.dynamic_slice_in_dim(flat, start, size))
+    for block, piece in zip(blocks.read(start, size), pieces):
+      acc = acc + block @ piece
+    return acc
   return over_columns(vectors.shape[1], body,
-                      zeros(vectors, vectors.shape[0]), width)
+                      zeros(vectors, vectors.shape[0]), blocks.width)
 
 
 def vecmat(beta: jax.Array, vectors: Vectors) -> jax.Array:
@@ -128,9 +174,8 @@ def vecmat(beta: jax.Array, vectors: Vectors) -> jax.Array:
   if blocks is None:
     return jnp.dot(beta.astype(vectors.dtype), vectors,
                    preferred_element_type=jnp.float32)
-  columns, width = blocks
   def body(out, start, size):
-    return jax.lax.dynamic_update_slice_in_dim(
-        out, beta @ columns(start, size), start, axis=0)
+    part = blocks.merge([beta @ block for block in blocks.read(start, size)])
+    return jax.lax.dynamic_update_slice_in_dim(out, part, start, axis=0)
   return over_columns(vectors.shape[1], body,
-                      zeros(vectors, vectors.shape[1]), width)
+                      zeros(vectors, vectors.shape[1]), blocks.width)

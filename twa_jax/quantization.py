@@ -8,11 +8,13 @@ most scale / 2. int4 codes are packed two per byte, so P takes 1/4 (int8) or
 the low nibbles hold its first half and the high nibbles its second half, so
 unpacking is two contiguous slices.
 
-The products dequantize one column block at a time inside a loop, so no
-full-precision copy of P is ever materialized. A quantized basis is no longer
-exactly orthonormal: `project` then computes Q Q^T g with Q the dequantized
-vectors, an update that still lies in span(Q), close to (but not exactly)
-the orthogonal projection onto the snapshots' span.
+The products (`twa_jax.kernels`) dequantize one column block at a time
+inside a loop, so no full-precision copy of P is ever made; they read an
+int4 block as its two nibble planes (`parts`), never re-interleaved, and
+cut the vector they multiply the same way (`split`, `merge`). A quantized
+basis is no longer exactly orthonormal: `project` then computes Q Q^T g with
+Q the dequantized vectors, an update that still lies in span(Q), close to
+(but not exactly) the orthogonal projection onto the snapshots' span.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-_BLOCK_GROUPS = 16  # groups dequantized per loop iteration
 GROUP = 256  # default entries per scale and offset
 
 BITS = {"int8": 8, "int4": 4}
@@ -61,30 +62,54 @@ class QuantizedVectors:
     return f"int{self.bits}"
 
   @property
-  def block(self) -> int:
-    """Columns dequantized per step of the products' loop."""
-    return self.group * _BLOCK_GROUPS
-
-  @property
   def nbytes(self) -> int:
     return self.codes.nbytes + self.scale.nbytes + self.offset.nbytes
 
-  def dequantize(self, start, size: int) -> jax.Array:
-    """Float32 columns [start, start + size) (both multiples of `group`)."""
+  @property
+  def span(self) -> int:
+    """Consecutive columns of a group held by each of `parts`' blocks."""
+    return self.group * self.bits // 8
+
+  def parts(self, start, size: int) -> list[jax.Array]:
+    """Float32 columns [start, start + size) (multiples of `group`), in parts.
+
+    int8: one k x size block, the columns in order. int4: two k x size/2
+    blocks, the low nibbles (the first `span` columns of each group) and
+    the high nibbles (the last `span`); `split` and `merge` map vectors of
+    the block's columns to and from this order.
+    """
     rows = self.shape[0]
     per_byte = 8 // self.bits
+    groups = size // self.group
     codes = jax.lax.dynamic_slice_in_dim(
         self.codes, start // per_byte, size // per_byte, axis=1)
-    groups = size // self.group
-    if self.bits == 4:  # each group: low nibbles hold its first half
-      codes = codes.reshape(rows, groups, self.group // 2)
-      codes = jnp.concatenate([codes & 0xF, codes >> 4], axis=-1)
+    codes = codes.reshape(rows, groups, self.span)
     first = start // self.group
     scale = jax.lax.dynamic_slice_in_dim(self.scale, first, groups, axis=1)
     offset = jax.lax.dynamic_slice_in_dim(self.offset, first, groups, axis=1)
-    values = (codes.reshape(rows, groups, self.group).astype(jnp.float32)
-              * scale[..., None] + offset[..., None])
-    return values.reshape(rows, size)
+    planes = [codes] if self.bits == 8 else [codes & 0xF, codes >> 4]
+    return [(plane.astype(jnp.float32) * scale[..., None]
+             + offset[..., None]).reshape(rows, -1) for plane in planes]
+
+  def split(self, x: jax.Array) -> list[jax.Array]:
+    """A vector over a block's columns, cut like the blocks of `parts`."""
+    count = 8 // self.bits
+    if count == 1:
+      return [x]
+    x = x.reshape(-1, count, self.span)
+    return [x[:, j].reshape(-1) for j in range(count)]
+
+  def merge(self, pieces: list[jax.Array]) -> jax.Array:
+    """The inverse of `split` (along the last axis)."""
+    if len(pieces) == 1:
+      return pieces[0]
+    lead = pieces[0].shape[:-1]
+    pieces = [p.reshape(*lead, -1, 1, self.span) for p in pieces]
+    return jnp.concatenate(pieces, axis=-2).reshape(*lead, -1)
+
+  def dequantize(self, start, size: int) -> jax.Array:
+    """Float32 columns [start, start + size) (both multiples of `group`)."""
+    return self.merge(self.parts(start, size))
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "group"))
