@@ -39,14 +39,18 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from twa_jax import kernels  # pylint: disable=wrong-import-position
 from twa_jax.orthonormalize import ColumnPasses, default_rtol, orthonormalize  # pylint: disable=wrong-import-position
+from twa_jax.tree import ParamSpec  # pylint: disable=wrong-import-position
 
-_RTOL = default_rtol(float(jnp.finfo(jnp.float32).eps))
+
+def _rtol(w: np.ndarray) -> float:
+  """The builder's default cut-off for float32 snapshots W."""
+  return default_rtol(ParamSpec.of(w[0]), w.shape[0])
 
 
 # --- the sides: host W (n x D float32) -> basis rows (k x D) -------------------
 
 def twa_side(w: np.ndarray) -> jax.Array:
-  vectors, _ = orthonormalize(w, rtol=_RTOL)
+  vectors, _ = orthonormalize(w, rtol=_rtol(w))
   return vectors
 
 
@@ -118,7 +122,7 @@ def chunked_twa_side(chunk: int):
       combine=jax.jit(with_chunk(kernels.combine64), static_argnums=2,
                       donate_argnums=1))
   def side(w: np.ndarray) -> jax.Array:
-    vectors, _ = orthonormalize(w, rtol=_RTOL, passes=passes)
+    vectors, _ = orthonormalize(w, rtol=_rtol(w), passes=passes)
     return vectors
   return side
 

@@ -141,7 +141,7 @@ def main(argv=None) -> None:
         dtype=storage if storage in ("int8", "int4") else jnp.dtype(storage))
     # A quantized basis: codes, scales and offsets (shard shape: codes').
     shards = [x.addressable_shards[0].data
-              for x in jax.tree.leaves(basis.vectors)]
+              for x in jax.tree.leaves(basis.read_vectors())]
     promised = ((-(-basis.dim // k), d) if layout == "basis"
                 else (basis.dim, -(-d // k)))
     comm = communication(basis, tree, k)

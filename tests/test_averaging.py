@@ -71,3 +71,17 @@ def test_averaging_coefficients_reject_mismatched_params():
     twa.averaging_coefficients({"w": jnp.ones(4)}, snaps)
   with pytest.raises(ValueError, match="empty"):
     twa.averaging_coefficients({"w": jnp.ones(3)}, [])
+
+
+def test_greedy_soup_names_the_bad_candidate_before_scoring():
+  good = [{"w": np.full(3, float(i), np.float32)} for i in range(1, 4)]
+  bad = {"w": np.array([1.0, np.nan, 1.0], np.float32)}
+  scored = []
+  def score(tree):
+    scored.append(tree)
+    return float(np.sum(tree["w"]))
+  with pytest.raises(ValueError, match=r"candidate 3: leaf \['w'\].*NaN"):
+    twa.greedy_soup(good + [bad], score, scores=[1.0, 3.0, 2.0, 0.5])
+  with pytest.raises(ValueError, match=r"candidate 1: leaf \['w'\]"):
+    twa.greedy_soup([good[0], {"w": np.ones(4, np.float32)}], score)
+  assert not scored  # found before any work

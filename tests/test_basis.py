@@ -1,5 +1,7 @@
 """Basis: orthonormality, reconstruction, projection properties, rank, errors."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,14 +19,13 @@ BF16_EPS = float(jnp.finfo(jnp.bfloat16).eps)
 
 
 def _rtol(snaps: strategies.SnapshotSet) -> float:
-  eps = max(float(jnp.finfo(l.dtype).eps)
-            for l in jax.tree_util.tree_leaves(snaps.snapshots[0]))
-  return default_rtol(eps)
+  return default_rtol(twa.ParamSpec.of(snaps.snapshots[0]), snaps.n)
 
 
-def _rank_bounds(svals: np.ndarray, rtol: float) -> tuple[int, int]:
+def _rank_bounds(snaps: strategies.SnapshotSet, svals: np.ndarray,
+                 rtol: float) -> tuple[int, int]:
   """Numerical rank at rtol; a range when singular values sit near the cut."""
-  cut = rtol * svals[0]
+  cut = rtol * np.linalg.norm(snaps.matrix, axis=1).max()
   return int(np.sum(svals > 2.0 * cut)), int(np.sum(svals > 0.5 * cut))
 
 
@@ -45,7 +46,7 @@ def test_orthonormal_reconstructs_and_has_numerical_rank(snaps):
 
   rtol = _rtol(snaps)
   svals = np.linalg.svd(snaps.matrix, compute_uv=False)
-  low, high = _rank_bounds(svals, rtol)
+  low, high = _rank_bounds(snaps, svals, rtol)
   assert low <= basis.dim <= high, (svals / svals[0], basis.dim)
   if snaps.kind != "deficient":
     # Full-rank by construction (the drift is far above the cut for float32).
@@ -127,11 +128,13 @@ def test_nearly_collinear_trajectory_stays_orthonormal():
   w64 = w.astype(np.float64)
   cos = np.sum(w64[1:] * w64[:-1], 1) / np.linalg.norm(w64[1:], axis=1) / np.linalg.norm(w64[:-1], axis=1)
   assert cos.min() > 0.99999 - 1e-6
-  vectors, svals = twa.orthonormalize(w.copy(), rtol=1e-6)
+  vectors, spectrum = twa.orthonormalize(w.copy(), rtol=1e-6)
   p = np.asarray(vectors, np.float64)
-  assert p.shape == (n, d)
+  assert p.shape == (n, d) and spectrum.dim == n and spectrum.dropped == 0
   assert np.abs(p @ p.T - np.eye(n)).max() < 1e-5
-  np.testing.assert_allclose(svals, np.linalg.svd(w64, compute_uv=False), rtol=1e-4)
+  svals = np.linalg.svd(w64, compute_uv=False)
+  np.testing.assert_allclose(spectrum.values, svals, rtol=1e-4)
+  np.testing.assert_allclose(spectrum.condition, svals[0] / svals[-1], rtol=1e-3)
   recon = (w64 @ p.T) @ p
   assert np.abs(recon - w64).max() < 1e-5 * np.abs(w64).max()
 
@@ -259,3 +262,99 @@ def test_closure_over_the_basis_neither_embeds_nor_changes_p():
   g = nnx.jit(lambda t: basis.from_coordinates(basis.coordinates(t)))
   np.testing.assert_allclose(np.asarray(g(x)["w"]), np.asarray(want),
                              rtol=1e-6, atol=1e-6)
+
+
+def _drifting(dtype, drift: float, n: int = 10, d: int = 1000):
+  """n snapshots w0 + drift * noise (independent), stored in `dtype`."""
+  rng = np.random.default_rng(7)
+  w0 = rng.normal(size=d)
+  return [w0 + drift * rng.normal(size=d) for _ in range(n)]
+
+
+def test_default_cutoff_keeps_what_low_precision_snapshots_resolve():
+  # 10% drift is far above bfloat16's rounding (0.4%): all 10 directions
+  # are resolved (the cut-off of 10 eps x the largest singular value kept 1).
+  rows = _drifting(jnp.bfloat16, 0.1)
+  basis = twa.basis_from_snapshots([{"w": jnp.asarray(r, jnp.bfloat16)} for r in rows])
+  assert basis.dim == 10 and basis.dropped == 0
+  # One 4-entry float16 leaf in a float32 model: float32's resolution
+  # (it kept 1 of 10 at 1% drift).
+  rows = _drifting(jnp.float32, 0.01)
+  mixed = [{"w": r.astype(np.float32), "s": r[:4].astype(np.float16)} for r in rows]
+  assert twa.basis_from_snapshots(mixed).dim == 10
+  # What the dtype cannot resolve is still dropped: bfloat16 rounding of
+  # nearly equal snapshots adds no directions.
+  rows = _drifting(jnp.bfloat16, 1e-4)
+  noisy = twa.basis_from_snapshots([{"w": jnp.asarray(r, jnp.bfloat16)} for r in rows])
+  assert noisy.dim < 10 and noisy.dim + noisy.dropped == 10
+
+
+def test_dropped_directions_are_logged_and_counted(caplog):
+  rng = np.random.default_rng(8)
+  a, b = (rng.normal(size=64).astype(np.float32) for _ in range(2))
+  snaps = [{"w": v} for v in (a, b, a + b, a, b + 1e-9 * a)]
+  with caplog.at_level(logging.INFO, logger="twa_jax"):
+    basis = twa.basis_from_snapshots(snaps)
+  assert basis.dim == 2 and basis.dropped == 3
+  assert basis.condition == np.inf and basis.spectrum.values[-1] == 0.0
+  [record] = [r for r in caplog.records if "orthonormalize" in r.getMessage()]
+  assert record.levelno == logging.WARNING
+  assert "kept 2 of 5" in record.getMessage()
+  assert "dropped 3" in record.getMessage()
+  clean = twa.basis_from_snapshots(snaps[:2])
+  assert clean.dropped == 0 and 1.0 <= clean.condition < np.inf
+  np.testing.assert_allclose(
+      clean.condition, np.linalg.cond(np.stack([a, b]).astype(np.float64)),
+      rtol=1e-4)
+
+
+@pytest.mark.parametrize("rtol", [float("nan"), 0.0, -1e-3, 1.0, 2.0])
+def test_bad_rtol_is_rejected_before_work(rtol):
+  snaps = [{"w": np.arange(4, dtype=np.float32) + i} for i in range(2)]
+  spec, matrix = twa.ParamSpec.of(snaps[0]), np.stack([s["w"] for s in snaps])
+  for build in (lambda: twa.basis_from_snapshots(snaps, rtol=rtol),
+                lambda: twa.basis_from_matrix(spec, matrix, rtol=rtol),
+                lambda: twa.orthonormalize(matrix, rtol=rtol)):
+    with pytest.raises(ValueError, match="rtol"):
+      build()
+
+
+def test_every_valid_rtol_keeps_the_largest_direction():
+  snaps = [{"w": np.arange(4, dtype=np.float32) + i} for i in range(3)]
+  assert twa.basis_from_snapshots(snaps, rtol=0.999).dim == 1
+
+
+def test_huge_finite_snapshots_get_a_clear_error():
+  rng = np.random.default_rng(9)
+  snaps = [{"w": (3e38 * rng.choice([-1, 1], size=50)).astype(np.float32)}
+           for _ in range(4)]
+  with pytest.raises(ValueError, match="overflow"):
+    twa.basis_from_snapshots(snaps)
+
+
+def test_from_matrix_names_a_bad_matrix():
+  spec = twa.ParamSpec.of({"w": np.zeros(4, np.float32)})
+  matrix = np.arange(12, dtype=np.float32).reshape(3, 4)
+  with pytest.raises(ValueError, match=r"matrix: expected n x D.*\(4,\)"):
+    twa.basis_from_matrix(spec, matrix[0])
+  for bad in (np.nan, np.inf):
+    w = matrix.copy()
+    w[1, 2] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+      twa.basis_from_matrix(spec, w)
+
+
+def test_builder_is_the_orthonormalizer_bit_for_bit():
+  """The builder adds nothing to the numbers: the same rows as
+  `orthonormalize` on the stacked snapshots with the default cut-off."""
+  rows = _drifting(jnp.float32, 0.05, n=7, d=300)
+  snaps = [{"a": r[:100].reshape(10, 10).astype(np.float32),
+            "b": r[100:].astype(np.float32)} for r in rows]
+  spec = twa.ParamSpec.of(snaps[0])
+  matrix = np.stack([r.astype(np.float32) for r in rows])
+  padded = np.pad(matrix, ((0, 0), (0, 512 - 300)))  # the builder's padding
+  want, spectrum = twa.orthonormalize(padded, rtol=default_rtol(spec, 7))
+  basis = twa.basis_from_snapshots(snaps)
+  np.testing.assert_array_equal(np.asarray(basis.read_vectors()),
+                                np.asarray(want))
+  assert basis.spectrum == spectrum

@@ -48,9 +48,16 @@ def greedy_soup(candidates: Sequence[PyTree],
 
   Returns:
     The soup and the indices of the candidates kept, in the order added.
+
+  Raises:
+    ValueError: a candidate differs in layout from the first or holds NaN
+      or Inf (its index named), before any scoring.
   """
   if not candidates:
     raise ValueError("greedy_soup: no candidates.")
+  spec = tree_lib.ParamSpec.of(candidates[0], what="candidate 0")
+  for i, candidate in enumerate(candidates):  # layout and NaN/Inf, by index
+    tree_lib.flatten_snapshot(spec, candidate, what=f"candidate {i}")
   if scores is None:
     scores = [float(score(c)) for c in candidates]
   elif len(scores) != len(candidates):

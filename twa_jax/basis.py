@@ -5,7 +5,7 @@ e_i, so P^T g is one matrix-vector product over contiguous rows and P beta
 another. The rows live in `jax.Ref`s: a jitted step that closes over the
 basis reads them in place, neither embedding P in the program as a constant
 nor copying it per call. Build a basis with `twa_jax.basis_from_snapshots`
-(or `_from_store`, `_from_matrix`).
+(or `basis_from_store`, `basis_from_matrix`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from twa_jax import kernels
 from twa_jax import tree as tree_lib
+from twa_jax.orthonormalize import Spectrum
 
 PyTree = Any
 Vectors = kernels.Vectors
@@ -41,8 +42,8 @@ class Layout(Protocol):
 def to_refs(vectors: Vectors) -> Vectors:
   """`vectors` with each array moved into a `jax.Ref` (the arrays deleted).
 
-  `jax.new_ref` copies; each source is deleted right after its copy, so the
-  peak stays one array above P, not two copies of P.
+  `jax.new_ref` copies; each source is deleted right after its copy, so a
+  second copy of P lives only while its Ref is filled.
   """
   def move(x: jax.Array):
     ref = jax.new_ref(x)
@@ -58,7 +59,7 @@ def read(vectors: Vectors) -> Vectors:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["vectors"], meta_fields=["spec", "dim", "layout"])
+    data_fields=["vectors"], meta_fields=["spec", "dim", "layout", "spectrum"])
 @dataclasses.dataclass(frozen=True)
 class Basis:
   """Orthonormal basis P of the span of weight snapshots.
@@ -77,17 +78,30 @@ class Basis:
     dim: k, the number of basis vectors kept.
     layout: None for a single-device basis; a sharded layout from
       `twa_jax.sharding` otherwise.
+    spectrum: the singular values of the snapshot matrix W and the cut-off
+      that kept `dim` of them (None for a basis not built from snapshots).
   """
 
   vectors: Vectors
   spec: tree_lib.ParamSpec
   dim: int
   layout: Layout | None = None
+  spectrum: Spectrum | None = None
 
   @property
   def num_params(self) -> int:
     """D, the number of parameters."""
     return self.spec.num_params
+
+  @property
+  def dropped(self) -> int:
+    """Directions of the snapshots dropped (dependent or below the cut-off)."""
+    return 0 if self.spectrum is None else self.spectrum.dropped
+
+  @property
+  def condition(self) -> float | None:
+    """The condition number of the snapshot matrix W (inf: dependent rows)."""
+    return None if self.spectrum is None else self.spectrum.condition
 
   @property
   def nbytes(self) -> int:

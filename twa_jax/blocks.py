@@ -81,6 +81,17 @@ class BlockBasis:
   def num_params(self) -> int:
     return self.spec.num_params
 
+  @property
+  def dropped(self) -> int:
+    """Directions dropped over all blocks (see `Basis.dropped`)."""
+    return sum(b.dropped for b in self.bases)
+
+  @property
+  def condition(self) -> float | None:
+    """The largest condition number of a block's snapshot matrix."""
+    known = [b.condition for b in self.bases if b.condition is not None]
+    return max(known, default=None)
+
   def _blocks(self, tree: PyTree, what: str) -> list[list[jax.Array]]:
     leaves = self.spec.check(tree, what=what)
     return [[leaves[i] for i in idx] for idx in self.members]

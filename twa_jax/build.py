@@ -25,7 +25,7 @@ from twa_jax import sharding
 from twa_jax import tree as tree_lib
 from twa_jax.basis import Basis
 from twa_jax.blocks import BlockBasis
-from twa_jax.orthonormalize import default_rtol, orthonormalize
+from twa_jax.orthonormalize import check_rtol, default_rtol, orthonormalize
 
 PyTree = Any
 
@@ -44,9 +44,12 @@ def from_snapshots(snapshots: Sequence[PyTree] | PyTree, *,
     snapshots: a non-empty list or tuple of parameter pytrees with
       identical structure, shapes and float dtypes, or one pytree (not a
       list or tuple) whose leaves carry a leading axis n.
-    rtol: directions whose singular value is below `rtol` times the
-      largest are dropped; default 10 x the epsilon of the coarsest
-      snapshot dtype (1.2e-6 for float32).
+    rtol: directions whose singular value is at most `rtol` times the
+      largest snapshot's norm are dropped, in (0, 1); default: 10 x the
+      rounding noise of the snapshots' dtypes (`orthonormalize.default_rtol`:
+      about 6e-7 for float32, 4e-2 for bfloat16), so every difference the
+      snapshots resolve is kept. Dropped directions are logged and counted
+      in `Basis.dropped`.
     dtype: storage dtype of P: float32, bfloat16, or "int8" / "int4"
       (quantized per group with a scale and zero point, see
       `twa_jax.quantization`: 4x / 8x smaller, no longer exactly
@@ -69,8 +72,10 @@ def from_snapshots(snapshots: Sequence[PyTree] | PyTree, *,
     ordered by decreasing singular value of the snapshots.
 
   Raises:
+    ValueError: bad snapshots (the leaf and snapshot named) or rtol.
     EmptySpanError: every snapshot is zero.
   """
+  check_rtol(rtol)
   spec, matrix = tree_lib.stack_snapshots(snapshots, trainable=trainable)
   if granularity == "global" and mesh is None:
     matrix = _to_device(matrix)
@@ -98,6 +103,7 @@ def from_store(store, steps: Sequence[int] | None = None, *,
     steps: the steps to use (default: all complete snapshots).
     rtol, dtype, granularity, mesh, axis, layout: as for `from_snapshots`.
   """
+  check_rtol(rtol)
   read = store.read_matrix if mesh is None else store.columns
   spec, matrix = read(steps)
   if granularity == "global" and mesh is None:
@@ -120,7 +126,14 @@ def from_matrix(spec: tree_lib.ParamSpec, matrix, *,
     matrix: W, n x D, one flattened snapshot per row (consumed): numpy, a
       jax array, or a `blocks.ColumnSource` (with `mesh`).
     rtol, dtype, granularity, mesh, axis, layout: as for `from_snapshots`.
+
+  Raises:
+    ValueError: `matrix` is not n x D, holds NaN or Inf, or rtol is bad.
   """
+  check_rtol(rtol)
+  if len(matrix.shape) != 2:
+    raise ValueError(f"matrix: expected n x D (one flattened snapshot per "
+                     f"row), got shape {tuple(matrix.shape)}.")
   if mesh is None and (axis is not None or layout != "basis"):
     raise ValueError(f"axis={axis!r}, layout={layout!r}: a sharded layout "
                      "needs a mesh (pass mesh=).")
@@ -143,7 +156,7 @@ def _global(spec: tree_lib.ParamSpec, matrix, *, rtol: float | None, dtype,
   if matrix.shape[1] != spec.num_params:
     raise ValueError(f"matrix has {matrix.shape[1]} columns, the parameter "
                      f"tree has {spec.num_params} entries.")
-  rtol = default_rtol(spec.eps) if rtol is None else float(rtol)
+  rtol = default_rtol(spec, matrix.shape[0]) if rtol is None else float(rtol)
   if mesh is not None:
     return sharding.sharded_basis(spec, matrix, rtol=rtol,
                                   dtype=low_bit or dtype, mesh=mesh,
@@ -151,11 +164,11 @@ def _global(spec: tree_lib.ParamSpec, matrix, *, rtol: float | None, dtype,
   if matrix.shape[1] < kernels.CHUNK:  # pad small D to a power of two: few compiles
     cols = 1 << max(matrix.shape[1] - 1, 0).bit_length()
     matrix = jnp.pad(jnp.asarray(matrix), ((0, 0), (0, cols - matrix.shape[1])))
-  vectors, _ = orthonormalize(matrix, rtol=rtol, dtype=dtype)
+  vectors, spectrum = orthonormalize(matrix, rtol=rtol, dtype=dtype)
   dim = int(vectors.shape[0])
   if low_bit:
     vectors = quantization.quantize(vectors, low_bit)
-  return Basis(basis_lib.to_refs(vectors), spec, dim)
+  return Basis(basis_lib.to_refs(vectors), spec, dim, spectrum=spectrum)
 
 
 def _to_device(matrix: np.ndarray) -> jax.Array:

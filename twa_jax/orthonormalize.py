@@ -8,6 +8,8 @@ columns are a `ColumnPasses`, local here and column-sharded in
 
 from __future__ import annotations
 
+import logging
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -18,6 +20,10 @@ import numpy as np
 import scipy.linalg
 
 from twa_jax import kernels
+from twa_jax import tree as tree_lib
+
+_LOG = logging.getLogger(__name__)
+_SAFETY = 10.0  # the default cut-off, in units of the expected rounding noise
 
 
 class ColumnPasses(NamedTuple):
@@ -51,14 +57,75 @@ class EmptySpanError(ValueError):
   """Every snapshot is zero (found on the devices, so by every process)."""
 
 
-def default_rtol(eps: float) -> float:
-  """Relative singular-value cut-off for snapshots stored with precision eps."""
-  return 10.0 * eps
+class Spectrum(NamedTuple):
+  """The singular values of W and the cut-off that chose the basis from them.
+
+  Attributes:
+    values: the n singular values of W, decreasing (0.0 for the directions
+      of exact linear dependencies).
+    cutoff: directions with a singular value at or below it were dropped.
+  """
+
+  values: tuple[float, ...]
+  cutoff: float
+
+  @property
+  def dim(self) -> int:
+    """The number of directions kept."""
+    return sum(v > self.cutoff for v in self.values)
+
+  @property
+  def dropped(self) -> int:
+    """The number of directions dropped (dependent or below the cut-off)."""
+    return len(self.values) - self.dim
+
+  @property
+  def condition(self) -> float:
+    """The condition number of W (inf where its rows are dependent)."""
+    return self.values[0] / self.values[-1] if self.values[-1] > 0 else math.inf
+
+
+def check_rtol(rtol: float | None) -> None:
+  """Raises a ValueError unless rtol is None or a number in (0, 1)."""
+  if rtol is None:
+    return
+  try:
+    value = float(rtol)
+  except (TypeError, ValueError):
+    raise TypeError(f"rtol: expected a number in (0, 1), got {rtol!r}.") from None
+  if not 0.0 < value < 1.0:  # NaN fails too
+    raise ValueError(
+        f"rtol: must be in (0, 1), a fraction of the largest snapshot's norm; "
+        f"got {rtol!r}.")
+
+
+def default_rtol(spec: tree_lib.ParamSpec, n: int) -> float:
+  """The singular-value cut-off that keeps what n snapshots resolve.
+
+  Storing a snapshot w in its dtypes perturbs it by about u |w| (u = eps / 2,
+  the unit roundoff, averaged over the leaves by their sizes: a small
+  low-precision leaf adds little), and n such independent perturbations of
+  D entries have a spectral norm near u |w| (1 + sqrt(n / D)). Directions of
+  W below 10 times that are noise; all others are differences the snapshots
+  resolve, however small next to the snapshots themselves.
+
+  Args:
+    spec: the layout (leaf dtypes and sizes) of one snapshot.
+    n: the number of snapshots.
+
+  Returns:
+    rtol, relative to the largest snapshot norm.
+  """
+  d = spec.num_params
+  sizes = spec.sizes if d else (1,) * len(spec.sizes)  # no entries: any weights
+  u2 = sum(size * (float(jnp.finfo(dtype).eps) / 2) ** 2
+           for size, dtype in zip(sizes, spec.dtypes)) / max(sum(sizes), 1)
+  return min(_SAFETY * math.sqrt(u2) * (1.0 + math.sqrt(n / max(d, 1))), 0.5)
 
 
 def orthonormalize(matrix: jax.Array | np.ndarray, *, rtol: float,
                    dtype=jnp.float32, passes: ColumnPasses = LOCAL_PASSES
-                   ) -> tuple[jax.Array, np.ndarray]:
+                   ) -> tuple[jax.Array, Spectrum]:
   """Rank-revealing orthonormal basis of the row space of `matrix`.
 
   CholeskyQR2 on a better-conditioned generating set: the rows are replaced
@@ -73,19 +140,24 @@ def orthonormalize(matrix: jax.Array | np.ndarray, *, rtol: float,
   Args:
     matrix: W, n x D, one snapshot per row (float32). It is consumed (its
       device buffer is donated).
-    rtol: directions whose singular value of W is below `rtol` times the
-      largest one are dropped.
+    rtol: directions whose singular value of W is at most `rtol` times the
+      norm of the largest snapshot are dropped (see `default_rtol`); in
+      (0, 1), so the largest direction is always kept. Every dropped
+      direction is logged (a warning).
     dtype: storage dtype of the result.
     passes: the device passes over the columns (default: one device;
       `twa_jax.sharding` passes column-sharded ones).
 
   Returns:
     The basis rows (k x D, orthonormal, ordered by decreasing singular value
-    of W) and the k kept singular values of W.
+    of W) and the spectrum of W with the cut-off applied.
 
   Raises:
+    ValueError: rtol is not in (0, 1); W holds NaN or Inf, or snapshots so
+      large (|w| near 1.7e38 and above) that their differences overflow.
     EmptySpanError: every snapshot is zero.
   """
+  check_rtol(rtol)
   w = jnp.asarray(matrix, jnp.float32)
   n = w.shape[0]
   with jax.enable_x64(True), warnings.catch_warnings():
@@ -93,6 +165,11 @@ def orthonormalize(matrix: jax.Array | np.ndarray, *, rtol: float,
     warnings.filterwarnings("ignore", "Some donated buffers were not usable")
     v, gram = passes.center(w)
     gram = np.asarray(gram)
+    if not np.isfinite(gram).all():
+      raise ValueError(
+          "snapshots: W holds NaN or Inf, or snapshots so large (|w| near "
+          "float32's 3.4e38) that their differences overflow float32; pass "
+          "finite snapshots of moderate size (rescale them).")
     # Pass 1: whiten the normalized generating set; drop exact dependencies.
     norms = np.sqrt(np.diag(gram))
     scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
@@ -114,7 +191,28 @@ def orthonormalize(matrix: jax.Array | np.ndarray, *, rtol: float,
     # W Q^T = T^-1 (V V^T) C1^T L^-T, all n x k and float64.
     r = t_inv @ gram @ c1.T @ chol_inv.T
     _, svals, zt = np.linalg.svd(r, full_matrices=False)
-    kept = svals > rtol * svals[0]
+    # The largest snapshot norm, from W W^T = T^-1 (V V^T) T^-T.
+    size = math.sqrt(np.max(np.diag(t_inv @ gram @ t_inv.T)))
+    spectrum = Spectrum(
+        tuple(float(s) for s in svals) + (0.0,) * (n - svals.size),
+        float(rtol) * size)
+    kept = svals > spectrum.cutoff
     rotation = zt[kept] @ chol_inv
     vectors = passes.combine(passes.put(rotation), q, jnp.dtype(dtype))
-  return vectors, svals[kept]
+  _report(spectrum, float(rtol), size)
+  return vectors, spectrum
+
+
+def _report(spectrum: Spectrum, rtol: float, size: float) -> None:
+  """Logs the kept dimension, every dropped direction and W's condition."""
+  values = np.asarray(spectrum.values) / size
+  dropped = values[spectrum.dim:]
+  message = (f"orthonormalize: kept {spectrum.dim} of {len(values)} directions"
+             f" (condition number of W {spectrum.condition:.3g})")
+  if not dropped.size:
+    _LOG.info(message)
+    return
+  _LOG.warning(
+      f"{message}; dropped {dropped.size} at or below rtol = {rtol:.3g} of "
+      f"the largest snapshot's norm, with singular values (relative to it) "
+      f"{np.array2string(dropped, precision=3, max_line_width=10_000)}")

@@ -421,7 +421,7 @@ def sharded_basis(spec: tree_lib.ParamSpec, matrix, *, rtol: float,
   params = layout == "params"
   group = _group(-(-d // k) if params else d) if low_bit else 1
   w = put_columns(matrix, mesh, axis, _columns(d, k, group if params else 1))
-  vectors, _ = orthonormalize(
+  vectors, spectrum = orthonormalize(
       w, rtol=rtol, dtype=jnp.float32 if low_bit else dtype,
       passes=column_passes(mesh, axis))
   dim = int(vectors.shape[0])
@@ -432,4 +432,4 @@ def sharded_basis(spec: tree_lib.ParamSpec, matrix, *, rtol: float,
     vectors = _to_rows(out, vectors)
   if low_bit:
     vectors = _quantize(out, vectors, low_bit)
-  return basis_lib.Basis(basis_lib.to_refs(vectors), spec, dim, out)
+  return basis_lib.Basis(basis_lib.to_refs(vectors), spec, dim, out, spectrum)
