@@ -12,6 +12,7 @@ so the two agree for equal-size batches up to that factor.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -45,6 +46,43 @@ def _average(batches: Iterable[PyTree], stats_of: Callable[[PyTree], PyTree]
   return jax.tree.map(lambda s: s / total, sums)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _linen_stats(apply_fn: Callable[[PyTree, PyTree], Any], variables: PyTree,
+                 batch: PyTree) -> dict[tuple[str, ...], PyTree]:
+  """{layer path: this batch's own mean and var} of every `nn.BatchNorm` that
+  `apply_fn` runs (compiled once per `apply_fn` and shapes)."""
+  stats, inside = {}, []
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if (isinstance(module, nn.BatchNorm) and context.method_name == "__call__"
+        and not inside):  # not the exact copy called below
+      path = module.scope.path
+      if nn.merge_param("use_running_average", module.use_running_average,
+                        kwargs.get("use_running_average")):
+        raise ValueError(
+            f"update_bn: apply_fn runs the BatchNorm at {'/'.join(path)} in "
+            "inference mode (use_running_average=True); run the model in "
+            "training mode (e.g. train=True).")
+      # The same layer with momentum 0 writes exactly this batch's stats.
+      exact = module.clone(parent=None, momentum=0.0,
+                           use_running_average=False)
+      call_kwargs = {k: v for k, v in kwargs.items()
+                     if k != "use_running_average"}
+      inside.append(path)
+      try:
+        _, new = exact.apply(module.variables, *args, **call_kwargs,
+                             mutable=["batch_stats"])
+      finally:
+        inside.pop()
+      stats[path] = new["batch_stats"]
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    apply_fn(variables, batch)
+  return stats
+
+
 def update_bn(apply_fn: Callable[[PyTree, PyTree], Any], variables: PyTree,
               batches: Iterable[PyTree]) -> PyTree:
   """Recomputes the `batch_stats` of a linen model with `nn.BatchNorm` layers.
@@ -61,6 +99,8 @@ def update_bn(apply_fn: Callable[[PyTree, PyTree], Any], variables: PyTree,
       (batch-norm layers normalize with batch statistics, e.g. `train=True`
       and `mutable=["batch_stats"]`); its output is ignored. Dropout and other
       randomness only change the statistics as they change the activations.
+      It is compiled once per `apply_fn` object: pass the same function on
+      every call to reuse the compilation.
     variables: the model's variables, with a `batch_stats` collection.
     batches: an iterable of batches (each with a leading batch axis).
 
@@ -76,38 +116,8 @@ def update_bn(apply_fn: Callable[[PyTree, PyTree], Any], variables: PyTree,
     raise ValueError("update_bn: `variables` has no 'batch_stats' collection "
                      f"(found {sorted(variables)}).")
 
-  def stats_of(variables, batch):
-    stats, inside = {}, []
-    def interceptor(next_fun, args, kwargs, context):
-      module = context.module
-      if (isinstance(module, nn.BatchNorm) and context.method_name == "__call__"
-          and not inside):  # not the exact copy called below
-        path = module.scope.path
-        if nn.merge_param("use_running_average", module.use_running_average,
-                          kwargs.get("use_running_average")):
-          raise ValueError(
-              f"update_bn: apply_fn runs the BatchNorm at {'/'.join(path)} in "
-              "inference mode (use_running_average=True); run the model in "
-              "training mode (e.g. train=True).")
-        # The same layer with momentum 0 writes exactly this batch's stats.
-        exact = module.clone(parent=None, momentum=0.0,
-                             use_running_average=False)
-        call_kwargs = {k: v for k, v in kwargs.items()
-                       if k != "use_running_average"}
-        inside.append(path)
-        try:
-          _, new = exact.apply(module.variables, *args, **call_kwargs,
-                               mutable=["batch_stats"])
-        finally:
-          inside.pop()
-        stats[path] = new["batch_stats"]
-      return next_fun(*args, **kwargs)
-    with nn.intercept_methods(interceptor):
-      apply_fn(variables, batch)
-    return stats
-
-  stats_of = jax.jit(stats_of)
-  averages = _average(batches, lambda batch: stats_of(variables, batch))
+  averages = _average(batches,
+                      lambda batch: _linen_stats(apply_fn, variables, batch))
   entries, treedef = jax.tree_util.tree_flatten_with_path(
       variables["batch_stats"])
   leaves = []

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 from tqdm import auto as tqdm
 
+from twa_jax import batch_norm
 from twa_jax.sampling import SamplingSchedule
 from twa_jax.store import TrajectoryStore
 from twa_jax.training import input_pipeline
@@ -40,7 +41,8 @@ class Experiment:
     planned_steps: every step at which the sgd phase records a snapshot.
     selected_steps: the averaged ones (SWA, EMA's end, TWA's snapshots).
     eval_step: `steps.make_eval_step(model)`.
-    batch_stats_step: `steps.make_batch_stats_step(model)`.
+    stats_apply: `steps.make_stats_apply(model)`, the training-mode pass
+      that `twa_jax.batch_norm.update_bn` recomputes statistics with.
   """
 
   config: ml_collections.ConfigDict
@@ -51,7 +53,7 @@ class Experiment:
   planned_steps: list[int]
   selected_steps: list[int]
   eval_step: Callable[..., jax.Array]
-  batch_stats_step: Callable[..., PyTree]
+  stats_apply: Callable[..., Any]
 
   @property
   def averaging_end(self) -> int:
@@ -111,7 +113,7 @@ def create(config: ml_collections.ConfigDict) -> Experiment:
       len(selected), selected[0], selected[-1])
   return Experiment(config, dataset, holdout, model, spe, planned, selected,
                     steps_lib.make_eval_step(model),
-                    steps_lib.make_batch_stats_step(model))
+                    steps_lib.make_stats_apply(model))
 
 
 def planned_snapshot_steps(sgd: ml_collections.ConfigDict,
@@ -218,7 +220,8 @@ def _evaluate_split(exp: Experiment, params: PyTree, batch_stats: PyTree,
 
 
 def recompute_batch_stats(exp: Experiment, params: PyTree) -> PyTree:
-  """Exact batch-norm statistics of `params`: one pass over the train data.
+  """Exact batch-norm statistics of `params`: one pass over the train data
+  (`twa_jax.batch_norm.update_bn`).
 
   Returns:
     The statistics ({} for a model without batch norm).
@@ -226,17 +229,15 @@ def recompute_batch_stats(exp: Experiment, params: PyTree) -> PyTree:
   shapes = jax.eval_shape(lambda: init_variables(exp))[1]
   if not shapes:
     return {}
-  sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   template = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  total = 0
   batches = input_pipeline.train_batches(
       exp.dataset, exp.config.sgd.batch_size, seed=exp.config.seed, epoch=0)
-  for batch in tqdm.tqdm(batches, total=exp.steps_per_epoch,
-                         desc="batch-norm statistics", leave=False,
-                         disable=None):
-    sums = exp.batch_stats_step(sums, params, template, batch["image"])
-    total += batch["image"].shape[0]
-  return jax.tree.map(lambda s: s / total, sums)
+  images = (batch["image"] for batch in tqdm.tqdm(
+      batches, total=exp.steps_per_epoch, desc="batch-norm statistics",
+      leave=False, disable=None))
+  variables = batch_norm.update_bn(
+      exp.stats_apply, {"params": params, "batch_stats": template}, images)
+  return variables["batch_stats"]
 
 
 def evaluate_averaged(exp: Experiment, params: PyTree,

@@ -2,10 +2,9 @@
 
 Every model is called as `model.apply(variables, x, train=...)` on NHWC images
 (the MLP also takes flat features). Models with batch norm keep its running
-statistics in the `batch_stats` collection and expose a `bn_momentum` field:
-`model.clone(bn_momentum=0.0)` makes one training-mode pass write the raw
-statistics of that batch, which is how the batch statistics are recomputed
-exactly after averaging. Only the `params` collection enters the TWA subspace.
+statistics in the `batch_stats` collection (recomputed exactly after
+averaging by `twa_jax.batch_norm.update_bn`) and expose a `bn_momentum` field.
+Only the `params` collection enters the TWA subspace.
 VGG16 uses dropout in training: pass `rngs={"dropout": key}` to `apply` when
 `train=True` (other models ignore that rng). Layers pad and initialize as the
 PyTorch reference models: convs pad `kernel // 2` on both sides and start He

@@ -252,26 +252,17 @@ def make_eval_step(model: nn.Module) -> Callable[[jax.Array, dict, dict],
   return jax.jit(step, donate_argnums=0)
 
 
-def make_batch_stats_step(model: nn.Module) -> Callable[..., PyTree]:
-  """Jitted `(sums, params, batch_stats, images) -> sums + n * batch stats`.
+def make_stats_apply(model: nn.Module) -> Callable[[dict, jax.Array], Any]:
+  """`(variables, images) -> model output` in training mode, for
+  `twa_jax.batch_norm.update_bn` (one function object per model, so its
+  statistics pass compiles once). Dropout draws from a fixed key."""
 
-  The raw statistics of one batch come from a training-mode pass of the
-  model cloned with `bn_momentum=0.0`: the running averages it writes are
-  exactly that batch's mean and variance. Summed with weight n (the batch
-  size) and divided by the total afterwards, they give the exact average
-  over one pass of the data, as `torch.optim.swa_utils.update_bn`. `sums`
-  is donated.
-  """
-  stats_model = model.clone(bn_momentum=0.0)
+  def apply(variables_: dict, images: jax.Array):
+    return model.apply(variables_, images, train=True,
+                       rngs={"dropout": jax.random.PRNGKey(0)},
+                       mutable=["batch_stats"])
 
-  def step(sums, params, batch_stats, images):
-    _, updates = stats_model.apply(
-        {"params": params, "batch_stats": batch_stats}, images, train=True,
-        rngs={"dropout": jax.random.PRNGKey(0)}, mutable=["batch_stats"])
-    n = images.shape[0]
-    return jax.tree.map(lambda s, b: s + n * b, sums, updates["batch_stats"])
-
-  return jax.jit(step, donate_argnums=0)
+  return apply
 
 
 def host(tree: PyTree) -> PyTree:
