@@ -37,6 +37,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from twa_jax.checksums import ChecksumError
 from twa_jax.training import configuration
 from twa_jax.training import loop
 from twa_jax.training import soups
@@ -79,7 +80,8 @@ def main(argv):
       soups.run(config, workdir, _SOUP.value)
     else:
       train_lib.run(config, workdir)
-  except (configuration.ConfigError, loop.TrainingDiverged, OSError) as e:
+  except (configuration.ConfigError, loop.TrainingDiverged, ChecksumError,
+          OSError) as e:
     lines = (line.strip() for line in str(e).splitlines())
     sys.exit("error: " + " ".join(line for line in lines if line))
 
