@@ -23,9 +23,11 @@ Every config file calls one of these and changes what differs. The fields:
                   swa_start), ema_decay (EMA of the parameters, every step),
                   snapshots_per_epoch and include_initial (sampling),
                   init_from: where the run starts ("": from the seed's
-                  initialization; else an orbax checkpoint directory or an
-                  .npz of the model's parameter tree, e.g. converted
-                  pretrained weights, to fine-tune from).
+                  initialization; else an orbax checkpoint directory, DIR
+                  or DIR:STEP, or an .npz of the model's variables, e.g.
+                  converted pretrained weights, to fine-tune from; formats
+                  in `twa_jax.training.init_from`; checked against the
+                  model before training).
   averaging       the snapshots SWA, EMA (its end) and TWA use: unit "epoch"
                   (snapshots taken after epochs start..end; 0 is the initial
                   weights) or "index" (the store's snapshots start..end), both

@@ -24,7 +24,9 @@ sys.path.insert(0, str(ROOT))  # `from configs import ...`
 
 from twa_jax.store import TrajectoryStore
 from twa_jax.training import configuration
+from twa_jax.checkpoints import CheckpointSnapshots
 from twa_jax.training import experiment as experiment_lib
+from twa_jax.training import init_from
 from twa_jax.training import input_pipeline
 from twa_jax.training import loop
 from twa_jax.training import report
@@ -302,6 +304,111 @@ def test_errors_before_training(finished, tmp_path):
   config = tiny_config()
   config.phases = "twa"
   fails(config, "no trajectory store")
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sgd_starts_from_a_checkpoint_or_an_npz(finished, tmp_path):
+  checkpoints = finished[0] / "sgd" / "checkpoints"  # epochs 5 and 6 kept
+  with CheckpointSnapshots(checkpoints, key=("params",)) as ckpt:
+    assert ckpt.steps() == [5, 6]
+    at_5, at_6 = ckpt.load(5), ckpt.load(6)
+  with CheckpointSnapshots(checkpoints, key=("batch_stats",)) as ckpt:
+    stats_5 = ckpt.load(5)
+  config = tiny_config(sgd_epochs=1, head=1, twa_epochs=1)
+  config.phases = "sgd"
+  seed_params, seed_stats = experiment_lib.init_variables(
+      experiment_lib.create(config))
+  # A checkpoint directory: its latest step, or the one after ":".
+  config.sgd.init_from = str(checkpoints)
+  assert_trees_equal(experiment_lib.initial_variables(
+      experiment_lib.create(config))[0], at_6)
+  config.sgd.init_from = f"{checkpoints}:5"
+  params, stats = experiment_lib.initial_variables(
+      experiment_lib.create(config))
+  assert_trees_equal(params, at_5)
+  assert_trees_equal(stats, stats_5)
+  # An .npz: with batch_stats, or without (the seed's are kept).
+  shifted = jax.tree.map(lambda p: np.asarray(p) + 1.0, at_5)
+  init_from.save_npz(tmp_path / "both.npz", shifted, stats_5)
+  init_from.save_npz(tmp_path / "params.npz", shifted)
+  with np.load(tmp_path / "both.npz") as f:
+    assert sorted(f.files) == [
+        "batch_stats/BatchNorm_0/mean", "batch_stats/BatchNorm_0/var",
+        "params/BatchNorm_0/bias", "params/BatchNorm_0/scale",
+        "params/Dense_0/kernel", "params/Dense_1/bias",
+        "params/Dense_1/kernel"]
+  config.sgd.init_from = str(tmp_path / "params.npz")
+  params, stats = experiment_lib.initial_variables(
+      experiment_lib.create(config))
+  assert_trees_equal(params, shifted)
+  assert_trees_equal(stats, seed_stats)
+  # The sgd phase's first snapshot is the loaded parameters.
+  config.sgd.init_from = str(tmp_path / "both.npz")
+  workdir = tmp_path / "w"
+  train_lib.run(config, workdir)
+  with TrajectoryStore(workdir / "trajectory", read_only=True) as store:
+    assert_trees_equal(store.load(0), shifted)
+    trained = store.load(22)
+  assert not np.array_equal(trained["Dense_0"]["kernel"],
+                            shifted["Dense_0"]["kernel"])
+  assert "sgd starts from config.sgd.init_from=" in (
+      workdir / "log.txt").read_text()
+  # A started workdir refuses another start.
+  config.sgd.init_from = ""
+  with pytest.raises(configuration.ConfigError, match=r"sgd\.init_from: "):
+    train_lib.run(config, workdir)
+  # Without init_from, the seed's initialization (as before).
+  assert_trees_equal(experiment_lib.initial_variables(
+      experiment_lib.create(config))[0], seed_params)
+
+
+def test_a_mismatched_init_from_is_refused_naming_the_leaf(finished,
+                                                          tmp_path):
+  config = tiny_config(sgd_epochs=1, head=1, twa_epochs=1)
+  params, stats = experiment_lib.init_variables(experiment_lib.create(config))
+  params = jax.tree.map(np.asarray, params)
+
+  def fails(tree, match, batch_stats=None):
+    path = tmp_path / f"{len(list(tmp_path.iterdir()))}.npz"
+    init_from.save_npz(path, tree, batch_stats)
+    config.sgd.init_from = str(path)
+    workdir = tmp_path / f"w{len(list(tmp_path.iterdir()))}"
+    with pytest.raises(configuration.ConfigError, match=match):
+      train_lib.run(config, workdir)
+    assert not (workdir / "metrics.jsonl").exists()
+    assert not (workdir / "trajectory").exists()
+
+  missing = {k: dict(v) for k, v in params.items()}
+  del missing["Dense_1"]["bias"]
+  fails(missing, r"init_from=.*: params: missing leaf \['Dense_1'\]\['bias'\]")
+  extra = {**params, "Dense_2": {"kernel": np.zeros((2, 2), np.float32)}}
+  fails(extra, r"params: unexpected leaf \['Dense_2'\]\['kernel'\]")
+  wide = {**params, "Dense_0": {"kernel": np.zeros((64, 48), np.float32)}}
+  fails(wide, r"leaf \['Dense_0'\]\['kernel'\] has shape \(64, 48\), "
+        r"expected \(64, 32\)")
+  half = jax.tree.map(lambda p: p.astype(np.float16), params)
+  fails(half, r"leaf \['BatchNorm_0'\]\['bias'\] has dtype float16")
+  fails(params, r"batch_stats: leaf \['BatchNorm_0'\]\['mean'\] has shape",
+        batch_stats={"BatchNorm_0": {"mean": np.zeros(3, np.float32),
+                                     "var": np.zeros(32, np.float32)}})
+  np.savez(tmp_path / "bad.npz", weights=np.zeros(3))
+  config.sgd.init_from = str(tmp_path / "bad.npz")
+  with pytest.raises(configuration.ConfigError,
+                     match=r"entry 'weights' is neither params/"):
+    train_lib.run(config, tmp_path / "w_bad")
+  config.sgd.init_from = str(tmp_path / "no_such_checkpoints")
+  with pytest.raises(configuration.ConfigError,
+                     match=r"init_from=.*no_such_checkpoints.*does not exist"):
+    train_lib.run(config, tmp_path / "w_none")
+  config.sgd.init_from = f"{finished[0] / 'sgd' / 'checkpoints'}:3"
+  with pytest.raises(configuration.ConfigError,
+                     match=r"step 3 is not in .*steps found: \[5, 6\]"):
+    train_lib.run(config, tmp_path / "w_step")
 
 
 def test_nan_loss_stops_naming_epoch_and_step(tmp_path):

@@ -16,6 +16,7 @@ from tqdm import auto as tqdm
 
 from twa_jax.sampling import SamplingSchedule
 from twa_jax.store import TrajectoryStore
+from twa_jax.training import init_from
 from twa_jax.training import input_pipeline
 from twa_jax.training import models
 from twa_jax.training import steps as steps_lib
@@ -156,6 +157,20 @@ def init_variables(exp: Experiment) -> tuple[PyTree, PyTree]:
   variables = exp.model.init(jax.random.PRNGKey(exp.config.seed),
                              jnp.zeros(shape, jnp.float32), train=False)
   return variables["params"], variables.get("batch_stats", {})
+
+
+def initial_variables(exp: Experiment) -> tuple[PyTree, PyTree]:
+  """The (params, batch_stats) the sgd phase starts from: `init_variables`,
+  or those of `config.sgd.init_from` (checked against them).
+
+  Raises:
+    ConfigError: `sgd.init_from` is unreadable or does not match the model.
+  """
+  params, batch_stats = init_variables(exp)
+  source = exp.config.sgd.init_from
+  if not source:
+    return params, batch_stats
+  return init_from.load(source, params, batch_stats)
 
 
 def read_snapshots(store: TrajectoryStore, steps: Sequence[int]) -> PyTree:

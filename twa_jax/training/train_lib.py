@@ -34,8 +34,8 @@ def run(config: ml_collections.ConfigDict,
   """Runs the phases `config.phases` in `workdir`, in the order of `PHASES`.
 
   Everything that can be checked before training is: the config, the
-  workdir's saved config, the data and model, the snapshots the phases
-  need. Each phase resumes where an earlier invocation stopped and is
+  workdir's saved config, the data and model, the parameters sgd starts
+  from (`sgd.init_from`), the snapshots the phases need. Each phase resumes where an earlier invocation stopped and is
   skipped when finished.
 
   Args:
@@ -47,7 +47,8 @@ def run(config: ml_collections.ConfigDict,
 
   Raises:
     ConfigError: bad config, unwritable workdir, a workdir started with a
-      different config, or a snapshot range the store cannot satisfy.
+      different config, an `sgd.init_from` that does not fit the model, or
+      a snapshot range the store cannot satisfy.
     TrainingDiverged: NaN loss (what was saved is kept).
   """
   phases = parse_phases(config.phases)
@@ -58,6 +59,8 @@ def run(config: ml_collections.ConfigDict,
     saved = workdir_lib.check_saved_config(config, workdir)
     exp = experiment_lib.create(config)
     check_snapshots(exp, workdir, phases)
+    if "sgd" in phases and not workdir_lib.is_done(workdir, "sgd"):
+      experiment_lib.initial_variables(exp)  # sgd.init_from fits the model
     if saved != configuration.to_json_data(config):
       workdir_lib.write_json(workdir / "config.json",
                              configuration.to_json_data(config))
@@ -203,7 +206,7 @@ def phase_sgd(exp: Experiment, workdir: pathlib.Path) -> None:
                                 momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay,
                                 nesterov=cfg.nesterov)
-  params, batch_stats = experiment_lib.init_variables(exp)
+  params, batch_stats = experiment_lib.initial_variables(exp)
   state = TrainState.create(params, batch_stats, tx, ema=True)
   train_step = steps_lib.make_train_step(exp.model, tx,
                                          ema_decay=cfg.ema_decay,

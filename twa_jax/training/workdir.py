@@ -59,7 +59,8 @@ PHASE_FIELDS = {"sgd": _SHARED_FIELDS, "swa": _SHARED_FIELDS,
 # reproduces what a workdir without them did (its config.json lacks them;
 # data.holdout_seed: its seed).
 _ADDED_FIELDS = {"twa": {"holdout_fraction": 0.0, "granularity": "global",
-                         "storage": "float32"}}
+                         "storage": "float32"},
+                 "sgd": {"init_from": ""}}
 SAVED, GIVEN = "the workdir", "this config"
 
 
