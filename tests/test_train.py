@@ -105,6 +105,20 @@ def test_all_phases_end_to_end(finished):
   assert twa["snapshots"] == 4 and len(twa["coefficients"]) == 4
   assert twa["snapshot_epochs"] == [0, 1, 2, 3]
   assert 1 <= twa["basis_dim"] <= 4
+  # The kept dimension, the dropped directions and W's condition number:
+  # in summary.json, the table and the log.
+  assert twa["basis_dim"] + twa["basis_dropped"] == 4
+  with TrajectoryStore(workdir / "trajectory", read_only=True) as store:
+    w = np.asarray(store.read_matrix([0, 22, 44, 66])[1], np.float64)
+  singular = np.linalg.svd(w, compute_uv=False)
+  assert twa["basis_condition"] == pytest.approx(
+      singular[0] / singular[-1], rel=1e-3)
+  text = (f"basis dimension {twa['basis_dim']} ({twa['basis_dropped']} "
+          f"dropped, condition number of W {twa['basis_condition']:.3g})")
+  assert text in report.table(summary)
+  assert (f"twa: basis of 4 snapshots has dimension {twa['basis_dim']}, "
+          f"{twa['basis_dropped']} dropped, condition number of W "
+          f"{twa['basis_condition']:.3g}") in (workdir / "log.txt").read_text()
   assert twa["coefficient_sum"] == pytest.approx(sum(twa["coefficients"]))
   assert 0.5 < twa["coefficient_sum"] < 1.5
   assert json.loads((workdir / "summary.json").read_text()) == summary

@@ -84,9 +84,8 @@ def table(summary_: dict[str, Any]) -> str:
     if method in summary_:
       t = summary_[method]
       out.append(f"{labels[method].split(' (')[0]}: {t['snapshots']} "
-                 f"snapshots, basis dimension {t['basis_dim']}, started at "
-                 f"the {t['start']}, averaging coefficients sum to "
-                 f"{coefficient_sums(t)}")
+                 f"snapshots, {basis_text(t)}, started at the {t['start']}, "
+                 f"averaging coefficients sum to {coefficient_sums(t)}")
   out.append("gap = train accuracy - test accuracy (points); epochs = "
              "training epochs spent, TWA: averaged range + its own")
   return "\n".join(out)
@@ -110,6 +109,22 @@ def columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
   return [line(header), line(["-" * w for w in widths])] + [
       line(r) for r in rows]
+
+
+def condition_text(condition: float | None) -> str:
+  """W's condition number as `twa_training.basis_record` records it (None:
+  infinite)."""
+  return "inf" if condition is None else f"{condition:.3g}"
+
+
+def basis_text(details: dict[str, Any]) -> str:
+  """"basis dimension k (d dropped, condition number of W c)" of TWA's
+  details (without the last two for results recorded before they were)."""
+  text = f"basis dimension {details['basis_dim']}"
+  if "basis_dropped" not in details:
+    return text
+  return (f"{text} ({details['basis_dropped']} dropped, condition number of "
+          f"W {condition_text(details['basis_condition'])})")
 
 
 def coefficient_sums(details: dict[str, Any]) -> str:

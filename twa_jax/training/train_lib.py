@@ -274,7 +274,7 @@ def phase_twa(exp: Experiment, workdir: pathlib.Path) -> None:
     details = {
         "snapshots": len(selected), "snapshot_steps": selected,
         "snapshot_epochs": [exp.epochs_at(s) for s in selected],
-        "basis_dim": outcome.basis_dim, "num_params": outcome.num_params,
+        **outcome.basis,
         "granularity": cfg.granularity, "storage": cfg.storage,
         "trained_on": data.num_train, "start": cfg.start,
         "head_epochs": end_epochs, "epochs": cfg.epochs,

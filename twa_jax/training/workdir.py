@@ -35,7 +35,8 @@ workdir layout:
                       range) and EMA results; marks the phase finished
   swa/result.json     SWA result
   twa/checkpoints/    orbax checkpoints of the TWA state, one per epoch
-  twa/result.json     TWA result, snapshots used, basis dimension,
+  twa/result.json     TWA result, snapshots used, basis dimension (with the
+                      directions dropped and W's condition number),
                       averaging coefficients
   twa_v/              the same for TWA-v (with twa.holdout_fraction > 0)
   surface/result.json the loss surface through SGD, SWA and TWA
