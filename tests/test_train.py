@@ -90,7 +90,9 @@ def test_all_phases_end_to_end(finished):
   assert tuple(results) == METHODS
   for method, row in results.items():
     assert set(row) == {"test_accuracy", "test_loss", "train_accuracy",
-                        "train_loss", "generalization_gap", "epochs",
+                        "train_loss", "generalization_gap",
+                        "running_train_accuracy",
+                        "running_generalization_gap", "epochs",
                         "wall_time_s"}, method
     assert 0.6 < row["test_accuracy"] <= 1.0, (method, row)
     assert row["generalization_gap"] == pytest.approx(
@@ -127,6 +129,23 @@ def test_all_phases_end_to_end(finished):
   records = workdir_lib.read_metrics(workdir)
   assert [(r["phase"], r["epoch"]) for r in records] == (
       [("sgd", e) for e in range(1, 7)] + [("twa", e) for e in range(1, 3)])
+  # The paper's train accuracy: the running average over the last epoch's
+  # train-mode batches, next to the clean one.
+  running = {(r["phase"], r["epoch"]): r["train_accuracy"] for r in records}
+  assert results["sgd"]["running_train_accuracy"] == running["sgd", 6]
+  assert results["sgd_head"]["running_train_accuracy"] == running["sgd", 3]
+  assert results["twa"]["running_train_accuracy"] == running["twa", 2]
+  for method in ("swa", "ema"):  # no training epochs of their own
+    assert results[method]["running_train_accuracy"] is None
+    assert results[method]["running_generalization_gap"] is None
+  for method in ("sgd", "sgd_head", "twa"):
+    row = results[method]
+    assert row["running_generalization_gap"] == pytest.approx(
+        row["running_train_accuracy"] - row["test_accuracy"])
+    assert row["running_train_accuracy"] != row["train_accuracy"]
+  table = report.table(summary).splitlines()
+  assert "run. train acc" in table[1] and "run. gap" in table[1]
+  assert f"{100 * running['sgd', 6]:.2f}%" in table[3]
   assert all(r["seconds"] > 0 and r["lr"] > 0 for r in records)
   log = (workdir / "log.txt").read_text()
   assert "sgd epoch 6/6" in log and "twa epoch 2/2" in log

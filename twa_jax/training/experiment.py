@@ -273,14 +273,42 @@ def evaluate_averaged(exp: Experiment, params: PyTree,
 
 
 def summary_row(metrics: Mapping[str, Metrics], *, epochs: float | int,
-                wall_time_s: float | None) -> dict[str, Any]:
-  """A method's row of the summary from its `row_splits` metrics."""
+                wall_time_s: float | None,
+                running_train_accuracy: float | None = None
+                ) -> dict[str, Any]:
+  """A method's row of the summary from its `row_splits` metrics.
+
+  Two train accuracies, two gaps (train - test accuracy): `train_accuracy`
+  and `generalization_gap` are the clean ones (evaluation mode, no
+  augmentation, `train_eval_size` examples); `running_train_accuracy` and
+  `running_generalization_gap` the paper's (the running average over the
+  last training epoch's augmented, train-mode batches, as its reference code
+  reports it: None for a method without training epochs of its own, e.g.
+  SWA). See `report.table`.
+
+  Args:
+    metrics: {split: {"loss", "accuracy"}} of `row_splits`.
+    epochs: the training epochs the method spent.
+    wall_time_s: its seconds (None: unknown).
+    running_train_accuracy: the paper's train accuracy (see above).
+  """
   test, train = metrics["test"], metrics["train"]
   row = {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
          "train_accuracy": train["accuracy"], "train_loss": train["loss"],
          "generalization_gap": train["accuracy"] - test["accuracy"],
+         **running_columns(running_train_accuracy, test["accuracy"]),
          "epochs": epochs, "wall_time_s": wall_time_s}
   if "holdout" in metrics:
     row.update(holdout_accuracy=metrics["holdout"]["accuracy"],
                holdout_loss=metrics["holdout"]["loss"])
   return row
+
+
+def running_columns(running_train_accuracy: float | None,
+                    test_accuracy: float) -> dict[str, float | None]:
+  """A row's running_train_accuracy and running_generalization_gap (see
+  `summary_row`)."""
+  return {"running_train_accuracy": running_train_accuracy,
+          "running_generalization_gap": (
+              None if running_train_accuracy is None
+              else running_train_accuracy - test_accuracy)}

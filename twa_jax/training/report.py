@@ -1,4 +1,13 @@
-"""The report of a run: summary.json content, comparison table, plots."""
+"""The report of a run: summary.json content, comparison table, plots.
+
+Train accuracy and generalization gap come in two kinds (see
+`experiment.summary_row`): the clean ones (`train_accuracy`,
+`generalization_gap`: evaluation mode, no augmentation) and the paper's
+(`running_train_accuracy`, `running_generalization_gap`: the running
+average over the last training epoch's augmented, train-mode batches, hence
+its negative ImageNet gaps). Compare the running ones with the paper's
+tables; the clean ones measure the final model.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +37,9 @@ def summary(config: ml_collections.ConfigDict, dataset: str,
     {"name", "dataset", "model", "averaging", "steps_per_epoch", "results":
     {method: row}, and "swa" / "twa" / "twa_v" details when those ran}; a
     row has test_accuracy, test_loss, train_accuracy, train_loss,
-    generalization_gap, epochs and wall_time_s (with TWA-v also
+    generalization_gap, running_train_accuracy, running_generalization_gap
+    (None without training epochs of its own; absent from results of runs
+    before they were recorded), epochs and wall_time_s (with TWA-v also
     holdout_accuracy and holdout_loss).
   """
   results = {}
@@ -67,7 +78,8 @@ def table(summary_: dict[str, Any]) -> str:
   results = summary_["results"]
   held_out = all("holdout_accuracy" in r for r in results.values())
   header = ("method", "epochs", "test acc", "train acc", "test loss", "gap",
-            "wall time") + (("held-out acc",) if held_out else ())
+            "run. train acc", "run. gap", "wall time") + (
+                ("held-out acc",) if held_out else ())
   rows = []
   for method, r in results.items():
     epochs = r["epochs"]
@@ -76,7 +88,9 @@ def table(summary_: dict[str, Any]) -> str:
       epochs = f"{t['head_epochs']}+{t['epochs']}"
     rows.append((labels[method], str(epochs), percent(r["test_accuracy"]),
                  percent(r["train_accuracy"]), f"{r['test_loss']:.4f}",
-                 f"{100 * r['generalization_gap']:.2f}", wall_time(r))
+                 points(r["generalization_gap"]),
+                 fraction_text(r.get("running_train_accuracy")),
+                 points(r.get("running_generalization_gap")), wall_time(r))
                 + ((percent(r["holdout_accuracy"]),) if held_out else ()))
   out = [f"{summary_['name']}: {summary_['model']} on {summary_['dataset']}"]
   out += columns(header, rows)
@@ -88,11 +102,25 @@ def table(summary_: dict[str, Any]) -> str:
                  f"averaging coefficients sum to {coefficient_sums(t)}")
   out.append("gap = train accuracy - test accuracy (points); epochs = "
              "training epochs spent, TWA: averaged range + its own")
+  out.append("train acc: clean (eval mode, no augmentation); run.: the "
+             "paper's, the running average over the last epoch's augmented "
+             "train-mode batches (compare these with its tables; -: no "
+             "training epochs of its own)")
   return "\n".join(out)
 
 
 def percent(fraction: float) -> str:
   return f"{100 * fraction:.2f}%"
+
+
+def fraction_text(fraction: float | None) -> str:
+  """A percentage, or "-" for None."""
+  return "-" if fraction is None else percent(fraction)
+
+
+def points(fraction: float | None) -> str:
+  """A difference of fractions in percentage points, or "-" for None."""
+  return "-" if fraction is None else f"{100 * fraction:.2f}"
 
 
 def wall_time(row: dict[str, Any]) -> str:

@@ -155,9 +155,11 @@ def _wall_time(exp: Experiment, workdir: pathlib.Path,
 def _finish(workdir: pathlib.Path, phase: str, result: dict[str, Any]) -> None:
   """Logs the phase's rows and writes its result.json (marks it finished)."""
   for method, row in result["results"].items():
-    logging.info("%s: test accuracy %.4f, train accuracy %.4f, test loss "
-                 "%.4f, epochs %s", method, row["test_accuracy"],
-                 row["train_accuracy"], row["test_loss"], row["epochs"])
+    logging.info("%s: test accuracy %.4f, train accuracy %.4f (running, "
+                 "train mode: %s), test loss %.4f, epochs %s", method,
+                 row["test_accuracy"], row["train_accuracy"],
+                 report.fraction_text(row.get("running_train_accuracy")),
+                 row["test_loss"], row["epochs"])
   workdir_lib.write_json(workdir_lib.result_path(workdir, phase), result)
 
 
@@ -224,9 +226,14 @@ def phase_sgd(exp: Experiment, workdir: pathlib.Path) -> None:
   splits = experiment_lib.row_splits(exp)
   results = {"sgd": experiment_lib.summary_row(
       experiment_lib.evaluate(exp, state.params, state.batch_stats, splits),
-      epochs=cfg.epochs, wall_time_s=elapsed)}
+      epochs=cfg.epochs, wall_time_s=elapsed,
+      running_train_accuracy=workdir_lib.running_train_accuracy(
+          workdir, "sgd"))}
   if exp.averaging_end < cfg.epochs * exp.steps_per_epoch:
-    results["sgd_head"] = at_end["sgd"]
+    head = at_end["sgd"]  # evaluated before its epoch's record was written
+    results["sgd_head"] = {**head, **experiment_lib.running_columns(
+        workdir_lib.running_train_accuracy(workdir, "sgd", exp.averaging_end),
+        head["test_accuracy"])}
   metrics, seconds = experiment_lib.evaluate_averaged(exp, ema, splits)
   results["ema"] = experiment_lib.summary_row(
       metrics, epochs=exp.epochs_at(exp.averaging_end),
@@ -269,7 +276,9 @@ def phase_twa(exp: Experiment, workdir: pathlib.Path) -> None:
     end_epochs = exp.epochs_at(exp.averaging_end)
     row = experiment_lib.summary_row(
         outcome.metrics, epochs=end_epochs + cfg.epochs,
-        wall_time_s=_wall_time(exp, workdir, outcome.seconds))
+        wall_time_s=_wall_time(exp, workdir, outcome.seconds),
+        running_train_accuracy=(None if last is None
+                                else last["train_accuracy"]))
     selected = exp.selected_steps
     details = {
         "snapshots": len(selected), "snapshot_steps": selected,

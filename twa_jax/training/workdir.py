@@ -156,6 +156,15 @@ def last_metrics(workdir: pathlib.Path, phase: str) -> dict[str, Any] | None:
   return records[-1] if records else None
 
 
+def running_train_accuracy(workdir: pathlib.Path, phase: str,
+                           step: int | None = None) -> float | None:
+  """The phase's running train accuracy over its epoch ending at `step`
+  (None: its last epoch) from metrics.jsonl; None if no epoch ends there."""
+  records = [r for r in read_metrics(workdir) if r["phase"] == phase
+             and (step is None or r["step"] == step)]
+  return records[-1]["train_accuracy"] if records else None
+
+
 def append_metrics(workdir: pathlib.Path, record: dict[str, Any]) -> None:
   with open(workdir / "metrics.jsonl", "a") as f:
     f.write(dumps(record) + "\n")
