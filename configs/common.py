@@ -16,7 +16,11 @@ Every config file calls one of these and changes what differs. The fields:
   model           name and kwargs of `twa_jax.training.models.create_model`.
   sgd             the regular training run that records the trajectory:
                   optimizer ("sgd": momentum SGD with coupled weight decay as
-                  in PyTorch; "adam": Adam with coupled weight decay), epochs,
+                  in PyTorch; "adam": Adam with coupled weight decay;
+                  "schedule_free_sgd": optax.contrib.schedule_free_sgd, a
+                  baseline without averaging, momentum as its b1, best at a
+                  constant lr (decay_at=()); the trajectory and its results
+                  are its evaluation parameters), epochs,
                   batch_size, lr and its schedule ("step": times decay_factor
                   after each fraction decay_at of the epochs; "swa": the SWA
                   paper's constant, linear-to-swa_lr, constant schedule with

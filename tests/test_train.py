@@ -16,6 +16,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -442,6 +443,49 @@ def test_a_mismatched_init_from_is_refused_naming_the_leaf(finished,
   with pytest.raises(configuration.ConfigError,
                      match=r"step 3 is not in .*steps found: \[5, 6\]"):
     train_lib.run(config, tmp_path / "w_step")
+
+
+def test_schedule_free_sgd_evaluates_its_averaged_params(tmp_path):
+  config = tiny_config(sgd_epochs=3, head=3, twa_epochs=1)
+  config.phases = "sgd"
+  config.sgd.optimizer = "schedule_free_sgd"
+  config.sgd.decay_at = ()  # a constant learning rate
+  train_lib.run(config, tmp_path)
+  row = json.loads((tmp_path / "sgd" / "result.json").read_text())[
+      "results"]["sgd"]
+  assert row["test_accuracy"] > 0.6  # it trains
+  # x = (y - (1 - b1) z) / b1 from the final state: y the gradient points
+  # (the state's params), z the SGD sequence.
+  with ocp.CheckpointManager(
+      loop.checkpoint_dir(tmp_path, "sgd"),
+      options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    state = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+  b1, y = float(state["opt_state"]["b1"]), state["params"]
+  x = jax.tree.map(lambda yi, zi: (yi - (1 - b1) * zi) / b1, y,
+                   state["opt_state"]["z"])
+  assert not np.allclose(x["Dense_0"]["kernel"], y["Dense_0"]["kernel"])
+  with TrajectoryStore(tmp_path / "trajectory", read_only=True) as store:
+    last = store.load(store.steps()[-1])
+  for a, b in zip(jax.tree.leaves(last), jax.tree.leaves(x)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  exp = experiment_lib.create(config)
+  splits = experiment_lib.row_splits(exp)
+  at_x = experiment_lib.evaluate_averaged(exp, x, splits)[0]
+  at_y = experiment_lib.evaluate_averaged(exp, y, splits)[0]
+  assert row["test_loss"] == pytest.approx(at_x["test"]["loss"], rel=1e-5)
+  assert row["test_loss"] != pytest.approx(at_y["test"]["loss"], rel=1e-3)
+  assert row["train_accuracy"] == pytest.approx(at_x["train"]["accuracy"])
+  assert workdir_lib.last_metrics(tmp_path, "sgd")["test_loss"] == (
+      pytest.approx(at_x["test"]["loss"], rel=1e-5))
+  # Only the sgd phase takes it, and it needs its interpolation b1.
+  config.twa.optimizer = "schedule_free_sgd"
+  config.sgd.momentum = 0.0
+  with pytest.raises(configuration.ConfigError,
+                     match=r"(?s)config\.twa\.optimizer='schedule_free_sgd': "
+                     r"choose from \('sgd', 'adam'\).*config\.sgd\.momentum"
+                     r"=0\.0: schedule_free_sgd's interpolation b1"):
+    configuration.validate_config(config)
 
 
 def test_nan_loss_stops_naming_epoch_and_step(tmp_path):

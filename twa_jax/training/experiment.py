@@ -272,6 +272,20 @@ def evaluate_averaged(exp: Experiment, params: PyTree,
   return evaluate(exp, params, batch_stats, splits), seconds
 
 
+def evaluate_state(exp: Experiment, state: steps_lib.TrainState,
+                   splits: Mapping[str, int | None]
+                   ) -> tuple[dict[str, Metrics], float]:
+  """Evaluates a training state, as `evaluate_averaged` returns.
+
+  Its params with its running batch statistics; with schedule-free SGD its
+  `steps.evaluation_params`, with batch-norm statistics recomputed for them
+  (the running ones were taken at the gradient points).
+  """
+  if steps_lib.is_schedule_free(state):
+    return evaluate_averaged(exp, steps_lib.evaluation_params(state), splits)
+  return evaluate(exp, state.params, state.batch_stats, splits), 0.0
+
+
 def summary_row(metrics: Mapping[str, Metrics], *, epochs: float | int,
                 wall_time_s: float | None,
                 running_train_accuracy: float | None = None

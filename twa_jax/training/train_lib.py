@@ -177,12 +177,12 @@ class _TrajectoryRecorder:
   def record(self, step: int, state: TrainState, elapsed_s: float) -> None:
     exp = self.exp
     if step not in self.saved:
-      self.store.save(step, state.params,
+      self.store.save(step, steps_lib.evaluation_params(state),
                       metadata={"epoch": exp.epochs_at(step)})
       self.saved.add(step)
     if step == exp.averaging_end and step not in self.ema_store.steps():
-      metrics = experiment_lib.evaluate(exp, state.params, state.batch_stats,
-                                        experiment_lib.row_splits(exp))
+      metrics, _ = experiment_lib.evaluate_state(
+          exp, state, experiment_lib.row_splits(exp))
       row = experiment_lib.summary_row(metrics, epochs=exp.epochs_at(step),
                                        wall_time_s=elapsed_s)
       logging.info("sgd at the end of the averaging range (step %d, epoch "
@@ -200,7 +200,11 @@ class _TrajectoryRecorder:
 
 def phase_sgd(exp: Experiment, workdir: pathlib.Path) -> None:
   """Regular training recording the trajectory; SGD, SGD at the end of the
-  averaging range, and the EMA there."""
+  averaging range, and the EMA there.
+
+  With `sgd.optimizer="schedule_free_sgd"`, the trajectory and SGD's rows
+  are its evaluation parameters (`steps.evaluation_params`).
+  """
   cfg = exp.config.sgd
   schedule = steps_lib.learning_rate_schedule(cfg, cfg.epochs,
                                               exp.steps_per_epoch)
@@ -224,9 +228,9 @@ def phase_sgd(exp: Experiment, workdir: pathlib.Path) -> None:
     at_end = ema_store.metadata(exp.averaging_end)
     ema = ema_store.load(exp.averaging_end)
   splits = experiment_lib.row_splits(exp)
+  metrics, seconds = experiment_lib.evaluate_state(exp, state, splits)
   results = {"sgd": experiment_lib.summary_row(
-      experiment_lib.evaluate(exp, state.params, state.batch_stats, splits),
-      epochs=cfg.epochs, wall_time_s=elapsed,
+      metrics, epochs=cfg.epochs, wall_time_s=elapsed + seconds,
       running_train_accuracy=workdir_lib.running_train_accuracy(
           workdir, "sgd"))}
   if exp.averaging_end < cfg.epochs * exp.steps_per_epoch:
