@@ -4,7 +4,8 @@ Every config file calls one of these and changes what differs. The fields:
 
   name            label of the run (summary, table, default workdir).
   seed            model initialization and data order.
-  phases          comma-separated subset of "sgd,swa,twa,report", run in order.
+  phases          comma-separated subset of "sgd,swa,twa,surface,sweep,report",
+                  run in that order.
   data            `twa_jax.training.input_pipeline.load_dataset` fields (name,
                   path, data_dir, train_size, test_size, augmentation,
                   download: let TFDS download and prepare the data) and
@@ -53,6 +54,13 @@ Every config file calls one of these and changes what differs. The fields:
                   TWA: steps per axis, margin (share of the points' extent
                   added on each side), train_eval_size (training examples
                   for the train loss at each point; None: all).
+  sweep           the sweep phase (the paper's Figure 3: how early can SGD
+                  stop?): heads, the epochs k at which SWA and TWA (config.twa)
+                  average the snapshots of epochs averaging.start..k, each
+                  with its own TWA run (heads may be added between
+                  invocations; finished ones are kept); budget_matched_sgd:
+                  also train SGD from the start for each budget k + twa.epochs
+                  with its schedule compressed (the same decay fractions).
   eval_batch_size examples per evaluation batch.
   train_eval_size training examples used for the final train accuracy
                   (None: all).
@@ -130,6 +138,10 @@ def base() -> ml_collections.ConfigDict:
   c.surface.steps = 11
   c.surface.margin = 0.2
   c.surface.train_eval_size = 5_000
+
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.heads = ()
+  c.sweep.budget_matched_sgd = False
 
   c.eval_batch_size = 500
   c.train_eval_size = config_dict.placeholder(int)

@@ -488,6 +488,59 @@ def test_schedule_free_sgd_evaluates_its_averaged_params(tmp_path):
     configuration.validate_config(config)
 
 
+def test_sweep_phase_over_head_lengths_resumes_and_grows(finished, tmp_path,
+                                                         capsys):
+  workdir = copy_workdir(finished[0], tmp_path / "w")
+  config = tiny_config()
+  config.phases = "sweep"
+  config.sweep.heads = (1,)
+  config.sweep.budget_matched_sgd = True
+  train_lib.run(config, workdir)
+  first = workdir_lib.read_json(workdir / "sweep" / "result.json")
+  assert [h["head_epochs"] for h in first["heads"]] == [1]
+  # A later invocation adds heads and keeps the finished one.
+  config.sweep.heads = (3, 1)
+  train_lib.run(config, workdir)
+  result = workdir_lib.read_json(workdir / "sweep" / "result.json")
+  one, three = result["heads"]
+  assert one == first["heads"][0]
+  records = workdir_lib.read_metrics(workdir)
+  assert [r["epoch"] for r in records if r["phase"] == "sweep/twa_1"] == [1, 2]
+  assert [r["epoch"] for r in records if r["phase"] == "sweep/sgd_3"] == [
+      1, 2, 3]
+  assert [r["epoch"] for r in records if r["phase"] == "sweep/sgd_5"] == [
+      1, 2, 3, 4, 5]
+  assert (one["snapshots"], three["snapshots"]) == (2, 4)
+  assert (one["twa"]["epochs"], three["twa"]["epochs"]) == (3, 5)
+  # Head 3 is the averaging range of the twa and swa phases: same results.
+  summary = finished[1]["results"]
+  for method in ("swa", "twa"):
+    assert three[method]["test_accuracy"] == pytest.approx(
+        summary[method]["test_accuracy"])
+  assert three["twa_basis"]["basis_dim"] == finished[1]["twa"]["basis_dim"]
+  curve = {r["epoch"]: r["test_accuracy"] for r in records
+           if r["phase"] == "sgd"}
+  assert result["sgd_curve"] == [[e, curve[e]] for e in range(1, 7)]
+  assert one["sgd_test_accuracy"] == curve[1]
+  assert result["sgd"] == summary["sgd"]
+  reaching = [h["head_epochs"] for h in (one, three)
+              if h["twa"]["test_accuracy"] >= summary["sgd"]["test_accuracy"]]
+  assert result["smallest_head_reaching_sgd"] == min(reaching, default=None)
+  # Budget-matched SGD: the whole schedule compressed to k + TWA's epochs.
+  sgd_5 = [r for r in records if r["phase"] == "sweep/sgd_5"]
+  assert [r["lr"] for r in sgd_5] == pytest.approx([0.1, 0.1, 0.01, 0.01,
+                                                    0.001])
+  assert three["budget_matched_sgd"]["epochs"] == 5
+  assert 0.6 < three["budget_matched_sgd"]["test_accuracy"] <= 1
+  out = capsys.readouterr().out
+  assert "head-length sweep" in out and "SGD, same epochs" in out
+  assert (workdir / "plots" / "sweep.png").stat().st_size > 1000
+  config.sweep.heads = (7,)
+  with pytest.raises(configuration.ConfigError,
+                     match=r"config\.sweep\.heads=\(7,\): distinct epochs"):
+    train_lib.run(config, workdir)
+
+
 def test_nan_loss_stops_naming_epoch_and_step(tmp_path):
   config = tiny_config()
   config.sgd.lr = 1e30

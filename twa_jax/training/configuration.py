@@ -137,6 +137,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        f"choose from {STORAGES}")
   for field in ("data.holdout_fraction", "twa.holdout_fraction"):
     need(0 <= get_field(config, field) < 1, field, "must be in [0, 1)")
+  heads = config.sweep.heads
+  need(all(isinstance(k, int) and max(avg.start, 1) <= k <= sgd.epochs
+           for k in heads) and len(set(heads)) == len(heads), "sweep.heads",
+       f"distinct epochs in [max(averaging.start, 1), sgd.epochs="
+       f"{sgd.epochs}]")
+  if config.sweep.budget_matched_sgd:
+    need(sgd.schedule == "step", "sgd.schedule",
+         "sweep.budget_matched_sgd compresses a step schedule")
+  if "sweep" in [p.strip() for p in str(config.phases).split(",")]:
+    need(bool(heads), "sweep.heads", "the sweep phase needs head epochs")
+    need(avg.unit == "epoch", "averaging.unit",
+         "the sweep phase averages epochs: set 'epoch'")
   need(config.surface.steps >= 2, "surface.steps", "need at least 2")
   need(config.surface.margin >= 0, "surface.margin", "must be >= 0")
   need(config.eval_batch_size >= 1, "eval_batch_size", "must be positive")

@@ -240,3 +240,93 @@ def plots(summary_: dict[str, Any], records: Sequence[dict[str, Any]],
     paths.append(directory / "coefficients.png")
     fig.savefig(paths[-1], dpi=120)
   return paths
+
+
+def sweep_summary(config: ml_collections.ConfigDict, sgd: dict[str, Any],
+                  sgd_curve: Sequence[Sequence[float]],
+                  heads: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """The sweep phase's result.
+
+  Args:
+    config: the run's config.
+    sgd: the full-budget SGD row.
+    sgd_curve: [epoch, test accuracy] of SGD after each epoch.
+    heads: per head k: head_epochs, snapshots, sgd_test_accuracy (SGD's
+      own curve at k), the swa and twa rows (epochs k and k + TWA's),
+      twa_basis, and with budget-matched SGD its row (budget_matched_sgd).
+
+  Returns:
+    {"name", "model", "averaging_start", "sgd", "sgd_curve", "heads",
+    "smallest_head_reaching_sgd": the smallest k whose TWA test accuracy
+    reaches full-budget SGD's (None if none does)}.
+  """
+  reaching = [h["head_epochs"] for h in heads
+              if h["twa"]["test_accuracy"] >= sgd["test_accuracy"]]
+  return {"name": config.name, "model": config.model.name,
+          "averaging_start": config.averaging.start, "sgd": sgd,
+          "sgd_curve": [list(p) for p in sgd_curve], "heads": list(heads),
+          "smallest_head_reaching_sgd": min(reaching, default=None)}
+
+
+def sweep_table(result: dict[str, Any]) -> str:
+  """The sweep's table: per head, SGD's curve, SWA, TWA (and budget SGD)."""
+  budget = any("budget_matched_sgd" in h for h in result["heads"])
+  header = ("head k", "SGD at k", "SWA(start..k)", "TWA epochs",
+            "TWA(start..k)", "basis") + (
+                ("SGD, same epochs",) if budget else ())
+  rows = []
+  for h in result["heads"]:
+    twa = h["twa"]
+    rows.append((str(h["head_epochs"]), percent(h["sgd_test_accuracy"]),
+                 percent(h["swa"]["test_accuracy"]), str(twa["epochs"]),
+                 percent(twa["test_accuracy"]),
+                 f"{h['twa_basis']['basis_dim']}/{h['snapshots']}")
+                + ((percent(h["budget_matched_sgd"]["test_accuracy"])
+                    if "budget_matched_sgd" in h else "-",) if budget else ()))
+  sgd = result["sgd"]
+  k = result["smallest_head_reaching_sgd"]
+  return "\n".join(
+      [f"{result['name']}: head-length sweep (snapshots of epochs "
+       f"{result['averaging_start']}..k), test accuracy"]
+      + columns(header, rows)
+      + [f"full-budget SGD: {percent(sgd['test_accuracy'])} at "
+         f"{sgd['epochs']} epochs; "
+         + ("no head reaches it" if k is None else
+            f"TWA reaches it from head {k}"),
+         "basis = kept dimension / snapshots; SGD, same epochs: trained from "
+         "the start for TWA's total epochs, its schedule compressed"])
+
+
+def sweep_plot(result: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
+  """Test accuracy against total epochs: SGD's curve, SWA(start..k),
+  TWA(start..k), budget-matched SGD and the full-budget SGD line."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig = figure.Figure(figsize=(7, 4.5))
+  backend_agg.FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  curve = result["sgd_curve"]
+  ax.plot([e for e, _ in curve], [100 * a for _, a in curve],
+          color="tab:blue", label="SGD (its own curve)")
+  heads = result["heads"]
+  series = [("swa", "SWA(start..k)", "o", "tab:green"),
+            ("twa", "TWA(start..k)", "*", "tab:red"),
+            ("budget_matched_sgd", "SGD, same epochs (compressed schedule)",
+             "s", "tab:purple")]
+  for key, label, marker, color in series:
+    points_ = [(h[key]["epochs"], 100 * h[key]["test_accuracy"])
+               for h in heads if key in h]
+    if points_:
+      ax.plot(*zip(*points_), marker=marker, color=color, label=label,
+               markersize=10 if marker == "*" else 6)
+  accuracy = 100 * result["sgd"]["test_accuracy"]
+  ax.axhline(accuracy, color="tab:blue", linestyle=":", linewidth=1,
+             label=f"SGD full budget ({result['sgd']['epochs']} epochs): "
+             f"{accuracy:.2f}%")
+  ax.set_xlabel("total epochs of training")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(f"{result['name']}: head-length sweep")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  return path

@@ -40,8 +40,13 @@ workdir layout:
                       averaging coefficients
   twa_v/              the same for TWA-v (with twa.holdout_fraction > 0)
   surface/result.json the loss surface through SGD, SWA and TWA
+  sweep/twa_<k>/       TWA over the snapshots of epochs start..k (sweep.heads),
+                      checkpoints and result.json per head k
+  sweep/sgd_<b>/       budget-matched SGD of b epochs (sweep.budget_matched_sgd)
+  sweep/result.json   the sweep's table (rewritten by every sweep phase)
   summary.json        all results side by side
-  plots/accuracy.png, plots/coefficients.png, plots/surface.png
+  plots/accuracy.png, plots/coefficients.png, plots/surface.png,
+  plots/sweep.png
 Kill a run at any point and rerun the same command: it resumes from the last
 complete checkpoint and finishes with the result of an uninterrupted run.
 """
@@ -55,7 +60,8 @@ _SHARED_FIELDS = ("seed", "data", "model", "sgd", "averaging",
                   "train_eval_size", "twa.holdout_fraction")
 PHASE_FIELDS = {"sgd": _SHARED_FIELDS, "swa": _SHARED_FIELDS,
                 "twa": _SHARED_FIELDS + ("twa",),
-                "surface": _SHARED_FIELDS + ("twa", "surface")}
+                "surface": _SHARED_FIELDS + ("twa", "surface"),
+                "sweep": _SHARED_FIELDS + ("twa",)}  # sweep.*: may grow
 # Fields added since workdirs were first written, with the value that
 # reproduces what a workdir without them did (its config.json lacks them;
 # data.holdout_seed: its seed).
