@@ -642,7 +642,8 @@ def test_help_explains_phases_and_workdir():
 
 
 def test_phases_table_runs_the_named_phases_in_order(finished, tmp_path):
-  assert list(train_lib.PHASES) == ["sgd", "swa", "twa", "surface", "report"]
+  assert list(train_lib.PHASES) == ["sgd", "swa", "twa", "surface", "sweep",
+                                    "report"]
   assert train_lib.parse_phases("report, swa,sgd") == ["sgd", "swa", "report"]
   with pytest.raises(configuration.ConfigError,
                      match=r"config\.phases='sgd,fine-tune': unknown or no "
