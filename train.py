@@ -17,6 +17,11 @@ when finished):
           also TWA-v, trained on a held-out part SGD never saw
   surface train loss and test error over the plane through SGD, SWA and TWA
           (config.surface)
+  sweep   the head-length sweep (config.sweep.heads, e.g.
+          --config.sweep.heads="(5,10,15)"): SWA and TWA over the snapshots of
+          epochs averaging.start..k for each head k, against SGD's own curve,
+          full-budget SGD and (sweep.budget_matched_sgd) SGD run for the same
+          total epochs; plots/sweep.png; finished heads are kept
   report  summary.json, the comparison table and plots/
 SWA, EMA and TWA get batch-norm statistics recomputed over the training data.
 

@@ -4,7 +4,8 @@ Every config file calls one of these and changes what differs. The fields:
 
   name            label of the run (summary, table, default workdir).
   seed            model initialization and data order.
-  phases          comma-separated subset of "sgd,swa,twa,report", run in order.
+  phases          comma-separated subset of "sgd,swa,twa,surface,sweep,report",
+                  run in that order.
   data            `twa_jax.training.input_pipeline.load_dataset` fields (name,
                   path, data_dir, train_size, test_size, augmentation,
                   download: let TFDS download and prepare the data) and
@@ -16,16 +17,22 @@ Every config file calls one of these and changes what differs. The fields:
   model           name and kwargs of `twa_jax.training.models.create_model`.
   sgd             the regular training run that records the trajectory:
                   optimizer ("sgd": momentum SGD with coupled weight decay as
-                  in PyTorch; "adam": Adam with coupled weight decay), epochs,
+                  in PyTorch; "adam": Adam with coupled weight decay;
+                  "schedule_free_sgd": optax.contrib.schedule_free_sgd, a
+                  baseline without averaging, momentum as its b1, best at a
+                  constant lr (decay_at=()); the trajectory and its results
+                  are its evaluation parameters), epochs,
                   batch_size, lr and its schedule ("step": times decay_factor
                   after each fraction decay_at of the epochs; "swa": the SWA
                   paper's constant, linear-to-swa_lr, constant schedule with
                   swa_start), ema_decay (EMA of the parameters, every step),
                   snapshots_per_epoch and include_initial (sampling),
                   init_from: where the run starts ("": from the seed's
-                  initialization; else an orbax checkpoint directory or an
-                  .npz of the model's parameter tree, e.g. converted
-                  pretrained weights, to fine-tune from).
+                  initialization; else an orbax checkpoint directory, DIR
+                  or DIR:STEP, or an .npz of the model's variables, e.g.
+                  converted pretrained weights, to fine-tune from; formats
+                  in `twa_jax.training.init_from`; checked against the
+                  model before training).
   averaging       the snapshots SWA, EMA (its end) and TWA use: unit "epoch"
                   (snapshots taken after epochs start..end; 0 is the initial
                   weights) or "index" (the store's snapshots start..end), both
@@ -47,6 +54,13 @@ Every config file calls one of these and changes what differs. The fields:
                   TWA: steps per axis, margin (share of the points' extent
                   added on each side), train_eval_size (training examples
                   for the train loss at each point; None: all).
+  sweep           the sweep phase (the paper's Figure 3: how early can SGD
+                  stop?): heads, the epochs k at which SWA and TWA (config.twa)
+                  average the snapshots of epochs averaging.start..k, each
+                  with its own TWA run (heads may be added between
+                  invocations; finished ones are kept); budget_matched_sgd:
+                  also train SGD from the start for each budget k + twa.epochs
+                  with its schedule compressed (the same decay fractions).
   eval_batch_size examples per evaluation batch.
   train_eval_size training examples used for the final train accuracy
                   (None: all).
@@ -124,6 +138,10 @@ def base() -> ml_collections.ConfigDict:
   c.surface.steps = 11
   c.surface.margin = 0.2
   c.surface.train_eval_size = 5_000
+
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.heads = ()
+  c.sweep.budget_matched_sgd = False
 
   c.eval_batch_size = 500
   c.train_eval_size = config_dict.placeholder(int)

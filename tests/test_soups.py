@@ -148,7 +148,8 @@ def test_soup_of_three_runs(soup, capsys):
   assert "held-out data: the test split" in out
   assert (out.index("ingredient 0") < out.index("ingredient 2")
           < out.index("uniform soup (3)") < out.index("greedy soup (")
-          < out.index("TWA (basis dimension 3)"))
+          < out.index("TWA (basis dimension 3 (0 dropped, condition number "
+                      "of W "))
 
 
 def test_uniform_soup_is_the_mean_and_twa_lies_in_the_span(soup):

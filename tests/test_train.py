@@ -16,6 +16,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -24,7 +25,9 @@ sys.path.insert(0, str(ROOT))  # `from configs import ...`
 
 from twa_jax.store import TrajectoryStore
 from twa_jax.training import configuration
+from twa_jax.checkpoints import CheckpointSnapshots
 from twa_jax.training import experiment as experiment_lib
+from twa_jax.training import init_from
 from twa_jax.training import input_pipeline
 from twa_jax.training import loop
 from twa_jax.training import report
@@ -88,7 +91,9 @@ def test_all_phases_end_to_end(finished):
   assert tuple(results) == METHODS
   for method, row in results.items():
     assert set(row) == {"test_accuracy", "test_loss", "train_accuracy",
-                        "train_loss", "generalization_gap", "epochs",
+                        "train_loss", "generalization_gap",
+                        "running_train_accuracy",
+                        "running_generalization_gap", "epochs",
                         "wall_time_s"}, method
     assert 0.6 < row["test_accuracy"] <= 1.0, (method, row)
     assert row["generalization_gap"] == pytest.approx(
@@ -103,6 +108,20 @@ def test_all_phases_end_to_end(finished):
   assert twa["snapshots"] == 4 and len(twa["coefficients"]) == 4
   assert twa["snapshot_epochs"] == [0, 1, 2, 3]
   assert 1 <= twa["basis_dim"] <= 4
+  # The kept dimension, the dropped directions and W's condition number:
+  # in summary.json, the table and the log.
+  assert twa["basis_dim"] + twa["basis_dropped"] == 4
+  with TrajectoryStore(workdir / "trajectory", read_only=True) as store:
+    w = np.asarray(store.read_matrix([0, 22, 44, 66])[1], np.float64)
+  singular = np.linalg.svd(w, compute_uv=False)
+  assert twa["basis_condition"] == pytest.approx(
+      singular[0] / singular[-1], rel=1e-3)
+  text = (f"basis dimension {twa['basis_dim']} ({twa['basis_dropped']} "
+          f"dropped, condition number of W {twa['basis_condition']:.3g})")
+  assert text in report.table(summary)
+  assert (f"twa: basis of 4 snapshots has dimension {twa['basis_dim']}, "
+          f"{twa['basis_dropped']} dropped, condition number of W "
+          f"{twa['basis_condition']:.3g}") in (workdir / "log.txt").read_text()
   assert twa["coefficient_sum"] == pytest.approx(sum(twa["coefficients"]))
   assert 0.5 < twa["coefficient_sum"] < 1.5
   assert json.loads((workdir / "summary.json").read_text()) == summary
@@ -111,6 +130,23 @@ def test_all_phases_end_to_end(finished):
   records = workdir_lib.read_metrics(workdir)
   assert [(r["phase"], r["epoch"]) for r in records] == (
       [("sgd", e) for e in range(1, 7)] + [("twa", e) for e in range(1, 3)])
+  # The paper's train accuracy: the running average over the last epoch's
+  # train-mode batches, next to the clean one.
+  running = {(r["phase"], r["epoch"]): r["train_accuracy"] for r in records}
+  assert results["sgd"]["running_train_accuracy"] == running["sgd", 6]
+  assert results["sgd_head"]["running_train_accuracy"] == running["sgd", 3]
+  assert results["twa"]["running_train_accuracy"] == running["twa", 2]
+  for method in ("swa", "ema"):  # no training epochs of their own
+    assert results[method]["running_train_accuracy"] is None
+    assert results[method]["running_generalization_gap"] is None
+  for method in ("sgd", "sgd_head", "twa"):
+    row = results[method]
+    assert row["running_generalization_gap"] == pytest.approx(
+        row["running_train_accuracy"] - row["test_accuracy"])
+    assert row["running_train_accuracy"] != row["train_accuracy"]
+  table = report.table(summary).splitlines()
+  assert "run. train acc" in table[1] and "run. gap" in table[1]
+  assert f"{100 * running['sgd', 6]:.2f}%" in table[3]
   assert all(r["seconds"] > 0 and r["lr"] > 0 for r in records)
   log = (workdir / "log.txt").read_text()
   assert "sgd epoch 6/6" in log and "twa epoch 2/2" in log
@@ -304,6 +340,207 @@ def test_errors_before_training(finished, tmp_path):
   fails(config, "no trajectory store")
 
 
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sgd_starts_from_a_checkpoint_or_an_npz(finished, tmp_path):
+  checkpoints = finished[0] / "sgd" / "checkpoints"  # epochs 5 and 6 kept
+  with CheckpointSnapshots(checkpoints, key=("params",)) as ckpt:
+    assert ckpt.steps() == [5, 6]
+    at_5, at_6 = ckpt.load(5), ckpt.load(6)
+  with CheckpointSnapshots(checkpoints, key=("batch_stats",)) as ckpt:
+    stats_5 = ckpt.load(5)
+  config = tiny_config(sgd_epochs=1, head=1, twa_epochs=1)
+  config.phases = "sgd"
+  seed_params, seed_stats = experiment_lib.init_variables(
+      experiment_lib.create(config))
+  # A checkpoint directory: its latest step, or the one after ":".
+  config.sgd.init_from = str(checkpoints)
+  assert_trees_equal(experiment_lib.initial_variables(
+      experiment_lib.create(config))[0], at_6)
+  config.sgd.init_from = f"{checkpoints}:5"
+  params, stats = experiment_lib.initial_variables(
+      experiment_lib.create(config))
+  assert_trees_equal(params, at_5)
+  assert_trees_equal(stats, stats_5)
+  # An .npz: with batch_stats, or without (the seed's are kept).
+  shifted = jax.tree.map(lambda p: np.asarray(p) + 1.0, at_5)
+  init_from.save_npz(tmp_path / "both.npz", shifted, stats_5)
+  init_from.save_npz(tmp_path / "params.npz", shifted)
+  with np.load(tmp_path / "both.npz") as f:
+    assert sorted(f.files) == [
+        "batch_stats/BatchNorm_0/mean", "batch_stats/BatchNorm_0/var",
+        "params/BatchNorm_0/bias", "params/BatchNorm_0/scale",
+        "params/Dense_0/kernel", "params/Dense_1/bias",
+        "params/Dense_1/kernel"]
+  config.sgd.init_from = str(tmp_path / "params.npz")
+  params, stats = experiment_lib.initial_variables(
+      experiment_lib.create(config))
+  assert_trees_equal(params, shifted)
+  assert_trees_equal(stats, seed_stats)
+  # The sgd phase's first snapshot is the loaded parameters.
+  config.sgd.init_from = str(tmp_path / "both.npz")
+  workdir = tmp_path / "w"
+  train_lib.run(config, workdir)
+  with TrajectoryStore(workdir / "trajectory", read_only=True) as store:
+    assert_trees_equal(store.load(0), shifted)
+    trained = store.load(22)
+  assert not np.array_equal(trained["Dense_0"]["kernel"],
+                            shifted["Dense_0"]["kernel"])
+  assert "sgd starts from config.sgd.init_from=" in (
+      workdir / "log.txt").read_text()
+  # A started workdir refuses another start.
+  config.sgd.init_from = ""
+  with pytest.raises(configuration.ConfigError, match=r"sgd\.init_from: "):
+    train_lib.run(config, workdir)
+  # Without init_from, the seed's initialization (as before).
+  assert_trees_equal(experiment_lib.initial_variables(
+      experiment_lib.create(config))[0], seed_params)
+
+
+def test_a_mismatched_init_from_is_refused_naming_the_leaf(finished,
+                                                          tmp_path):
+  config = tiny_config(sgd_epochs=1, head=1, twa_epochs=1)
+  params, stats = experiment_lib.init_variables(experiment_lib.create(config))
+  params = jax.tree.map(np.asarray, params)
+
+  def fails(tree, match, batch_stats=None):
+    path = tmp_path / f"{len(list(tmp_path.iterdir()))}.npz"
+    init_from.save_npz(path, tree, batch_stats)
+    config.sgd.init_from = str(path)
+    workdir = tmp_path / f"w{len(list(tmp_path.iterdir()))}"
+    with pytest.raises(configuration.ConfigError, match=match):
+      train_lib.run(config, workdir)
+    assert not (workdir / "metrics.jsonl").exists()
+    assert not (workdir / "trajectory").exists()
+
+  missing = {k: dict(v) for k, v in params.items()}
+  del missing["Dense_1"]["bias"]
+  fails(missing, r"init_from=.*: params: missing leaf \['Dense_1'\]\['bias'\]")
+  extra = {**params, "Dense_2": {"kernel": np.zeros((2, 2), np.float32)}}
+  fails(extra, r"params: unexpected leaf \['Dense_2'\]\['kernel'\]")
+  wide = {**params, "Dense_0": {"kernel": np.zeros((64, 48), np.float32)}}
+  fails(wide, r"leaf \['Dense_0'\]\['kernel'\] has shape \(64, 48\), "
+        r"expected \(64, 32\)")
+  half = jax.tree.map(lambda p: p.astype(np.float16), params)
+  fails(half, r"leaf \['BatchNorm_0'\]\['bias'\] has dtype float16")
+  fails(params, r"batch_stats: leaf \['BatchNorm_0'\]\['mean'\] has shape",
+        batch_stats={"BatchNorm_0": {"mean": np.zeros(3, np.float32),
+                                     "var": np.zeros(32, np.float32)}})
+  np.savez(tmp_path / "bad.npz", weights=np.zeros(3))
+  config.sgd.init_from = str(tmp_path / "bad.npz")
+  with pytest.raises(configuration.ConfigError,
+                     match=r"entry 'weights' is neither params/"):
+    train_lib.run(config, tmp_path / "w_bad")
+  config.sgd.init_from = str(tmp_path / "no_such_checkpoints")
+  with pytest.raises(configuration.ConfigError,
+                     match=r"init_from=.*no_such_checkpoints.*does not exist"):
+    train_lib.run(config, tmp_path / "w_none")
+  config.sgd.init_from = f"{finished[0] / 'sgd' / 'checkpoints'}:3"
+  with pytest.raises(configuration.ConfigError,
+                     match=r"step 3 is not in .*steps found: \[5, 6\]"):
+    train_lib.run(config, tmp_path / "w_step")
+
+
+def test_schedule_free_sgd_evaluates_its_averaged_params(tmp_path):
+  config = tiny_config(sgd_epochs=3, head=3, twa_epochs=1)
+  config.phases = "sgd"
+  config.sgd.optimizer = "schedule_free_sgd"
+  config.sgd.decay_at = ()  # a constant learning rate
+  train_lib.run(config, tmp_path)
+  row = json.loads((tmp_path / "sgd" / "result.json").read_text())[
+      "results"]["sgd"]
+  assert row["test_accuracy"] > 0.6  # it trains
+  # x = (y - (1 - b1) z) / b1 from the final state: y the gradient points
+  # (the state's params), z the SGD sequence.
+  with ocp.CheckpointManager(
+      loop.checkpoint_dir(tmp_path, "sgd"),
+      options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    state = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+  b1, y = float(state["opt_state"]["b1"]), state["params"]
+  x = jax.tree.map(lambda yi, zi: (yi - (1 - b1) * zi) / b1, y,
+                   state["opt_state"]["z"])
+  assert not np.allclose(x["Dense_0"]["kernel"], y["Dense_0"]["kernel"])
+  with TrajectoryStore(tmp_path / "trajectory", read_only=True) as store:
+    last = store.load(store.steps()[-1])
+  for a, b in zip(jax.tree.leaves(last), jax.tree.leaves(x)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  exp = experiment_lib.create(config)
+  splits = experiment_lib.row_splits(exp)
+  at_x = experiment_lib.evaluate_averaged(exp, x, splits)[0]
+  at_y = experiment_lib.evaluate_averaged(exp, y, splits)[0]
+  assert row["test_loss"] == pytest.approx(at_x["test"]["loss"], rel=1e-5)
+  assert row["test_loss"] != pytest.approx(at_y["test"]["loss"], rel=1e-3)
+  assert row["train_accuracy"] == pytest.approx(at_x["train"]["accuracy"])
+  assert workdir_lib.last_metrics(tmp_path, "sgd")["test_loss"] == (
+      pytest.approx(at_x["test"]["loss"], rel=1e-5))
+  # Only the sgd phase takes it, and it needs its interpolation b1.
+  config.twa.optimizer = "schedule_free_sgd"
+  config.sgd.momentum = 0.0
+  with pytest.raises(configuration.ConfigError,
+                     match=r"(?s)config\.twa\.optimizer='schedule_free_sgd': "
+                     r"choose from \('sgd', 'adam'\).*config\.sgd\.momentum"
+                     r"=0\.0: schedule_free_sgd's interpolation b1"):
+    configuration.validate_config(config)
+
+
+def test_sweep_phase_over_head_lengths_resumes_and_grows(finished, tmp_path,
+                                                         capsys):
+  workdir = copy_workdir(finished[0], tmp_path / "w")
+  config = tiny_config()
+  config.phases = "sweep"
+  config.sweep.heads = (1,)
+  config.sweep.budget_matched_sgd = True
+  train_lib.run(config, workdir)
+  first = workdir_lib.read_json(workdir / "sweep" / "result.json")
+  assert [h["head_epochs"] for h in first["heads"]] == [1]
+  # A later invocation adds heads and keeps the finished one.
+  config.sweep.heads = (3, 1)
+  train_lib.run(config, workdir)
+  result = workdir_lib.read_json(workdir / "sweep" / "result.json")
+  one, three = result["heads"]
+  assert one == first["heads"][0]
+  records = workdir_lib.read_metrics(workdir)
+  assert [r["epoch"] for r in records if r["phase"] == "sweep/twa_1"] == [1, 2]
+  assert [r["epoch"] for r in records if r["phase"] == "sweep/sgd_3"] == [
+      1, 2, 3]
+  assert [r["epoch"] for r in records if r["phase"] == "sweep/sgd_5"] == [
+      1, 2, 3, 4, 5]
+  assert (one["snapshots"], three["snapshots"]) == (2, 4)
+  assert (one["twa"]["epochs"], three["twa"]["epochs"]) == (3, 5)
+  # Head 3 is the averaging range of the twa and swa phases: same results.
+  summary = finished[1]["results"]
+  for method in ("swa", "twa"):
+    assert three[method]["test_accuracy"] == pytest.approx(
+        summary[method]["test_accuracy"])
+  assert three["twa_basis"]["basis_dim"] == finished[1]["twa"]["basis_dim"]
+  curve = {r["epoch"]: r["test_accuracy"] for r in records
+           if r["phase"] == "sgd"}
+  assert result["sgd_curve"] == [[e, curve[e]] for e in range(1, 7)]
+  assert one["sgd_test_accuracy"] == curve[1]
+  assert result["sgd"] == summary["sgd"]
+  reaching = [h["head_epochs"] for h in (one, three)
+              if h["twa"]["test_accuracy"] >= summary["sgd"]["test_accuracy"]]
+  assert result["smallest_head_reaching_sgd"] == min(reaching, default=None)
+  # Budget-matched SGD: the whole schedule compressed to k + TWA's epochs.
+  sgd_5 = [r for r in records if r["phase"] == "sweep/sgd_5"]
+  assert [r["lr"] for r in sgd_5] == pytest.approx([0.1, 0.1, 0.01, 0.01,
+                                                    0.001])
+  assert three["budget_matched_sgd"]["epochs"] == 5
+  assert 0.6 < three["budget_matched_sgd"]["test_accuracy"] <= 1
+  out = capsys.readouterr().out
+  assert "head-length sweep" in out and "SGD, same epochs" in out
+  assert (workdir / "plots" / "sweep.png").stat().st_size > 1000
+  config.sweep.heads = (7,)
+  with pytest.raises(configuration.ConfigError,
+                     match=r"config\.sweep\.heads=\(7,\): distinct epochs"):
+    train_lib.run(config, workdir)
+
+
 def test_nan_loss_stops_naming_epoch_and_step(tmp_path):
   config = tiny_config()
   config.sgd.lr = 1e30
@@ -405,7 +642,8 @@ def test_help_explains_phases_and_workdir():
 
 
 def test_phases_table_runs_the_named_phases_in_order(finished, tmp_path):
-  assert list(train_lib.PHASES) == ["sgd", "swa", "twa", "surface", "report"]
+  assert list(train_lib.PHASES) == ["sgd", "swa", "twa", "surface", "sweep",
+                                    "report"]
   assert train_lib.parse_phases("report, swa,sgd") == ["sgd", "swa", "report"]
   with pytest.raises(configuration.ConfigError,
                      match=r"config\.phases='sgd,fine-tune': unknown or no "

@@ -96,8 +96,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     need(s.epochs >= 1 and isinstance(s.epochs, int), f"{section}.epochs",
          "must be a positive integer")
     need(s.lr > 0, f"{section}.lr", "the learning rate must be positive")
-    need(s.optimizer in steps_lib.OPTIMIZERS, f"{section}.optimizer",
-         f"choose from {steps_lib.OPTIMIZERS}")
+    choices = (steps_lib.OPTIMIZERS if section == "sgd"
+               else steps_lib.TWA_BASE_OPTIMIZERS)
+    need(s.optimizer in choices, f"{section}.optimizer",
+         f"choose from {choices}")
     need(s.schedule in (steps_lib.SCHEDULES if section == "sgd" else ("step",)),
          f"{section}.schedule", "unknown schedule")
     need(0 <= s.momentum < 1, f"{section}.momentum", "must be in [0, 1)")
@@ -109,6 +111,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     need(0 <= s.linear_epochs <= s.epochs, f"{section}.linear_epochs",
          "must be in [0, epochs]")
   sgd = config.sgd
+  if sgd.optimizer == "schedule_free_sgd":
+    need(0 < sgd.momentum < 1, "sgd.momentum",
+         "schedule_free_sgd's interpolation b1 must be in (0, 1)")
   need(sgd.batch_size >= 1, "sgd.batch_size", "must be positive")
   need(0 <= sgd.ema_decay < 1, "sgd.ema_decay", "must be in [0, 1)")
   need(sgd.snapshots_per_epoch >= 1, "sgd.snapshots_per_epoch",
@@ -132,6 +137,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        f"choose from {STORAGES}")
   for field in ("data.holdout_fraction", "twa.holdout_fraction"):
     need(0 <= get_field(config, field) < 1, field, "must be in [0, 1)")
+  heads = config.sweep.heads
+  need(all(isinstance(k, int) and max(avg.start, 1) <= k <= sgd.epochs
+           for k in heads) and len(set(heads)) == len(heads), "sweep.heads",
+       f"distinct epochs in [max(averaging.start, 1), sgd.epochs="
+       f"{sgd.epochs}]")
+  if config.sweep.budget_matched_sgd:
+    need(sgd.schedule == "step", "sgd.schedule",
+         "sweep.budget_matched_sgd compresses a step schedule")
+  if "sweep" in [p.strip() for p in str(config.phases).split(",")]:
+    need(bool(heads), "sweep.heads", "the sweep phase needs head epochs")
+    need(avg.unit == "epoch", "averaging.unit",
+         "the sweep phase averages epochs: set 'epoch'")
   need(config.surface.steps >= 2, "surface.steps", "need at least 2")
   need(config.surface.margin >= 0, "surface.margin", "must be >= 0")
   need(config.eval_batch_size >= 1, "eval_batch_size", "must be positive")

@@ -17,6 +17,7 @@ from tqdm import auto as tqdm
 from twa_jax import batch_norm
 from twa_jax.sampling import SamplingSchedule
 from twa_jax.store import TrajectoryStore
+from twa_jax.training import init_from
 from twa_jax.training import input_pipeline
 from twa_jax.training import models
 from twa_jax.training import steps as steps_lib
@@ -160,6 +161,20 @@ def init_variables(exp: Experiment) -> tuple[PyTree, PyTree]:
   return variables["params"], variables.get("batch_stats", {})
 
 
+def initial_variables(exp: Experiment) -> tuple[PyTree, PyTree]:
+  """The (params, batch_stats) the sgd phase starts from: `init_variables`,
+  or those of `config.sgd.init_from` (checked against them).
+
+  Raises:
+    ConfigError: `sgd.init_from` is unreadable or does not match the model.
+  """
+  params, batch_stats = init_variables(exp)
+  source = exp.config.sgd.init_from
+  if not source:
+    return params, batch_stats
+  return init_from.load(source, params, batch_stats)
+
+
 def read_snapshots(store: TrajectoryStore, steps: Sequence[int]) -> PyTree:
   """The snapshots at `steps` as one tree with a leading snapshot axis."""
   spec, matrix = store.read_matrix(steps)
@@ -258,15 +273,57 @@ def evaluate_averaged(exp: Experiment, params: PyTree,
   return evaluate(exp, params, batch_stats, splits), seconds
 
 
+def evaluate_state(exp: Experiment, state: steps_lib.TrainState,
+                   splits: Mapping[str, int | None]
+                   ) -> tuple[dict[str, Metrics], float]:
+  """Evaluates a training state, as `evaluate_averaged` returns.
+
+  Its params with its running batch statistics; with schedule-free SGD its
+  `steps.evaluation_params`, with batch-norm statistics recomputed for them
+  (the running ones were taken at the gradient points).
+  """
+  if steps_lib.is_schedule_free(state):
+    return evaluate_averaged(exp, steps_lib.evaluation_params(state), splits)
+  return evaluate(exp, state.params, state.batch_stats, splits), 0.0
+
+
 def summary_row(metrics: Mapping[str, Metrics], *, epochs: float | int,
-                wall_time_s: float | None) -> dict[str, Any]:
-  """A method's row of the summary from its `row_splits` metrics."""
+                wall_time_s: float | None,
+                running_train_accuracy: float | None = None
+                ) -> dict[str, Any]:
+  """A method's row of the summary from its `row_splits` metrics.
+
+  Two train accuracies, two gaps (train - test accuracy): `train_accuracy`
+  and `generalization_gap` are the clean ones (evaluation mode, no
+  augmentation, `train_eval_size` examples); `running_train_accuracy` and
+  `running_generalization_gap` the paper's (the running average over the
+  last training epoch's augmented, train-mode batches, as its reference code
+  reports it: None for a method without training epochs of its own, e.g.
+  SWA). See `report.table`.
+
+  Args:
+    metrics: {split: {"loss", "accuracy"}} of `row_splits`.
+    epochs: the training epochs the method spent.
+    wall_time_s: its seconds (None: unknown).
+    running_train_accuracy: the paper's train accuracy (see above).
+  """
   test, train = metrics["test"], metrics["train"]
   row = {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
          "train_accuracy": train["accuracy"], "train_loss": train["loss"],
          "generalization_gap": train["accuracy"] - test["accuracy"],
+         **running_columns(running_train_accuracy, test["accuracy"]),
          "epochs": epochs, "wall_time_s": wall_time_s}
   if "holdout" in metrics:
     row.update(holdout_accuracy=metrics["holdout"]["accuracy"],
                holdout_loss=metrics["holdout"]["loss"])
   return row
+
+
+def running_columns(running_train_accuracy: float | None,
+                    test_accuracy: float) -> dict[str, float | None]:
+  """A row's running_train_accuracy and running_generalization_gap (see
+  `summary_row`)."""
+  return {"running_train_accuracy": running_train_accuracy,
+          "running_generalization_gap": (
+              None if running_train_accuracy is None
+              else running_train_accuracy - test_accuracy)}

@@ -56,8 +56,9 @@ def train(exp: experiment_lib.Experiment, workdir: pathlib.Path, phase: str,
           recorder: Recorder | None = None) -> tuple[TrainState, float]:
   """Trains `epochs` epochs, resuming from the phase's last checkpoint.
 
-  Every epoch: train on `data`, evaluate on the test split, append the
-  record to metrics.jsonl, flush the recorder, checkpoint.
+  Every epoch: train on `data`, evaluate on the test split
+  (`experiment.evaluate_state`), append the record to metrics.jsonl, flush
+  the recorder, checkpoint.
 
   Args:
     exp: the experiment (batch size, evaluation, logging interval).
@@ -99,8 +100,8 @@ def train(exp: experiment_lib.Experiment, workdir: pathlib.Path, phase: str,
             steps_per_epoch=spe, lr=lr, elapsed=elapsed, bar=bar,
             recorder=recorder,
             check=_FiniteCheck(phase, manager, recorder, spe))
-        test = experiment_lib.evaluate(exp, state.params, state.batch_stats,
-                                       {"test": None})["test"]
+        test = experiment_lib.evaluate_state(exp, state,
+                                             {"test": None})[0]["test"]
         seconds = time.perf_counter() - start
         elapsed += seconds
         _record_epoch(workdir, phase, epoch, epochs, spe, lr, metrics, test,

@@ -310,8 +310,7 @@ def compare(exp: Experiment, workdir: pathlib.Path,
                        "epochs": i.epochs, "label": i.label}
                       for i in ingredients],
       "results": results, "greedy_soup": {"kept": kept},
-      "twa": {"basis_dim": outcome.basis_dim,
-              "num_params": outcome.num_params, "epochs": cfg.epochs,
+      "twa": {**outcome.basis, "epochs": cfg.epochs,
               **outcome.coefficients}}
 
 
@@ -323,7 +322,7 @@ def table(summary: dict[str, Any]) -> str:
            for n, label in enumerate(labels)}
   names.update(uniform_soup=f"uniform soup ({len(labels)})",
                greedy_soup=f"greedy soup ({len(kept)} of {len(labels)})",
-               twa=f"TWA (basis dimension {summary['twa']['basis_dim']})")
+               twa=f"TWA ({report.basis_text(summary['twa'])})")
   header = ("method", "epochs", "held-out acc", "test acc", "train acc",
             "test loss", "wall time")
   rows = []

@@ -16,7 +16,8 @@ import optax
 PyTree = Any
 Metrics = dict[str, jax.Array]
 SCHEDULES = ("step", "swa")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "schedule_free_sgd")
+TWA_BASE_OPTIMIZERS = ("sgd", "adam")  # config.twa.optimizer's choices
 
 
 @struct.dataclass
@@ -131,12 +132,17 @@ def base_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *,
   """PyTorch-style optimizers: weight decay added to the gradient first.
 
   Args:
-    name: "sgd" (heavy-ball momentum) or "adam".
+    name: "sgd" (heavy-ball momentum), "adam", or "schedule_free_sgd"
+      (`optax.contrib.schedule_free_sgd`, momentum as its interpolation b1;
+      evaluate its `evaluation_params`; meant for a constant learning rate).
     learning_rate: a float or schedule.
-    momentum: SGD momentum (ignored by Adam).
+    momentum: SGD momentum, schedule-free's b1 (ignored by Adam).
     weight_decay: coupled L2 coefficient.
     nesterov: Nesterov momentum (SGD).
   """
+  if name == "schedule_free_sgd":
+    return optax.contrib.schedule_free_sgd(learning_rate, b1=momentum,
+                                           weight_decay=weight_decay)
   if name == "sgd":
     inner = optax.sgd(learning_rate, momentum=momentum or None,
                       nesterov=nesterov)
@@ -145,6 +151,21 @@ def base_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *,
   else:
     raise ValueError(f"unknown optimizer {name!r}; known: {OPTIMIZERS}")
   return optax.chain(optax.add_decayed_weights(weight_decay), inner)
+
+
+def is_schedule_free(state: TrainState) -> bool:
+  """Whether the state's optimizer is `optax.contrib.schedule_free`."""
+  return isinstance(state.opt_state, optax.contrib.ScheduleFreeState)
+
+
+def evaluation_params(state: TrainState) -> PyTree:
+  """The parameters to evaluate: schedule-free's averaged sequence x
+  (`optax.contrib.schedule_free_eval_params`) when the state's optimizer is
+  schedule-free (its `params` are the gradient points y), else `params`."""
+  if is_schedule_free(state):
+    return optax.contrib.schedule_free_eval_params(state.opt_state,
+                                                   state.params)
+  return state.params
 
 
 def variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:

@@ -11,6 +11,7 @@ from typing import Any
 from absl import logging
 import jax
 import ml_collections
+import optax
 
 import twa_jax
 from twa_jax.store import TrajectoryStore
@@ -34,8 +35,8 @@ def run(config: ml_collections.ConfigDict,
   """Runs the phases `config.phases` in `workdir`, in the order of `PHASES`.
 
   Everything that can be checked before training is: the config, the
-  workdir's saved config, the data and model, the snapshots the phases
-  need. Each phase resumes where an earlier invocation stopped and is
+  workdir's saved config, the data and model, the parameters sgd starts
+  from (`sgd.init_from`), the snapshots the phases need. Each phase resumes where an earlier invocation stopped and is
   skipped when finished.
 
   Args:
@@ -47,7 +48,8 @@ def run(config: ml_collections.ConfigDict,
 
   Raises:
     ConfigError: bad config, unwritable workdir, a workdir started with a
-      different config, or a snapshot range the store cannot satisfy.
+      different config, an `sgd.init_from` that does not fit the model, or
+      a snapshot range the store cannot satisfy.
     TrainingDiverged: NaN loss (what was saved is kept).
   """
   phases = parse_phases(config.phases)
@@ -58,6 +60,8 @@ def run(config: ml_collections.ConfigDict,
     saved = workdir_lib.check_saved_config(config, workdir)
     exp = experiment_lib.create(config)
     check_snapshots(exp, workdir, phases)
+    if "sgd" in phases and not workdir_lib.is_done(workdir, "sgd"):
+      experiment_lib.initial_variables(exp)  # sgd.init_from fits the model
     if saved != configuration.to_json_data(config):
       workdir_lib.write_json(workdir / "config.json",
                              configuration.to_json_data(config))
@@ -78,7 +82,7 @@ def run(config: ml_collections.ConfigDict,
 
 def _outputs(exp: Experiment, phase: str) -> list[str]:
   """The results (<workdir>/<name>/result.json) that mark a phase finished."""
-  if phase == "report":  # rewritten every time
+  if phase in ("report", "sweep"):  # rewritten every time (sweep: per head)
     return []
   if phase == "twa" and exp.holdout is not None:
     return ["twa", "twa_v"]
@@ -152,9 +156,11 @@ def _wall_time(exp: Experiment, workdir: pathlib.Path,
 def _finish(workdir: pathlib.Path, phase: str, result: dict[str, Any]) -> None:
   """Logs the phase's rows and writes its result.json (marks it finished)."""
   for method, row in result["results"].items():
-    logging.info("%s: test accuracy %.4f, train accuracy %.4f, test loss "
-                 "%.4f, epochs %s", method, row["test_accuracy"],
-                 row["train_accuracy"], row["test_loss"], row["epochs"])
+    logging.info("%s: test accuracy %.4f, train accuracy %.4f (running, "
+                 "train mode: %s), test loss %.4f, epochs %s", method,
+                 row["test_accuracy"], row["train_accuracy"],
+                 report.fraction_text(row.get("running_train_accuracy")),
+                 row["test_loss"], row["epochs"])
   workdir_lib.write_json(workdir_lib.result_path(workdir, phase), result)
 
 
@@ -172,12 +178,12 @@ class _TrajectoryRecorder:
   def record(self, step: int, state: TrainState, elapsed_s: float) -> None:
     exp = self.exp
     if step not in self.saved:
-      self.store.save(step, state.params,
+      self.store.save(step, steps_lib.evaluation_params(state),
                       metadata={"epoch": exp.epochs_at(step)})
       self.saved.add(step)
     if step == exp.averaging_end and step not in self.ema_store.steps():
-      metrics = experiment_lib.evaluate(exp, state.params, state.batch_stats,
-                                        experiment_lib.row_splits(exp))
+      metrics, _ = experiment_lib.evaluate_state(
+          exp, state, experiment_lib.row_splits(exp))
       row = experiment_lib.summary_row(metrics, epochs=exp.epochs_at(step),
                                        wall_time_s=elapsed_s)
       logging.info("sgd at the end of the averaging range (step %d, epoch "
@@ -193,21 +199,34 @@ class _TrajectoryRecorder:
     self.store.wait_until_finished()
 
 
-def phase_sgd(exp: Experiment, workdir: pathlib.Path) -> None:
-  """Regular training recording the trajectory; SGD, SGD at the end of the
-  averaging range, and the EMA there."""
+def _sgd_training(exp: Experiment, epochs: int
+                  ) -> tuple[TrainState, Callable[..., Any], optax.Schedule]:
+  """The initial state, step and schedule of `epochs` epochs of config.sgd
+  (its step schedule's decay fractions apply to `epochs`)."""
   cfg = exp.config.sgd
-  schedule = steps_lib.learning_rate_schedule(cfg, cfg.epochs,
+  schedule = steps_lib.learning_rate_schedule(cfg, epochs,
                                               exp.steps_per_epoch)
   tx = steps_lib.base_optimizer(cfg.optimizer, schedule,
                                 momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay,
                                 nesterov=cfg.nesterov)
-  params, batch_stats = experiment_lib.init_variables(exp)
+  params, batch_stats = experiment_lib.initial_variables(exp)
   state = TrainState.create(params, batch_stats, tx, ema=True)
   train_step = steps_lib.make_train_step(exp.model, tx,
                                          ema_decay=cfg.ema_decay,
                                          seed=exp.config.seed)
+  return state, train_step, schedule
+
+
+def phase_sgd(exp: Experiment, workdir: pathlib.Path) -> None:
+  """Regular training recording the trajectory; SGD, SGD at the end of the
+  averaging range, and the EMA there.
+
+  With `sgd.optimizer="schedule_free_sgd"`, the trajectory and SGD's rows
+  are its evaluation parameters (`steps.evaluation_params`).
+  """
+  cfg = exp.config.sgd
+  state, train_step, schedule = _sgd_training(exp, cfg.epochs)
   with open_store(workdir, read_only=False) as store, \
       TrajectoryStore(workdir / "sgd" / "ema_head") as ema_store:
     state, elapsed = loop.train(
@@ -219,11 +238,16 @@ def phase_sgd(exp: Experiment, workdir: pathlib.Path) -> None:
     at_end = ema_store.metadata(exp.averaging_end)
     ema = ema_store.load(exp.averaging_end)
   splits = experiment_lib.row_splits(exp)
+  metrics, seconds = experiment_lib.evaluate_state(exp, state, splits)
   results = {"sgd": experiment_lib.summary_row(
-      experiment_lib.evaluate(exp, state.params, state.batch_stats, splits),
-      epochs=cfg.epochs, wall_time_s=elapsed)}
+      metrics, epochs=cfg.epochs, wall_time_s=elapsed + seconds,
+      running_train_accuracy=workdir_lib.running_train_accuracy(
+          workdir, "sgd"))}
   if exp.averaging_end < cfg.epochs * exp.steps_per_epoch:
-    results["sgd_head"] = at_end["sgd"]
+    head = at_end["sgd"]  # evaluated before its epoch's record was written
+    results["sgd_head"] = {**head, **experiment_lib.running_columns(
+        workdir_lib.running_train_accuracy(workdir, "sgd", exp.averaging_end),
+        head["test_accuracy"])}
   metrics, seconds = experiment_lib.evaluate_averaged(exp, ema, splits)
   results["ema"] = experiment_lib.summary_row(
       metrics, epochs=exp.epochs_at(exp.averaging_end),
@@ -266,12 +290,14 @@ def phase_twa(exp: Experiment, workdir: pathlib.Path) -> None:
     end_epochs = exp.epochs_at(exp.averaging_end)
     row = experiment_lib.summary_row(
         outcome.metrics, epochs=end_epochs + cfg.epochs,
-        wall_time_s=_wall_time(exp, workdir, outcome.seconds))
+        wall_time_s=_wall_time(exp, workdir, outcome.seconds),
+        running_train_accuracy=(None if last is None
+                                else last["train_accuracy"]))
     selected = exp.selected_steps
     details = {
         "snapshots": len(selected), "snapshot_steps": selected,
         "snapshot_epochs": [exp.epochs_at(s) for s in selected],
-        "basis_dim": outcome.basis_dim, "num_params": outcome.num_params,
+        **outcome.basis,
         "granularity": cfg.granularity, "storage": cfg.storage,
         "trained_on": data.num_train, "start": cfg.start,
         "head_epochs": end_epochs, "epochs": cfg.epochs,
@@ -307,6 +333,109 @@ def phase_surface(exp: Experiment, workdir: pathlib.Path) -> None:
                          surface_lib.to_dict(result))
 
 
+def phase_sweep(exp: Experiment, workdir: pathlib.Path) -> None:
+  """The head-length sweep: SWA and TWA over epochs start..k per head k.
+
+  From the sgd phase's one trajectory, for each k of `sweep.heads`: SWA of
+  the snapshots of epochs `averaging.start`..k and TWA (config.twa) in
+  their span, each head its own resumable TWA run; with
+  `sweep.budget_matched_sgd`, SGD trained from the start for k + twa.epochs
+  epochs with its schedule compressed. Finished heads are kept, so heads
+  can be added by a later invocation. Writes sweep/result.json and
+  plots/sweep.png (`report.sweep_summary`) and prints the table.
+  """
+  if not workdir_lib.is_done(workdir, "sgd"):
+    raise ConfigError("sweep: needs the sgd phase's trajectory; run the sgd "
+                      "phase first")
+  with open_store(workdir, read_only=True) as store:
+    have = set(store.steps())
+  curve = {r["epoch"]: r for r in workdir_lib.read_metrics(workdir)
+           if r["phase"] == "sgd"}
+  heads = [_sweep_head(exp, workdir, k, curve, have)
+           for k in sorted(exp.config.sweep.heads)]
+  if exp.config.sweep.budget_matched_sgd:
+    for head in heads:
+      head["budget_matched_sgd"] = _budget_matched_sgd(
+          exp, workdir, head["twa"]["epochs"])
+  sgd = workdir_lib.read_json(workdir_lib.result_path(workdir, "sgd"))
+  result = report.sweep_summary(
+      exp.config, sgd["results"]["sgd"],
+      [[e, curve[e]["test_accuracy"]] for e in sorted(curve)], heads)
+  workdir_lib.write_json(workdir_lib.result_path(workdir, "sweep"), result)
+  path = report.sweep_plot(result, workdir / "plots" / "sweep.png")
+  print(report.sweep_table(result), flush=True)
+  logging.info("sweep: %s; plot: %s",
+               workdir_lib.result_path(workdir, "sweep"), path)
+
+
+def _sweep_head(exp: Experiment, workdir: pathlib.Path, k: int,
+                curve: dict[int, dict[str, Any]],
+                have: set[int]) -> dict[str, Any]:
+  """SWA and TWA over the snapshots of epochs start..k (kept once done)."""
+  name = f"sweep/twa_{k}"
+  path = workdir_lib.result_path(workdir, name)
+  if path.exists():
+    return workdir_lib.read_json(path)
+  averaging = exp.config.averaging.copy_and_resolve_references()
+  averaging.end = k
+  selected = experiment_lib.select_snapshot_steps(
+      averaging, exp.planned_steps, exp.steps_per_epoch)
+  missing = [s for s in selected if s not in have]
+  if missing:
+    raise ConfigError(f"sweep.heads: head {k} needs the snapshots of steps "
+                      f"{selected[0]}-{selected[-1]}; the store lacks "
+                      f"{len(missing)} (first: step {missing[0]})")
+
+  def load() -> PyTree:
+    with open_store(workdir, read_only=True) as store:
+      return experiment_lib.read_snapshots(store, selected)
+
+  sgd_seconds = sum(curve[e]["seconds"] for e in range(1, k + 1))
+  splits = experiment_lib.row_splits(exp)
+  start = time.perf_counter()
+  swa = twa_jax.swa(load())
+  averaging_s = time.perf_counter() - start
+  metrics, seconds = experiment_lib.evaluate_averaged(exp, swa, splits)
+  cfg = exp.config.twa
+  outcome = twa_training.train_twa(exp, workdir, name, load, start=cfg.start,
+                                   data=exp.dataset)
+  last = workdir_lib.last_metrics(workdir, name)
+  head = {
+      "head_epochs": k, "snapshots": len(selected),
+      "sgd_test_accuracy": curve[k]["test_accuracy"],
+      "swa": experiment_lib.summary_row(
+          metrics, epochs=k, wall_time_s=sgd_seconds + averaging_s + seconds),
+      "twa": experiment_lib.summary_row(
+          outcome.metrics, epochs=k + cfg.epochs,
+          wall_time_s=sgd_seconds + outcome.seconds,
+          running_train_accuracy=last["train_accuracy"]),
+      "twa_basis": outcome.basis,
+  }
+  workdir_lib.write_json(path, head)
+  return head
+
+
+def _budget_matched_sgd(exp: Experiment, workdir: pathlib.Path,
+                        epochs: int) -> dict[str, Any]:
+  """SGD from the start for `epochs` epochs, its schedule compressed."""
+  name = f"sweep/sgd_{epochs}"
+  path = workdir_lib.result_path(workdir, name)
+  if path.exists():
+    return workdir_lib.read_json(path)
+  state, train_step, schedule = _sgd_training(exp, epochs)
+  state, elapsed = loop.train(exp, workdir, name, state, train_step,
+                              schedule, epochs=epochs, data=exp.dataset,
+                              data_seed=exp.config.seed)
+  metrics, seconds = experiment_lib.evaluate_state(
+      exp, state, experiment_lib.row_splits(exp))
+  row = experiment_lib.summary_row(
+      metrics, epochs=epochs, wall_time_s=elapsed + seconds,
+      running_train_accuracy=workdir_lib.last_metrics(
+          workdir, name)["train_accuracy"])
+  workdir_lib.write_json(path, row)
+  return row
+
+
 def phase_report(exp: Experiment, workdir: pathlib.Path) -> dict[str, Any]:
   """summary.json, the printed table and the plots."""
   parts = {p: workdir_lib.read_json(workdir_lib.result_path(workdir, p))
@@ -337,5 +466,6 @@ PHASES: dict[str, Callable[[Experiment, pathlib.Path], Any]] = {
     "swa": phase_swa,
     "twa": phase_twa,
     "surface": phase_surface,
+    "sweep": phase_sweep,
     "report": phase_report,
 }

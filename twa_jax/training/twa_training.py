@@ -19,6 +19,7 @@ import twa_jax
 from twa_jax.training import experiment as experiment_lib
 from twa_jax.training import input_pipeline
 from twa_jax.training import loop
+from twa_jax.training import report
 from twa_jax.training import steps as steps_lib
 from twa_jax.training.steps import TrainState
 
@@ -35,15 +36,14 @@ class TwaOutcome:
     metrics: their `experiment.row_splits` metrics, batch norm recomputed.
     seconds: setup, training (summed over invocations), coefficients and
       batch-norm statistics; not the evaluation.
-    basis_dim, num_params: the basis's dimension and parameter count.
+    basis: `basis_record` of the basis.
     coefficients: `coefficients_record` of the averaging coefficients.
   """
 
   params: PyTree
   metrics: dict[str, experiment_lib.Metrics]
   seconds: float
-  basis_dim: int
-  num_params: int
+  basis: dict[str, Any]
   coefficients: dict[str, Any]
 
 
@@ -74,6 +74,20 @@ def twa_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule,
       basis, steps_lib.base_optimizer(cfg.optimizer, schedule,
                                       momentum=cfg.momentum,
                                       weight_decay=cfg.weight_decay))
+
+
+def basis_record(basis: twa_jax.Basis | twa_jax.BlockBasis) -> dict[str, Any]:
+  """The basis as JSON data: basis_dim (directions kept), basis_dropped
+  (directions of the snapshots the orthonormalizer dropped: dependent or
+  below its cut-off), basis_condition (the condition number of the snapshot
+  matrix W, the largest over blocks; None when infinite: dependent
+  snapshots) and num_params (see `report.condition_text`)."""
+  condition = basis.condition
+  return {"basis_dim": basis.dim, "basis_dropped": basis.dropped,
+          "basis_condition": (None if condition is None
+                              or not np.isfinite(condition)
+                              else float(condition)),
+          "num_params": basis.num_params}
 
 
 def coefficients_record(alpha: PyTree) -> dict[str, Any]:
@@ -109,10 +123,14 @@ def train_twa(exp: experiment_lib.Experiment, workdir: pathlib.Path,
   snapshots = load_snapshots()
   basis = build_basis(cfg, snapshots)
   params = twa_jax.swa(snapshots) if start == "mean" else _last(snapshots)
-  logging.info("%s: basis of %d snapshots has dimension %d (%d parameters; "
-               "%s coefficients, %s storage); training on %d examples",
-               phase, _count(snapshots), basis.dim, basis.num_params,
-               cfg.granularity, cfg.storage, data.num_train)
+  record = basis_record(basis)
+  logging.info("%s: basis of %d snapshots has dimension %d, %d dropped, "
+               "condition number of W %s (%d parameters; %s coefficients, %s "
+               "storage); training on %d examples", phase, _count(snapshots),
+               basis.dim, basis.dropped,
+               report.condition_text(record["basis_condition"]),
+               basis.num_params, cfg.granularity, cfg.storage,
+               data.num_train)
   del snapshots
   spe = input_pipeline.steps_per_epoch(data, exp.config.sgd.batch_size)
   schedule = steps_lib.learning_rate_schedule(cfg, cfg.epochs, spe)
@@ -131,8 +149,8 @@ def train_twa(exp: experiment_lib.Experiment, workdir: pathlib.Path,
   metrics, bn_seconds = experiment_lib.evaluate_averaged(
       exp, state.params, experiment_lib.row_splits(exp))
   return TwaOutcome(state.params, metrics,
-                    setup + elapsed + coefficients + bn_seconds, basis.dim,
-                    basis.num_params, coefficients_record(alpha))
+                    setup + elapsed + coefficients + bn_seconds, record,
+                    coefficients_record(alpha))
 
 
 def _last(snapshots: Snapshots) -> PyTree:

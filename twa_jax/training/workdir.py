@@ -35,12 +35,18 @@ workdir layout:
                       range) and EMA results; marks the phase finished
   swa/result.json     SWA result
   twa/checkpoints/    orbax checkpoints of the TWA state, one per epoch
-  twa/result.json     TWA result, snapshots used, basis dimension,
+  twa/result.json     TWA result, snapshots used, basis dimension (with the
+                      directions dropped and W's condition number),
                       averaging coefficients
   twa_v/              the same for TWA-v (with twa.holdout_fraction > 0)
   surface/result.json the loss surface through SGD, SWA and TWA
+  sweep/twa_<k>/       TWA over the snapshots of epochs start..k (sweep.heads),
+                      checkpoints and result.json per head k
+  sweep/sgd_<b>/       budget-matched SGD of b epochs (sweep.budget_matched_sgd)
+  sweep/result.json   the sweep's table (rewritten by every sweep phase)
   summary.json        all results side by side
-  plots/accuracy.png, plots/coefficients.png, plots/surface.png
+  plots/accuracy.png, plots/coefficients.png, plots/surface.png,
+  plots/sweep.png
 Kill a run at any point and rerun the same command: it resumes from the last
 complete checkpoint and finishes with the result of an uninterrupted run.
 """
@@ -54,12 +60,14 @@ _SHARED_FIELDS = ("seed", "data", "model", "sgd", "averaging",
                   "train_eval_size", "twa.holdout_fraction")
 PHASE_FIELDS = {"sgd": _SHARED_FIELDS, "swa": _SHARED_FIELDS,
                 "twa": _SHARED_FIELDS + ("twa",),
-                "surface": _SHARED_FIELDS + ("twa", "surface")}
+                "surface": _SHARED_FIELDS + ("twa", "surface"),
+                "sweep": _SHARED_FIELDS + ("twa",)}  # sweep.*: may grow
 # Fields added since workdirs were first written, with the value that
 # reproduces what a workdir without them did (its config.json lacks them;
 # data.holdout_seed: its seed).
 _ADDED_FIELDS = {"twa": {"holdout_fraction": 0.0, "granularity": "global",
-                         "storage": "float32"}}
+                         "storage": "float32"},
+                 "sgd": {"init_from": ""}}
 SAVED, GIVEN = "the workdir", "this config"
 
 
@@ -152,6 +160,15 @@ def last_metrics(workdir: pathlib.Path, phase: str) -> dict[str, Any] | None:
   """The phase's last metrics.jsonl record, if any."""
   records = [r for r in read_metrics(workdir) if r["phase"] == phase]
   return records[-1] if records else None
+
+
+def running_train_accuracy(workdir: pathlib.Path, phase: str,
+                           step: int | None = None) -> float | None:
+  """The phase's running train accuracy over its epoch ending at `step`
+  (None: its last epoch) from metrics.jsonl; None if no epoch ends there."""
+  records = [r for r in read_metrics(workdir) if r["phase"] == phase
+             and (step is None or r["step"] == step)]
+  return records[-1]["train_accuracy"] if records else None
 
 
 def append_metrics(workdir: pathlib.Path, record: dict[str, Any]) -> None:
