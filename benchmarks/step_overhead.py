@@ -163,12 +163,11 @@ class Trainer:
     self._basis = basis
     params, batch_stats = jax.tree.map(jnp.copy, (side.params,
                                                   side.batch_stats))
-    self.state = {"step": jnp.zeros((), jnp.int32), "params": params,
-                  "batch_stats": batch_stats, "opt_state": tx.init(params)}
+    self.state = steps.TrainState.create(params, batch_stats, tx)
     self.metrics = steps.new_metrics()
     self.batch = side.batch
 
-  def __call__(self) -> dict:
+  def __call__(self) -> steps.TrainState:
     self.state, self.metrics = self.step(self.state, self.metrics, self.batch)
     return self.state
 
