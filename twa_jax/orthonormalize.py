@@ -137,7 +137,10 @@ def orthonormalize(matrix: jax.Array | np.ndarray, *, rtol: float,
   similarity 0.99999. The Gram matrices are
   accumulated in float64 and factored on the host (they are n x n); the three
   passes over the D columns are jitted, blockwise float64 matrix products
-  (each result rounded to float32 once), with their inputs donated.
+  (each result rounded to float32 once) that write each column block over
+  the same block of their donated input, so W, the generating set, Q and
+  the basis share one n x D buffer (the basis too where nothing is dropped
+  and `dtype` is float32; otherwise it is a new k x D array).
 
   Args:
     matrix: W, n x D, one snapshot per row (float32). It is consumed (its
