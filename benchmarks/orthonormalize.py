@@ -154,7 +154,7 @@ def snapshot_rows(kind: str, n: int, d: int, seed: int = 0):
   scale = np.sqrt(2e-5) * np.linalg.norm(row) / np.sqrt(d)
   for _ in range(1, n):
     step = rng.standard_normal(d, np.float32)
-    row = step if kind == "random" else row + scale * step
+    row = step if kind == "random" else (row + scale * step).astype(np.float32)
     yield row
 
 
