@@ -19,7 +19,7 @@ from twa_jax import quantization
 
 AxisName = str | tuple[str, ...]
 Vectors = jax.Array | quantization.QuantizedVectors  # the stored basis rows
-CHUNK = 1 << 15  # columns per float64 Gram block: keeps the float64 copy small
+CHUNK = 1 << 15  # columns per orthonormalizer block (4096-32768 alike in time)
 LOW_PRECISION_BLOCK = 4096  # columns per converted block in bfloat16 products
 
 
@@ -65,7 +65,8 @@ def rewrite_columns(v: jax.Array, fn: Callable[[jax.Array], jax.Array],
 
   One pass over the columns; each new block is written over the block it
   came from, so with v donated no second n x D array is made (call under
-  x64). With `axis_name` (inside `jax.shard_map`, columns sharded over that
+  x64). XLA:CPU still copies v where D spans fewer than three blocks (small
+  matrices). With `axis_name` (inside `jax.shard_map`, columns sharded over that
   mesh axis), the per-device Grams are summed with one psum of n x n floats.
   """
   def body(carry, start, size):
