@@ -13,7 +13,10 @@ float32 matrix P (400 MB for n = 100, D = 1e6):
                costs when the host copy is gone before the orthonormalizer
                starts
 
-Target: from_store <= 2.5x. The baseline is the resident set size just
+Targets: from_store <= 2.5x (issue 3), <= 1.5x (issue 16). The
+orthonormalizer works in the device copy of P, but `jax.new_ref` copies the
+basis into its Ref, and the move to the device holds the host and the device
+copies together, so 2x is the floor on this path. The baseline is the resident set size just
 before the call (/proc/self/statm; ru_maxrss where that is missing).
 
   python benchmarks/from_store_memory.py            # n = 100, D = 1e6
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
   for mode, row in rows.items():
     print(f"{mode:<13}{row['extra_bytes'] / 1e6:>20.0f}"
           f"{row['multiple_of_p']:>7.2f}{row['seconds']:>8.2f}")
-  print("target: from_store <= 2.5x P")
+  print("targets: from_store <= 2.5x P (issue 3), <= 1.5x P (issue 16)")
   common.write_json(args.out, result)
   return result
 

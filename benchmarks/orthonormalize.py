@@ -9,7 +9,12 @@ Sides, all starting from the same host snapshot matrix W (n x D, float32):
   e_i ~ w_i - P_<i (P_<i^T w_i), float32), jitted, with growing static
   slices (``cgs_masked``: the same with a masked `fori_loop`);
 * ``cgs_numpy``: the same loop in numpy (float32 BLAS);
-* ``householder``: `jnp.linalg.qr` of W^T (reduced).
+* ``householder``: `jnp.linalg.qr` of W^T (reduced);
+* ``twa_device``: ``twa`` with W already on the device and no host copy:
+  the same computation, but its memory is measured with W written into a
+  device buffer one snapshot at a time (what `basis_from_store` and
+  `basis_from_snapshots` hand the orthonormalizer once the host copy is
+  dropped).
 
 Reported per kind of snapshots (random Gaussian, trajectory-like with
 consecutive cosine 0.99999, or real ones from a TrajectoryStore): median
@@ -38,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from twa_jax import kernels  # pylint: disable=wrong-import-position
-from twa_jax.orthonormalize import ColumnPasses, default_rtol, orthonormalize  # pylint: disable=wrong-import-position
+from twa_jax.orthonormalize import LOCAL_PASSES, default_rtol, orthonormalize  # pylint: disable=wrong-import-position
 from twa_jax.tree import ParamSpec  # pylint: disable=wrong-import-position
 
 
@@ -102,32 +107,21 @@ def householder_side(w: np.ndarray) -> jax.Array:
 
 def chunked_twa_side(chunk: int):
   """`twa` with column blocks of `chunk` instead of `kernels.CHUNK`."""
-  original = kernels.over_columns
-  def over_columns(cols, body, carry, chunk=chunk):
-    return original(cols, body, carry, chunk)
-  def with_chunk(fn):
-    def wrapped(*args, **kwargs):
-      saved = kernels.over_columns
-      kernels.over_columns = over_columns  # read while tracing
-      try:
-        return fn(*args, **kwargs)
-      finally:
-        kernels.over_columns = saved
-    return wrapped
-  passes = ColumnPasses(
-      put=jnp.asarray,
-      center=jax.jit(with_chunk(kernels.center), donate_argnums=0),
-      combine_and_gram=jax.jit(with_chunk(kernels.combine_and_gram),
-                               donate_argnums=1),
-      combine=jax.jit(with_chunk(kernels.combine64), static_argnums=2,
-                      donate_argnums=1))
+  passes = LOCAL_PASSES._replace(
+      center=jax.jit(functools.partial(kernels.center, chunk=chunk),
+                     donate_argnums=0),
+      combine_and_gram=jax.jit(
+          functools.partial(kernels.combine_and_gram, chunk=chunk),
+          donate_argnums=1),
+      combine=jax.jit(functools.partial(kernels.combine64, chunk=chunk),
+                      static_argnums=2, donate_argnums=1))
   def side(w: np.ndarray) -> jax.Array:
     vectors, _ = orthonormalize(w, rtol=_rtol(w), passes=passes)
     return vectors
   return side
 
 
-SIDES = {"twa": twa_side, "cgs": cgs_side, "cgs_masked": cgs_masked_side,
+SIDES = {"twa": twa_side, "twa_device": twa_side, "cgs": cgs_side, "cgs_masked": cgs_masked_side,
          "cgs_numpy": cgs_numpy_side, "householder": householder_side}
 
 
@@ -144,17 +138,37 @@ def snapshots(kind: str, n: int, d: int, seed: int = 0,
         steps = [steps[i] for i in np.linspace(0, len(steps) - 1, n).astype(int)]
       _, w = s.read_matrix(steps)
     return np.ascontiguousarray(w, np.float32)
+  w = np.empty((n, d), np.float32)
+  for i, row in enumerate(snapshot_rows(kind, n, d, seed)):
+    w[i] = row
+  return w
+
+
+def snapshot_rows(kind: str, n: int, d: int, seed: int = 0):
+  """The rows of W for 'random' or 'trajectory', one at a time."""
   rng = np.random.default_rng(seed)
-  if kind == "random":
-    return rng.standard_normal((n, d), np.float32)
+  row = rng.standard_normal(d, np.float32)
+  yield row
   # Random walk w_i = w_0 + sum of steps; |step| / |w| = sqrt(2 * 1e-5) gives
   # consecutive cosine similarity about 0.99999.
-  w = np.empty((n, d), np.float32)
-  w[0] = rng.standard_normal(d, np.float32)
-  scale = np.sqrt(2e-5) * np.linalg.norm(w[0]) / np.sqrt(d)
-  for i in range(1, n):
-    w[i] = w[i - 1] + scale * rng.standard_normal(d, np.float32)
-  return w
+  scale = np.sqrt(2e-5) * np.linalg.norm(row) / np.sqrt(d)
+  for _ in range(1, n):
+    step = rng.standard_normal(d, np.float32)
+    row = step if kind == "random" else (row + scale * step).astype(np.float32)
+    yield row
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_row(w: jax.Array, i, row: jax.Array) -> jax.Array:
+  return w.at[i].set(row)
+
+
+def device_snapshots(kind: str, n: int, d: int) -> jax.Array:
+  """W on the device, written one row at a time (no host copy of W)."""
+  w = jnp.zeros((n, d), jnp.float32)
+  for i, row in enumerate(snapshot_rows(kind, n, d)):
+    w = _set_row(w, i, row)
+  return jax.block_until_ready(w)
 
 
 def consecutive_cosine(w: np.ndarray) -> float:
@@ -188,12 +202,19 @@ def errors(w: np.ndarray, p) -> dict:
 
 def child(side: str, kind: str, n: int, d: int, store: str | None) -> None:
   """Runs one side once after a warm-up on a small W; prints JSON."""
-  SIDES[side](snapshots(kind, n, min(d, 4096)))  # compile paths, allocators
+  warm = device_snapshots if side == "twa_device" else snapshots
+  SIDES[side](warm(kind, n, min(d, 4096)))  # compile paths, allocators
   base = common.peak_rss_bytes()
-  w = snapshots(kind, n, d, store=store)
+  if side == "twa_device":
+    if kind == "store":
+      raise ValueError("twa_device: random or trajectory snapshots only.")
+    w = device_snapshots(kind, n, d)
+  else:
+    w = snapshots(kind, n, d, store=store)
+  w_bytes = w.nbytes
   jax.block_until_ready(SIDES[side](w))
   print(json.dumps({"base": base, "peak": common.peak_rss_bytes(),
-                    "w_bytes": w.nbytes}))
+                    "w_bytes": w_bytes}))
 
 
 def peak_memory(side: str, kind: str, n: int, d: int, store: str | None) -> float:

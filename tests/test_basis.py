@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import strategies
 import twa_jax as twa
-from twa_jax.orthonormalize import default_rtol
+from twa_jax import kernels
+from twa_jax.orthonormalize import LOCAL_PASSES, default_rtol
 
 F32_EPS = float(jnp.finfo(jnp.float32).eps)
 BF16_EPS = float(jnp.finfo(jnp.bfloat16).eps)
@@ -358,3 +359,20 @@ def test_builder_is_the_orthonormalizer_bit_for_bit():
   np.testing.assert_array_equal(np.asarray(basis.read_vectors()),
                                 np.asarray(want))
   assert basis.spectrum == spectrum
+
+
+def test_orthonormalizer_passes_write_over_their_input():
+  """W, V, Q and the basis share one buffer: no full-size copy is compiled
+  (for D of several column blocks, where the memory matters)."""
+  n, cols = 6, 3 * kernels.CHUNK + 1000  # blocks and a tail
+  matrix = jax.ShapeDtypeStruct((n, cols), jnp.float32)
+  square = jax.ShapeDtypeStruct((n, n), jnp.float64)
+  passes = LOCAL_PASSES
+  with jax.enable_x64(True):
+    compiled = [passes.center.lower(matrix),
+                passes.combine_and_gram.lower(square, matrix),
+                passes.combine.lower(square, matrix, jnp.dtype(jnp.float32))]
+    for lowered in compiled:
+      hlo = lowered.compile().as_text()
+      assert "may-alias" in hlo.splitlines()[0]  # the donated input
+      assert f"f32[{n},{cols}]{{1,0}} copy(" not in hlo

@@ -19,7 +19,7 @@ from twa_jax import quantization
 
 AxisName = str | tuple[str, ...]
 Vectors = jax.Array | quantization.QuantizedVectors  # the stored basis rows
-CHUNK = 1 << 15  # columns per float64 Gram block: keeps the float64 copy small
+CHUNK = 1 << 15  # columns per orthonormalizer block (4096-32768 alike in time)
 # Float32 bytes per converted block of the low-bit products: the block stays
 # in the last-level cache. Measured at n = 100, D = 1e6 (BENCHMARKS.md).
 BLOCK_BYTES = 1 << 23
@@ -42,43 +42,68 @@ def columns64(x: jax.Array, start, size: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1).astype(jnp.float64)
 
 
-def gram64(a: jax.Array, axis_name: AxisName | None = None) -> jax.Array:
-  """a @ a.T accumulated in float64 over column blocks (call under x64).
+def combine64(c: jax.Array, v: jax.Array, dtype, chunk: int = CHUNK
+              ) -> jax.Array:
+  """c @ v in float64 over column blocks, rounded once to `dtype`.
 
-  With `axis_name` (inside `jax.shard_map`, columns sharded over that mesh
-  axis), the per-device Grams are summed with one psum of n x n floats.
+  Where c is square and `dtype` is v's, each block of the result is written
+  over the same block of v (it depends on no other), so no second n x D
+  array is made when v is donated.
   """
-  def body(gram, start, size):
-    block = columns64(a, start, size)
-    return gram + block @ block.T
-  gram = over_columns(a.shape[1], body,
-                      jnp.zeros((a.shape[0], a.shape[0]), jnp.float64))
-  return gram if axis_name is None else jax.lax.psum(gram, axis_name)
-
-
-def combine64(c: jax.Array, v: jax.Array, dtype) -> jax.Array:
-  """c @ v in float64 over column blocks, rounded once to `dtype`."""
-  def body(out, start, size):
-    block = (c @ columns64(v, start, size)).astype(dtype)
+  def body(source, out, start, size):
+    block = (c @ columns64(source, start, size)).astype(dtype)
     return jax.lax.dynamic_update_slice_in_dim(out, block, start, axis=1)
-  return over_columns(v.shape[1], body,
-                      jnp.zeros((c.shape[0], v.shape[1]), dtype))
+  if c.shape[0] == v.shape[0] and jnp.dtype(dtype) == v.dtype:
+    return over_columns(v.shape[1], lambda out, *at: body(out, out, *at), v,
+                        chunk)
+  return over_columns(v.shape[1], lambda out, *at: body(v, out, *at),
+                      jnp.zeros((c.shape[0], v.shape[1]), dtype), chunk)
 
 
-def center(w: jax.Array, axis_name: AxisName | None = None
-           ) -> tuple[jax.Array, jax.Array]:
-  """Rows w_i - w_r (i != r) and w_r itself, r = n // 2; their float64 Gram."""
+def rewrite_columns(v: jax.Array, fn: Callable[[jax.Array], jax.Array],
+                    axis_name: AxisName | None = None,
+                    chunk: int = CHUNK) -> tuple[jax.Array, jax.Array]:
+  """v with each column block replaced by fn(block), and their float64 Gram.
+
+  One pass over the columns; each new block is written over the block it
+  came from, so with v donated no second n x D array is made (call under
+  x64). XLA:CPU was seen to copy v anyway for one or two blocks (4096 and
+  40000 columns: small matrices), not for three or more. With `axis_name` (inside `jax.shard_map`, columns sharded over that
+  mesh axis), the per-device Grams are summed with one psum of n x n floats.
+  """
+  def body(carry, start, size):
+    out, gram = carry
+    block = fn(jax.lax.dynamic_slice_in_dim(out, start, size, axis=1))
+    out = jax.lax.dynamic_update_slice_in_dim(out, block, start, axis=1)
+    block64 = columns64(out, start, size)  # read after the write: in place
+    return out, gram + block64 @ block64.T
+  out, gram = over_columns(
+      v.shape[1], body, (v, jnp.zeros((v.shape[0], v.shape[0]), jnp.float64)),
+      chunk)
+  return out, gram if axis_name is None else jax.lax.psum(gram, axis_name)
+
+
+def center(w: jax.Array, axis_name: AxisName | None = None,
+           chunk: int = CHUNK) -> tuple[jax.Array, jax.Array]:
+  """Rows w_i - w_r (i != r) and w_r itself, r = n // 2; their float64 Gram.
+
+  Written over w (see `rewrite_columns`).
+  """
   r = w.shape[0] // 2
-  v = (w - w[r]).at[r].set(w[r])
-  return v, gram64(v, axis_name)
+  return rewrite_columns(w, lambda b: (b - b[r]).at[r].set(b[r]), axis_name,
+                         chunk)
 
 
 def combine_and_gram(c: jax.Array, v: jax.Array,
-                     axis_name: AxisName | None = None
+                     axis_name: AxisName | None = None, chunk: int = CHUNK
                      ) -> tuple[jax.Array, jax.Array]:
-  """Q = c @ v rounded to float32, and its float64 Gram Q Q^T."""
-  q = combine64(c, v, jnp.float32)
-  return q, gram64(q, axis_name)
+  """Q = c @ v (c n x n) in float64 rounded to v's dtype, and Q Q^T.
+
+  Written over v (see `rewrite_columns`).
+  """
+  return rewrite_columns(
+      v, lambda b: (c @ b.astype(jnp.float64)).astype(v.dtype), axis_name,
+      chunk)
 
 
 class ColumnBlocks(NamedTuple):

@@ -35,8 +35,10 @@ class ColumnPasses(NamedTuple):
   Attributes:
     put: host float64 matrix -> device array (replicated where sharded).
     center: W -> (V, V V^T), see `kernels.center`; consumes W.
-    combine_and_gram: (C, V) -> (Q = C V, Q Q^T); consumes V.
-    combine: (C, Q, dtype) -> C Q rounded to dtype; consumes Q.
+    combine_and_gram: (C, V) -> (Q = C V, Q Q^T), C n x n; Q is written
+      over V (consumed).
+    combine: (C, Q, dtype) -> C Q rounded to dtype; consumes Q (and writes
+      over it where C is square and dtype is Q's).
   """
 
   put: Callable[[np.ndarray], jax.Array]
@@ -135,7 +137,10 @@ def orthonormalize(matrix: jax.Array | np.ndarray, *, rtol: float,
   similarity 0.99999. The Gram matrices are
   accumulated in float64 and factored on the host (they are n x n); the three
   passes over the D columns are jitted, blockwise float64 matrix products
-  (each result rounded to float32 once), with their inputs donated.
+  (each result rounded to float32 once) that write each column block over
+  the same block of their donated input, so W, the generating set, Q and
+  the basis share one n x D buffer (the basis too where nothing is dropped
+  and `dtype` is float32; otherwise it is a new k x D array).
 
   Args:
     matrix: W, n x D, one snapshot per row (float32). It is consumed (its
@@ -179,10 +184,13 @@ def orthonormalize(matrix: jax.Array | np.ndarray, *, rtol: float,
       raise EmptySpanError(
           "snapshots: every snapshot is zero; the span is empty.")
     c1 = (evecs[:, keep] / np.sqrt(evals[keep])).T * scale[None, :]
-    q, gram2 = passes.combine_and_gram(passes.put(c1), v)
+    k1 = c1.shape[0]
+    # Q is written over V, so C1 gets zero rows up to n (Q's rows past k1
+    # are zero and left out of its Gram).
+    q, gram2 = passes.combine_and_gram(passes.put(_pad(c1, n, n)), v)
     del v
     # Pass 2 (CholeskyQR2): re-orthonormalize, then rank-reveal on W itself.
-    chol = np.linalg.cholesky(np.asarray(gram2))
+    chol = np.linalg.cholesky(np.asarray(gram2)[:k1, :k1])
     chol_inv = scipy.linalg.solve_triangular(
         chol, np.eye(chol.shape[0]), lower=True)
     # W = T^-1 V with w_i = v_i + v_r (i != r) and w_r = v_r.
@@ -198,9 +206,17 @@ def orthonormalize(matrix: jax.Array | np.ndarray, *, rtol: float,
         float(rtol) * size)
     kept = svals > spectrum.cutoff
     rotation = zt[kept] @ chol_inv
-    vectors = passes.combine(passes.put(rotation), q, jnp.dtype(dtype))
+    # Written over Q where the rotation is square (nothing dropped, float32).
+    vectors = passes.combine(passes.put(_pad(rotation, rotation.shape[0], n)),
+                             q, jnp.dtype(dtype))
   _report(spectrum, float(rtol), size)
   return vectors, spectrum
+
+
+def _pad(matrix: np.ndarray, rows: int, cols: int) -> np.ndarray:
+  """`matrix` with zero rows and columns appended up to rows x cols."""
+  return np.pad(matrix, ((0, rows - matrix.shape[0]),
+                         (0, cols - matrix.shape[1])))
 
 
 def _report(spectrum: Spectrum, rtol: float, size: float) -> None:
