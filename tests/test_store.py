@@ -572,8 +572,9 @@ def test_writer_and_second_writable_open_race(tmp_path):
         print(os.getpid(), flush=True)
         for step in range(40):
           store.save(step, params(step, rows=244))  # 250k parameters
+        sys.stdin.readline()  # holds the store until the test has tried
       print("done", flush=True)
-      """, str(directory))
+      """, str(directory), stdin=subprocess.PIPE)
   try:
     pid = int(writer.stdout.readline())
     refused = 0
@@ -586,7 +587,7 @@ def test_writer_and_second_writable_open_race(tmp_path):
           assert fingerprint(reader.load(step)) == fingerprint(
               params(step, rows=244))
       time.sleep(0.2)
-    out, err = writer.communicate(timeout=300)
+    out, err = writer.communicate("\n", timeout=300)
   finally:
     writer.kill()
   assert writer.returncode == 0 and out.strip() == "done", err
