@@ -23,6 +23,7 @@ from flax import linen as nn
 from flax import nnx
 from flax.training import train_state
 
+import helpers
 import strategies
 import twa_jax as twa
 
@@ -166,16 +167,6 @@ def test_flax_train_state():
   _check(basis, history, _linen_reference(basis, start)[0])
 
 
-class _NNXMLP(nnx.Module):
-
-  def __init__(self, rngs):
-    self.hidden = nnx.Linear(4, 8, rngs=rngs)
-    self.out = nnx.Linear(8, 2, rngs=rngs)
-
-  def __call__(self, x):
-    return self.out(nnx.relu(self.hidden(x)))
-
-
 def _set_params(model, pure):
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, pure)
@@ -187,7 +178,7 @@ def _nnx_loss(model):
 
 
 def test_nnx_optimizer_with_nnx_jit_and_pure_dict_snapshots():
-  model = _NNXMLP(nnx.Rngs(0))
+  model = helpers.NNXMLP(nnx.Rngs(0))
   sgd = nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param)
   snaps = []
   for _ in range(5):
@@ -209,7 +200,7 @@ def test_nnx_optimizer_with_nnx_jit_and_pure_dict_snapshots():
     history.append(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
   def grad_fn(pure, _):
-    probe = _NNXMLP(nnx.Rngs(0))
+    probe = helpers.NNXMLP(nnx.Rngs(0))
     _set_params(probe, pure)
     return nnx.to_pure_dict(nnx.grad(_nnx_loss)(probe))
 

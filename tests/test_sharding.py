@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from jax._src.lib import xla_client
+
+import helpers
 
 TESTS = pathlib.Path(__file__).parent
 BENCHMARKS = TESTS.parent / "benchmarks"
@@ -50,18 +50,11 @@ def test_sharded_basis_on_eight_simulated_devices():
     _fail("multidevice_sharding.py", result.stdout + result.stderr)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_agree_with_single_process(tmp_path):
-  if not hasattr(xla_client._xla, "make_gloo_tcp_collectives"):  # pylint: disable=protected-access
-    pytest.skip("this jaxlib has no CPU collectives (gloo), so a multi-process "
-                "CPU run cannot communicate; the two-process check is skipped.")
-  port, outs = _free_port(), [tmp_path / f"process{i}.json" for i in range(2)]
+  helpers.require_cpu_collectives()
+  port = helpers.free_port()
+  outs = [tmp_path / f"process{i}.json" for i in range(2)]
   procs = [subprocess.Popen(
       [sys.executable, str(TESTS / "multiprocess_worker.py"), str(i), "2",
        str(port), str(out), str(tmp_path / "store")],

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
-from jax._src.lib import xla_client
+
+import helpers
 
 from twa_jax.store import LOCK_FILE, TrajectoryStore
 
@@ -54,21 +54,13 @@ WORKER = SNAPSHOT_SRC + textwrap.dedent("""
     """)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_save_sharded_leaves(tmp_path):
-  if not hasattr(xla_client._xla, "make_gloo_tcp_collectives"):  # pylint: disable=protected-access
-    pytest.skip("this jaxlib has no CPU collectives (gloo): no two-process "
-                "CPU run.")
+  helpers.require_cpu_collectives()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
                  [str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
-  port, directory = _free_port(), tmp_path / "s"
+  port, directory = helpers.free_port(), tmp_path / "s"
   procs = [subprocess.Popen(
       [sys.executable, "-c", WORKER, str(i), str(port), str(directory)],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

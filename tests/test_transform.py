@@ -10,6 +10,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import helpers
 import strategies
 import twa_jax as twa
 
@@ -205,16 +206,6 @@ def _layout_of(tree):
   return jax.tree.map(lambda l: strategies.Leaf(l.shape, l.dtype), tree)
 
 
-class _NNXMLP(nnx.Module):
-
-  def __init__(self, rngs):
-    self.hidden = nnx.Linear(4, 8, rngs=rngs)
-    self.out = nnx.Linear(8, 2, rngs=rngs)
-
-  def __call__(self, x):
-    return self.out(nnx.relu(self.hidden(x)))
-
-
 def _data():
   rng = np.random.default_rng(3)
   x = rng.normal(size=(32, 4)).astype(np.float32)
@@ -231,7 +222,7 @@ def _xent(logits, y):
 ])
 def test_flax_nnx_state_parameter_trees(make_tx):
   x, y = _data()
-  model = _NNXMLP(nnx.Rngs(0))
+  model = helpers.NNXMLP(nnx.Rngs(0))
   sgd = nnx.Optimizer(model, optax.sgd(0.3), wrt=nnx.Param)
   loss = lambda m: _xent(m(x), y)
   snaps = []

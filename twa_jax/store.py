@@ -53,9 +53,7 @@ class StoreWriteError(OSError):
 class TrajectoryStore:
   """Weight snapshots of one training run, saved asynchronously with orbax.
 
-  Usage::
-
-    from twa_jax.store import TrajectoryStore
+  Usage (the class is `twa_jax.store.TrajectoryStore`)::
 
     with TrajectoryStore("/runs/a/trajectory") as store:
       for step in range(num_steps + 1):
