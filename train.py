@@ -45,6 +45,7 @@ from ml_collections import config_flags
 from twa_jax.checksums import ChecksumError
 from twa_jax.training import configuration
 from twa_jax.training import loop
+from twa_jax.training import parallel
 from twa_jax.training import soups
 from twa_jax.training import train_lib
 from twa_jax.training import workdir as workdir_lib
@@ -80,6 +81,7 @@ def main(argv):
   config = flags.FLAGS.config
   default = config.name + ("_soup" if _SOUP.value else "")
   workdir = _WORKDIR.value or os.path.join("workdir", default)
+  parallel.initialize(config.parallel)
   try:
     if _SOUP.value:
       soups.run(config, workdir, _SOUP.value)

@@ -35,13 +35,24 @@ def collectives(hlo_text: str) -> list[tuple[str, int, int]]:
     operand, the largest array is counted.
   """
   found = []
+  for op, arrays in collective_arrays(hlo_text):
+    sizes = [(math.prod(shape), math.prod(shape) * jnp.dtype(dtype).itemsize)
+             for dtype, shape in arrays]
+    found.append((op, sum(a for a, _ in sizes), sum(b for _, b in sizes)))
+  return found
+
+
+def collective_arrays(hlo_text: str
+                      ) -> list[tuple[str, list[tuple[str, tuple[int, ...]]]]]:
+  """(op, [(dtype, shape) of each array it carries]) of each collective
+  (as `collectives` counts them: of an async start other than all-reduce,
+  the largest array)."""
+  found = []
   for shapes, op, start in _COLLECTIVE.findall(hlo_text):
-    arrays = []
-    for dtype, dims in _SHAPE.findall(shapes):
-      size = math.prod(int(d) for d in dims.split(",") if d)
-      itemsize = jnp.dtype(_HLO_DTYPES.get(dtype, dtype)).itemsize
-      arrays.append((size, size * itemsize))
+    arrays = [(_HLO_DTYPES.get(dtype, dtype),
+               tuple(int(d) for d in dims.split(",") if d))
+              for dtype, dims in _SHAPE.findall(shapes)]
     if start and op != "all-reduce":
-      arrays = [max(arrays)]
-    found.append((op, sum(a for a, _ in arrays), sum(b for _, b in arrays)))
+      arrays = [max(arrays, key=lambda a: math.prod(a[1]))]
+    found.append((op, arrays))
   return found

@@ -39,6 +39,6 @@ def get_config():
   c.sgd.weight_decay = 5e-4
   c.averaging.end = 20
   c.twa.epochs = 4
-  c.eval_batch_size = 1000
+  c.eval_batch_size = 1024
   c.train_eval_size = 5_000
   return c

@@ -32,5 +32,5 @@ def get_config():
   c.twa.epochs = 3
   c.twa.weight_decay = 5e-5
   c.twa.start = "last"
-  c.eval_batch_size = 1000
+  c.eval_batch_size = 1024
   return c

@@ -61,6 +61,21 @@ Every config file calls one of these and changes what differs. The fields:
                   invocations; finished ones are kept); budget_matched_sgd:
                   also train SGD from the start for each budget k + twa.epochs
                   with its schedule compressed (the same decay fractions).
+  parallel        how the run spreads over devices and processes (every
+                  phase is data-parallel over all devices of all processes,
+                  see `twa_jax.training.parallel`): distributed (True: call
+                  jax.distributed.initialize with coordinator_address,
+                  num_processes and process_id; None ones are detected from
+                  the cluster, e.g. SLURM or a TPU pod), workers (grain
+                  worker processes per host that load and augment batches;
+                  0: in the training process), basis_layout (the TWA basis
+                  over several devices: "params", each device holds P's rows
+                  of a slice of the parameters; "basis", each holds some of
+                  its columns; see `twa_jax.basis_from_store`). None of them
+                  changes results beyond float32 reduction order.
+  checkpoint_every_steps  also checkpoint every that many steps inside an
+                  epoch (0: only after each epoch); a killed run resumes
+                  from there with the same batches.
   eval_batch_size examples per evaluation batch.
   train_eval_size training examples used for the final train accuracy
                   (None: all).
@@ -143,7 +158,16 @@ def base() -> ml_collections.ConfigDict:
   c.sweep.heads = ()
   c.sweep.budget_matched_sgd = False
 
-  c.eval_batch_size = 500
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.distributed = False
+  c.parallel.coordinator_address = config_dict.placeholder(str)
+  c.parallel.num_processes = config_dict.placeholder(int)
+  c.parallel.process_id = config_dict.placeholder(int)
+  c.parallel.workers = 0
+  c.parallel.basis_layout = "params"
+
+  c.checkpoint_every_steps = 0
+  c.eval_batch_size = 512
   c.train_eval_size = config_dict.placeholder(int)
   c.log_every_steps = 50
   return c
@@ -247,7 +271,7 @@ def imagenet(model: str) -> ml_collections.ConfigDict:
   c.averaging.end = 60
   c.twa.epochs = 2
   c.twa.lr = 0.3
-  c.eval_batch_size = 250
+  c.eval_batch_size = 256
   c.train_eval_size = 50_000
   return c
 

@@ -13,6 +13,7 @@ from twa_jax.training import steps as steps_lib
 
 GRANULARITIES = ("global", "layer", "leaf")
 STORAGES = ("float32", "bfloat16", "int8", "int4")
+BASIS_LAYOUTS = ("params", "basis")  # config.parallel.basis_layout
 MISSING = "<missing>"
 
 
@@ -135,6 +136,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        f"choose from {GRANULARITIES}")
   need(config.twa.storage in STORAGES, "twa.storage",
        f"choose from {STORAGES}")
+  need(config.parallel.workers >= 0, "parallel.workers", "must be >= 0")
+  need(config.parallel.basis_layout in BASIS_LAYOUTS, "parallel.basis_layout",
+       f"choose from {BASIS_LAYOUTS}")
+  need(config.checkpoint_every_steps >= 0, "checkpoint_every_steps",
+       "must be >= 0 (0: after each epoch only)")
   for field in ("data.holdout_fraction", "twa.holdout_fraction"):
     need(0 <= get_field(config, field) < 1, field, "must be in [0, 1)")
   heads = config.sweep.heads

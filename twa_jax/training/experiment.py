@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from absl import logging
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 from tqdm import auto as tqdm
 
 from twa_jax import batch_norm
@@ -20,6 +21,7 @@ from twa_jax.store import TrajectoryStore
 from twa_jax.training import init_from
 from twa_jax.training import input_pipeline
 from twa_jax.training import models
+from twa_jax.training import parallel
 from twa_jax.training import steps as steps_lib
 from twa_jax.training.configuration import ConfigError
 
@@ -44,6 +46,7 @@ class Experiment:
     eval_step: `steps.make_eval_step(model)`.
     stats_apply: `steps.make_stats_apply(model)`, the training-mode pass
       that `twa_jax.batch_norm.update_bn` recomputes statistics with.
+    mesh: `parallel.data_mesh()`, every device of every process.
   """
 
   config: ml_collections.ConfigDict
@@ -55,6 +58,7 @@ class Experiment:
   selected_steps: list[int]
   eval_step: Callable[..., jax.Array]
   stats_apply: Callable[..., Any]
+  mesh: Mesh
 
   @property
   def averaging_end(self) -> int:
@@ -97,15 +101,24 @@ def create(config: ml_collections.ConfigDict) -> Experiment:
                                 **config.model.kwargs.to_dict())
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from e
+  mesh = parallel.data_mesh()
   try:
+    parallel.check_batch_size(config.sgd.batch_size, mesh,
+                              "config.sgd.batch_size")
+    parallel.check_batch_size(config.eval_batch_size, mesh,
+                              "config.eval_batch_size")
     spe = input_pipeline.steps_per_epoch(dataset, config.sgd.batch_size)
     if holdout is not None:
       input_pipeline.steps_per_epoch(holdout, config.sgd.batch_size)
   except ValueError as e:
-    raise ConfigError(f"config.sgd.batch_size (twa.holdout_fraction="
-                      f"{config.twa.holdout_fraction}): {e}") from e
+    raise ConfigError(f"{e} (twa.holdout_fraction="
+                      f"{config.twa.holdout_fraction})") from e
   planned = planned_snapshot_steps(config.sgd, spe)
   selected = select_snapshot_steps(config.averaging, planned, spe)
+  logging.info("data parallel over %d device(s) of %d process(es) (this is "
+               "process %d); %d examples per device and step", mesh.size,
+               jax.process_count(), jax.process_index(),
+               config.sgd.batch_size // mesh.size)
   logging.info(
       "%s: %d train / %d test examples, %d classes, input %s; model %s; "
       "%d steps per epoch; %d snapshots planned, %d averaged (steps %d-%d)",
@@ -114,7 +127,33 @@ def create(config: ml_collections.ConfigDict) -> Experiment:
       len(selected), selected[0], selected[-1])
   return Experiment(config, dataset, holdout, model, spe, planned, selected,
                     steps_lib.make_eval_step(model),
-                    steps_lib.make_stats_apply(model))
+                    steps_lib.make_stats_apply(model), mesh)
+
+
+def train_batches(exp: Experiment, data: input_pipeline.Dataset, seed: int,
+                  augment: bool = True) -> Iterator[dict[str, jax.Array]]:
+  """`data`'s training batches over consecutive epochs (`sgd.batch_size`),
+  this process's share of each loaded (`input_pipeline.train_iterator`)
+  and joined into global arrays split over the mesh. Its `iterator` is the
+  grain iterator (its state goes into checkpoints)."""
+  return GlobalBatches(exp.mesh, input_pipeline.train_iterator(
+      data, exp.config.sgd.batch_size, seed=seed, augment=augment,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      workers=exp.config.parallel.workers))
+
+
+@dataclasses.dataclass
+class GlobalBatches:
+  """Global batches of a per-process iterator (`parallel.global_batch`)."""
+
+  mesh: Mesh
+  iterator: Any  # grain.DatasetIterator: next(), get_state(), set_state()
+
+  def __iter__(self) -> GlobalBatches:
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    return parallel.global_batch(next(self.iterator), self.mesh)
 
 
 def planned_snapshot_steps(sgd: ml_collections.ConfigDict,
@@ -220,16 +259,22 @@ def _evaluate_split(exp: Experiment, params: PyTree, batch_stats: PyTree,
   else:
     data, split = exp.dataset, name
   bs = exp.config.eval_batch_size
-  totals = jnp.zeros((3,), jnp.float32)
-  variables = steps_lib.variables(params, batch_stats)
+  totals = parallel.replicate(jnp.zeros((3,), jnp.float32), exp.mesh)
+  variables = parallel.replicate(steps_lib.variables(params, batch_stats),
+                                 exp.mesh)
   seen = 0
-  for batch in input_pipeline.eval_batches(data, split, bs, pad=True):
+  # This process's rows of each global batch: its positions p::count.
+  rows = np.arange(jax.process_index(), bs, jax.process_count())
+  for batch in input_pipeline.eval_batches(
+      data, split, bs, process_index=jax.process_index(),
+      process_count=jax.process_count()):
     if limit is not None:
       if seen >= limit:
         break
-      batch["mask"][max(limit - seen, 0):] = False
+      batch["mask"] &= seen + rows < limit
     seen += bs
-    totals = exp.eval_step(totals, variables, batch)
+    totals = exp.eval_step(totals, variables,
+                           parallel.global_batch(batch, exp.mesh))
   loss, correct, count = np.asarray(totals, np.float64)
   return {"loss": float(loss / count), "accuracy": float(correct / count)}
 
@@ -245,13 +290,13 @@ def recompute_batch_stats(exp: Experiment, params: PyTree) -> PyTree:
   if not shapes:
     return {}
   template = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  batches = input_pipeline.train_batches(
-      exp.dataset, exp.config.sgd.batch_size, seed=exp.config.seed, epoch=0)
-  images = (batch["image"] for batch in tqdm.tqdm(
-      batches, total=exp.steps_per_epoch, desc="batch-norm statistics",
-      leave=False, disable=None))
+  batches = train_batches(exp, exp.dataset, exp.config.seed)
+  images = (next(batches)["image"] for _ in tqdm.trange(
+      exp.steps_per_epoch, desc="batch-norm statistics", leave=False,
+      disable=None))
   variables = batch_norm.update_bn(
-      exp.stats_apply, {"params": params, "batch_stats": template}, images)
+      exp.stats_apply, parallel.replicate(
+          {"params": params, "batch_stats": template}, exp.mesh), images)
   return variables["batch_stats"]
 
 

@@ -15,6 +15,7 @@ from tqdm import auto as tqdm
 
 from twa_jax.training import experiment as experiment_lib
 from twa_jax.training import input_pipeline
+from twa_jax.training import parallel
 from twa_jax.training import steps as steps_lib
 from twa_jax.training import workdir as workdir_lib
 from twa_jax.training.steps import TrainState
@@ -58,13 +59,17 @@ def train(exp: experiment_lib.Experiment, workdir: pathlib.Path, phase: str,
 
   Every epoch: train on `data`, evaluate on the test split
   (`experiment.evaluate_state`), append the record to metrics.jsonl, flush
-  the recorder, checkpoint.
+  the recorder, checkpoint. Also checkpoints every `checkpoint_every_steps`
+  steps inside an epoch; a checkpoint holds the state, the epoch's metrics
+  so far and the input iterator's state, so that a resumed run continues
+  with the batches the interrupted one would have drawn.
 
   Args:
-    exp: the experiment (batch size, evaluation, logging interval).
+    exp: the experiment (batch size, evaluation, mesh, logging interval).
     workdir: the run's workdir (checkpoints in <phase>/checkpoints).
     phase: names the checkpoints and the metrics ("sgd", "twa", ...).
-    state: the initial state (replaced by a checkpoint's).
+    state: the initial state (replaced by a checkpoint's); replicated over
+      the mesh.
     train_step: from `steps.make_train_step`.
     schedule: the learning rate per step (for the log).
     epochs: the phase's epochs.
@@ -82,36 +87,37 @@ def train(exp: experiment_lib.Experiment, workdir: pathlib.Path, phase: str,
   options = ocp.CheckpointManagerOptions(max_to_keep=MAX_CHECKPOINTS,
                                          create=True)
   spe = input_pipeline.steps_per_epoch(data, exp.config.sgd.batch_size)
+  batches = experiment_lib.train_batches(exp, data, data_seed)
+  state = parallel.replicate(state, exp.mesh)
   with ocp.CheckpointManager(checkpoint_dir(workdir, phase),
                              options=options) as manager:
-    state, start_epoch, elapsed = _restore(manager, state, phase)
+    state, metrics, done, elapsed = _restore(manager, state, batches, spe,
+                                             phase)
+    start_epoch = done // spe
     workdir_lib.truncate_metrics(workdir, phase, start_epoch)
-    if start_epoch == 0 and recorder is not None and 0 in recorder.steps:
+    if done == 0 and recorder is not None and 0 in recorder.steps:
       recorder.record(0, state, 0.0)
-    with tqdm.tqdm(total=epochs * spe, initial=start_epoch * spe, desc=phase,
+    saver = _Saver(manager, recorder, batches,
+                   exp.config.checkpoint_every_steps)
+    with tqdm.tqdm(total=epochs * spe, initial=done, desc=phase,
                    unit="step", dynamic_ncols=True, disable=None) as bar:
       for epoch in range(start_epoch, epochs):
         start = time.perf_counter()
         lr = float(schedule(epoch * spe))
-        batches = input_pipeline.train_batches(
-            data, exp.config.sgd.batch_size, seed=data_seed, epoch=epoch)
-        state, metrics = _train_epoch(
-            exp, state, train_step, batches, epoch=epoch, epochs=epochs,
-            steps_per_epoch=spe, lr=lr, elapsed=elapsed, bar=bar,
-            recorder=recorder,
+        state, train_metrics = _train_epoch(
+            exp, state, train_step, batches, metrics, epoch=epoch,
+            epochs=epochs, first=done - epoch * spe, steps_per_epoch=spe,
+            lr=lr, elapsed=elapsed, bar=bar, recorder=recorder, saver=saver,
             check=_FiniteCheck(phase, manager, recorder, spe))
+        done, metrics = (epoch + 1) * spe, parallel.replicate(
+            steps_lib.new_metrics(), exp.mesh)
         test = experiment_lib.evaluate_state(exp, state,
                                              {"test": None})[0]["test"]
         seconds = time.perf_counter() - start
         elapsed += seconds
-        _record_epoch(workdir, phase, epoch, epochs, spe, lr, metrics, test,
-                      seconds)
-        if recorder is not None:
-          recorder.flush()
-        manager.save(epoch + 1, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(steps_lib.host(state.to_dict())),
-            meta=ocp.args.JsonSave({"epoch": epoch + 1,
-                                    "elapsed_s": elapsed})))
+        _record_epoch(workdir, phase, epoch, epochs, spe, lr, train_metrics,
+                      test, seconds)
+        saver.save(done, state, metrics, elapsed)
     manager.wait_until_finished()
   return state, elapsed
 
@@ -141,7 +147,7 @@ class _FiniteCheck:
     step, spe = int(m["nan_step"]), self.steps_per_epoch
     kept = self.manager.latest_step()
     kept = ("no checkpoint" if kept is None
-            else f"the checkpoint after epoch {kept}")
+            else f"the checkpoint after step {kept}")
     if self.recorder is not None:
       kept += f", and {self.recorder.kept}"
     raise TrainingDiverged(
@@ -152,17 +158,18 @@ class _FiniteCheck:
 
 
 def _train_epoch(exp: experiment_lib.Experiment, state: TrainState,
-                 train_step: Callable[..., Any], batches: Any, *, epoch: int,
-                 epochs: int, steps_per_epoch: int, lr: float, elapsed: float,
-                 bar: Any, recorder: Recorder | None,
+                 train_step: Callable[..., Any], batches: Any,
+                 metrics: steps_lib.Metrics, *, epoch: int, epochs: int,
+                 first: int, steps_per_epoch: int, lr: float, elapsed: float,
+                 bar: Any, recorder: Recorder | None, saver: _Saver,
                  check: _FiniteCheck) -> tuple[TrainState, dict[str, float]]:
-  """One epoch of training; returns the state and the epoch's metrics."""
+  """The epoch's steps from its step `first` on (after a resume, `metrics`
+  holds those before); returns the state and the epoch's metrics."""
   bs, every = exp.config.sgd.batch_size, exp.config.log_every_steps
   start = last_time = time.perf_counter()
-  last_log = 0
-  metrics = steps_lib.new_metrics()
-  for i, batch in enumerate(batches):
-    state, metrics = train_step(state, metrics, batch)
+  last_log = first
+  for i in range(first, steps_per_epoch):
+    state, metrics = train_step(state, metrics, next(batches))
     step = epoch * steps_per_epoch + i + 1
     if recorder is not None and step in recorder.steps:
       check(metrics, epoch)
@@ -177,9 +184,45 @@ def _train_epoch(exp: experiment_lib.Experiment, state: TrainState,
           acc=f"{m['correct'] / m['count']:.4f}", lr=f"{lr:.3g}",
           img_s=f"{(i + 1 - last_log) * bs / (now - last_time):.0f}")
       last_log, last_time = i + 1, now
+    if saver.due(step) and i + 1 < steps_per_epoch:
+      check(metrics, epoch)
+      saver.save(step, state, metrics, elapsed + time.perf_counter() - start)
   m = check(metrics, epoch)
   return state, {"loss": m["loss"] / m["count"],
                  "accuracy": m["correct"] / m["count"]}
+
+
+class _Saver:
+  """Saves checkpoints: state, the epoch's metrics so far, iterator state."""
+
+  def __init__(self, manager: ocp.CheckpointManager,
+               recorder: Recorder | None,
+               batches: experiment_lib.GlobalBatches, every: int):
+    self.manager, self.recorder = manager, recorder
+    self.batches, self.every = batches, every
+
+  def due(self, step: int) -> bool:
+    """Whether a checkpoint inside an epoch is due after `step`."""
+    return self.every > 0 and step % self.every == 0
+
+  def save(self, step: int, state: TrainState, metrics: steps_lib.Metrics,
+           elapsed: float) -> None:
+    """Checkpoints after `step` steps of the phase (the recorder flushed
+    first, so that no checkpoint runs ahead of the snapshots)."""
+    if self.recorder is not None:
+      self.recorder.flush()
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_copy(state.to_dict())),
+        metrics=ocp.args.StandardSave(_copy(metrics)),
+        meta=ocp.args.JsonSave({
+            "step": step, "elapsed_s": elapsed,
+            "iterator": self.batches.iterator.get_state()})))
+
+
+def _copy(tree: Any) -> Any:
+  """A device copy that an asynchronous save can read while the training
+  step donates the original buffers."""
+  return jax.tree.map(lambda x: x.copy(), tree)
 
 
 def _record_epoch(workdir: pathlib.Path, phase: str, epoch: int, epochs: int,
@@ -199,16 +242,43 @@ def _record_epoch(workdir: pathlib.Path, phase: str, epoch: int, epochs: int,
 
 
 def _restore(manager: ocp.CheckpointManager, state: TrainState,
-             phase: str) -> tuple[TrainState, int, float]:
-  """The latest checkpoint's state, epoch and seconds (else the given state)."""
+             batches: experiment_lib.GlobalBatches, steps_per_epoch: int,
+             phase: str
+             ) -> tuple[TrainState, steps_lib.Metrics, int, float]:
+  """The latest checkpoint's state, epoch metrics, steps and seconds (else
+  the given state at step 0); sets the iterator to where it was.
+
+  Checkpoints written before iterator states were saved (meta without
+  "step": labelled by epoch) resume at the start of the next epoch.
+  """
+  metrics = jax.tree.map(lambda x: x.copy(), parallel.replicate(
+      steps_lib.new_metrics(), batches.mesh))
   latest = manager.latest_step()
   if latest is None:
-    return state, 0, 0.0
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.to_dict())
-  restored = manager.restore(latest, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-  fields, meta = restored["state"], restored["meta"]
-  logging.info("%s: resuming after epoch %d from %s", phase, meta["epoch"],
-               manager.directory)
-  return (TrainState(**fields), int(meta["epoch"]),
+    return state, metrics, 0, 0.0
+  meta = manager.restore(latest, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore()))["meta"]
+  abstract = {"state": state.to_dict(), "metrics": metrics}
+  if "step" not in meta:
+    del abstract["metrics"]
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
+  restored = manager.restore(latest, args=ocp.args.Composite(**{
+      k: ocp.args.StandardRestore(v) for k, v in abstract.items()}))
+  if "step" in meta:
+    done = int(meta["step"])
+    metrics = restored["metrics"]
+    batches.iterator.set_state(meta["iterator"])
+  else:
+    done = int(meta["epoch"]) * steps_per_epoch
+    _skip_to(batches, done)
+  logging.info("%s: resuming after step %d (epoch %d, step %d of %d) from "
+               "%s", phase, done, done // steps_per_epoch + 1,
+               done % steps_per_epoch, steps_per_epoch, manager.directory)
+  return (TrainState(**restored["state"]), metrics, done,
           float(meta["elapsed_s"]))
+
+
+def _skip_to(batches: experiment_lib.GlobalBatches, step: int) -> None:
+  """Advances a fresh iterator past the batches of `step` steps."""
+  for _ in range(step):
+    next(batches.iterator)

@@ -18,6 +18,7 @@ from twa_jax.store import TrajectoryStore
 from twa_jax.training import configuration
 from twa_jax.training import experiment as experiment_lib
 from twa_jax.training import loop
+from twa_jax.training import parallel
 from twa_jax.training import report
 from twa_jax.training import steps as steps_lib
 from twa_jax.training import surface as surface_lib
@@ -67,6 +68,7 @@ def run(config: ml_collections.ConfigDict,
                              configuration.to_json_data(config))
     summary = None
     for phase in phases:
+      parallel.barrier(f"before {phase}")  # process 0 has written its files
       outputs = _outputs(exp, phase)
       if outputs and all(workdir_lib.is_done(workdir, o) for o in outputs):
         logging.info("%s: finished earlier (%s); skipped", phase, ", ".join(
@@ -77,6 +79,7 @@ def run(config: ml_collections.ConfigDict,
       except Exception as e:
         logging.error("%s stopped: %s: %s", phase, type(e).__name__, e)
         raise
+    parallel.barrier("phases done")
     return summary
 
 
@@ -362,7 +365,8 @@ def phase_sweep(exp: Experiment, workdir: pathlib.Path) -> None:
       exp.config, sgd["results"]["sgd"],
       [[e, curve[e]["test_accuracy"]] for e in sorted(curve)], heads)
   workdir_lib.write_json(workdir_lib.result_path(workdir, "sweep"), result)
-  path = report.sweep_plot(result, workdir / "plots" / "sweep.png")
+  path = (report.sweep_plot(result, workdir / "plots" / "sweep.png")
+          if parallel.is_primary() else None)
   print(report.sweep_table(result), flush=True)
   logging.info("sweep: %s; plot: %s",
                workdir_lib.result_path(workdir, "sweep"), path)
@@ -448,8 +452,9 @@ def phase_report(exp: Experiment, workdir: pathlib.Path) -> dict[str, Any]:
                            exp.steps_per_epoch)
   workdir_lib.write_json(workdir / "summary.json", summary)
   records = workdir_lib.read_metrics(workdir)
-  paths = report.plots(summary, records, workdir / "plots")
-  if workdir_lib.is_done(workdir, "surface"):
+  paths = (report.plots(summary, records, workdir / "plots")
+           if parallel.is_primary() else [])
+  if workdir_lib.is_done(workdir, "surface") and parallel.is_primary():
     paths.append(surface_lib.plot(
         surface_lib.from_dict(workdir_lib.read_json(
             workdir_lib.result_path(workdir, "surface"))),

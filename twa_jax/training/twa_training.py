@@ -47,14 +47,20 @@ class TwaOutcome:
   coefficients: dict[str, Any]
 
 
-def build_basis(cfg: ml_collections.ConfigDict,
+def build_basis(exp: experiment_lib.Experiment,
                 snapshots: Snapshots) -> twa_jax.Basis | twa_jax.BlockBasis:
-  """The basis of the snapshots' span (`config.twa` granularity, storage)."""
+  """The basis of the snapshots' span (`config.twa` granularity, storage),
+  sharded over the mesh in `config.parallel.basis_layout` when it has more
+  than one device."""
+  cfg = exp.config.twa
   granularity = _layer if cfg.granularity == "layer" else cfg.granularity
   dtype = (cfg.storage if cfg.storage in ("int8", "int4")
            else jnp.dtype(cfg.storage))
-  return twa_jax.basis_from_snapshots(snapshots, granularity=granularity,
-                                      dtype=dtype)
+  sharded = exp.mesh.size > 1
+  return twa_jax.basis_from_snapshots(
+      snapshots, granularity=granularity, dtype=dtype,
+      mesh=exp.mesh if sharded else None,
+      layout=exp.config.parallel.basis_layout if sharded else "basis")
 
 
 def _layer(path: str) -> str:
@@ -121,7 +127,7 @@ def train_twa(exp: experiment_lib.Experiment, workdir: pathlib.Path,
   cfg, seed = exp.config.twa, exp.config.seed
   started = time.perf_counter()
   snapshots = load_snapshots()
-  basis = build_basis(cfg, snapshots)
+  basis = build_basis(exp, snapshots)
   params = twa_jax.swa(snapshots) if start == "mean" else _last(snapshots)
   record = basis_record(basis)
   logging.info("%s: basis of %d snapshots has dimension %d, %d dropped, "

@@ -1,4 +1,8 @@
-"""A run's workdir: its JSON files, metrics.jsonl, log and saved config."""
+"""A run's workdir: its JSON files, metrics.jsonl, log and saved config.
+
+With several processes, process 0 alone writes these files, holds the lock
+and writes log.txt (`parallel.is_primary`); the others read them.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import ml_collections
 
 from twa_jax.lock import FileLock, LockedError
 from twa_jax.training import configuration
+from twa_jax.training import parallel
 from twa_jax.training.configuration import ConfigError
 
 LAYOUT = """\
@@ -81,8 +86,9 @@ def prepare(workdir: str | os.PathLike) -> pathlib.Path:
   probe = path / ".write_test"
   try:
     path.mkdir(parents=True, exist_ok=True)
-    probe.write_text("ok")
-    probe.unlink()
+    if parallel.is_primary():
+      probe.write_text("ok")
+      probe.unlink()
   except OSError as e:
     raise ConfigError(f"workdir {path} is not writable: {e}") from e
   return path
@@ -97,6 +103,9 @@ def opened(workdir: str | os.PathLike) -> Iterator[pathlib.Path]:
       runs in one workdir would mix their snapshots and results).
   """
   path = prepare(workdir)
+  if not parallel.is_primary():
+    yield path
+    return
   try:
     held = FileLock(path / "lock", what=f"workdir {path}")
   except LockedError as e:
@@ -122,7 +131,10 @@ def dumps(obj: Any, **kwargs: Any) -> str:
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:
-  """Atomic write: a reader sees the old or the new file, never a part."""
+  """Atomic write: a reader sees the old or the new file, never a part.
+  Process 0 writes; the others return."""
+  if not parallel.is_primary():
+    return
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -172,6 +184,9 @@ def running_train_accuracy(workdir: pathlib.Path, phase: str,
 
 
 def append_metrics(workdir: pathlib.Path, record: dict[str, Any]) -> None:
+  """Appends a record to metrics.jsonl (process 0; the others return)."""
+  if not parallel.is_primary():
+    return
   with open(workdir / "metrics.jsonl", "a") as f:
     f.write(dumps(record) + "\n")
 
@@ -180,8 +195,11 @@ def truncate_metrics(workdir: pathlib.Path, phase: str, epoch: int) -> None:
   """Drops the phase's records after `epoch` (from a run killed later).
 
   The file is rewritten from its parsed records, which also drops a line
-  torn by a kill in the middle of a write.
+  torn by a kill in the middle of a write. Process 0 writes; the others
+  return.
   """
+  if not parallel.is_primary():
+    return
   records = read_metrics(workdir)
   kept = [r for r in records if r["phase"] != phase or r["epoch"] <= epoch]
   if (workdir / "metrics.jsonl").exists():

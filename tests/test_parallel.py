@@ -1,0 +1,128 @@
+"""train.py data-parallel: 8 simulated devices, and 2 processes on localhost.
+
+Each run is `train.py` in a subprocess (the device count is fixed when JAX
+starts); the single-device reference runs in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import helpers
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `from configs import ...`
+# pylint: disable=g-import-not-at-top,wrong-import-position
+
+from configs import default
+from twa_jax.store import TrajectoryStore
+from twa_jax.training import experiment as experiment_lib
+from twa_jax.training import train_lib
+
+# The default config, shortened: digits, the MLP, every phase.
+SHORT = ("--config.sgd.epochs=4", "--config.averaging.end=2",
+         "--config.twa.epochs=2", "--config.sgd.batch_size=64")
+
+
+def _config():
+  config = default.get_config()
+  for flag in SHORT:
+    field, value = flag[len("--config."):].split("=")
+    section, name = field.split(".")
+    config[section][name] = type(config[section][name])(value)
+  return config
+
+
+def _train_py(workdir: pathlib.Path, devices: int, *flags: str
+              ) -> subprocess.Popen:
+  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=(
+      f"--xla_force_host_platform_device_count={devices}"))
+  return subprocess.Popen(
+      [sys.executable, str(ROOT / "train.py"),
+       f"--config={ROOT / 'configs' / 'default.py'}", f"--workdir={workdir}",
+       *SHORT, *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(procs: list[subprocess.Popen], timeout: int = 400) -> list[str]:
+  """The processes' output, once all exited 0."""
+  outs = []
+  try:
+    for proc in procs:
+      outs.append(proc.communicate(timeout=timeout)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  for i, (proc, out) in enumerate(zip(procs, outs)):
+    assert proc.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
+  return outs
+
+
+def _assert_results_close(summary: dict, reference: dict) -> None:
+  """Same methods, accuracies and losses up to float32 reduction order."""
+  assert summary["results"].keys() == reference["results"].keys()
+  for method, ref in reference["results"].items():
+    row = summary["results"][method]
+    assert row["epochs"] == ref["epochs"], method
+    for key in ("test_accuracy", "train_accuracy"):  # ~ one example of 300+
+      assert abs(row[key] - ref[key]) <= 0.004, (method, key, row, ref)
+    for key in ("test_loss", "train_loss"):
+      np.testing.assert_allclose(row[key], ref[key], rtol=2e-3,
+                                 err_msg=f"{method} {key}")
+
+
+@pytest.mark.slow
+def test_eight_devices_compute_what_one_device_computes(tmp_path):
+  reference = train_lib.run(_config(), tmp_path / "one")
+  out = _finish([_train_py(tmp_path / "eight", 8)])[0]
+  assert "data parallel over 8 device(s) of 1 process(es)" in out
+  summary = json.loads((tmp_path / "eight" / "summary.json").read_text())
+  _assert_results_close(summary, reference)
+  # The same batches: SGD's per-epoch training loss agrees epoch by epoch.
+  records = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl")
+              .read_text().splitlines()] for d in ("one", "eight")]
+  np.testing.assert_allclose([r["train_loss"] for r in records[1]],
+                             [r["train_loss"] for r in records[0]],
+                             rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_two_processes_run_one_workdir_and_agree(tmp_path):
+  helpers.require_cpu_collectives()
+  port = helpers.free_port()
+  workdir = tmp_path / "run"
+  procs = [_train_py(
+      workdir, 2, "--config.parallel.distributed=True",
+      f"--config.parallel.coordinator_address=127.0.0.1:{port}",
+      "--config.parallel.num_processes=2",
+      f"--config.parallel.process_id={i}") for i in range(2)]
+  outs = _finish(procs)
+  for i, out in enumerate(outs):
+    assert (f"data parallel over 4 device(s) of 2 process(es) (this is "
+            f"process {i})") in out
+  # Both processes printed the same comparison table (process 0 wrote it),
+  # wall times aside.
+  tables = [re.sub(r"\s+", " ", re.sub(r"[\d.]+ s\b", "", out[
+      out.rindex("default: mlp on digits"):])) for out in outs]
+  assert "TWA" in tables[0] and tables[0] == tables[1]
+  summary = json.loads((workdir / "summary.json").read_text())
+  reference = train_lib.run(_config(), tmp_path / "one")
+  _assert_results_close(summary, reference)
+  # One trajectory, written once: every planned snapshot, checksums intact.
+  with TrajectoryStore(workdir / "trajectory", read_only=True) as store:
+    assert store.steps() == experiment_lib.create(_config()).planned_steps
+    store.load(store.steps()[-1])
+  # Each process loaded its half of every batch.
+  loaded = [int(re.findall(r"loaded (\d+) training examples", out)[-1])
+            for out in outs]
+  assert loaded[0] == loaded[1]

@@ -1,0 +1,91 @@
+"""Data parallelism for train.py: processes, the device mesh, global batches.
+
+Every phase runs on a mesh over all devices of all processes (`data_mesh`),
+one axis named "data": the parameters, batch-norm statistics and optimizer
+state are replicated, each batch is split along the data axis, and one
+jitted step (GSPMD) reduces the gradient over it. Batch-norm layers see the
+statistics of the whole global batch (synchronized batch norm, as PyTorch's
+`SyncBatchNorm`), so a run on 8 devices computes what one device computes on
+the same global batch, up to the order of float32 reductions. Each process
+loads its share of every global batch (`input_pipeline`) and
+`global_batch` joins the shares into one array.
+
+With several processes (hosts), `initialize` starts `jax.distributed` first;
+files of the workdir are written by process 0 (`is_primary`), snapshots and
+checkpoints by orbax's multi-host saving.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import ml_collections
+import numpy as np
+
+PyTree = Any
+DATA_AXIS = "data"
+
+
+def initialize(cfg: ml_collections.ConfigDict) -> None:
+  """Starts `jax.distributed` when `config.parallel` asks for it.
+
+  Args:
+    cfg: `config.parallel`: `distributed` (False: one process), and
+      `coordinator_address`, `num_processes`, `process_id` (None: detected
+      from the cluster environment, e.g. SLURM, Open MPI or a TPU pod).
+  """
+  if cfg.distributed:
+    # CPU devices talk over gloo (no effect on GPU and TPU backends).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=cfg.coordinator_address,
+        num_processes=cfg.num_processes, process_id=cfg.process_id)
+
+
+def data_mesh() -> Mesh:
+  """A one-axis mesh ("data") over every device of every process."""
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+
+
+def is_primary() -> bool:
+  """Whether this process writes the workdir's files (process 0)."""
+  return jax.process_index() == 0
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+  """`tree` on every device of `mesh` (from host or device arrays)."""
+  sharding = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, Any]:
+  """This process's share of a batch as one array split along "data".
+
+  Args:
+    local: arrays with this process's rows of the global batch (the
+      processes' shares concatenated in process order form the batch).
+    mesh: the data mesh.
+
+  Returns:
+    Global arrays of `process_count` times the rows.
+  """
+  sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in local.items()}
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, field: str) -> None:
+  """Raises ValueError unless `batch_size` splits evenly over the devices."""
+  if batch_size % mesh.size:
+    raise ValueError(f"{field}={batch_size} does not split over the "
+                     f"{mesh.size} devices (a multiple of {mesh.size} "
+                     "is needed)")
+
+
+def barrier(name: str) -> None:
+  """Waits until every process arrives (no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
