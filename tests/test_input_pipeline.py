@@ -1,9 +1,11 @@
 """Input pipeline: loaders, deterministic batches, augmentation, errors."""
 
+import collections
+import dataclasses
 import io
+import json
 import os
 import pathlib
-import threading
 import zipfile
 
 import jax
@@ -57,6 +59,24 @@ def _labels(batches) -> list[np.ndarray]:
   return [b["label"] for b in batches]
 
 
+def _take(iterator, count: int) -> list[dict[str, np.ndarray]]:
+  return [next(iterator) for _ in range(count)]
+
+
+def _epoch(ds: ip.Dataset, batch_size: int, **kwargs) -> list[dict]:
+  """The first epoch of `train_iterator`."""
+  return _take(ip.train_iterator(ds, batch_size, **kwargs),
+               ip.steps_per_epoch(ds, batch_size))
+
+
+def _assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+
+
 # ------------------------------------------------------------------ loaders
 
 
@@ -69,7 +89,7 @@ def test_digits():
   np.testing.assert_array_equal(ds.x_test, again.x_test)  # fixed split
   assert set(np.unique(ds.y_test)) == set(range(10))
   # No augmentation, no rescaling: batches are the stored [0, 1] pixels.
-  batch = next(ip.train_batches(ds, 32, seed=0, epoch=0))
+  batch = next(ip.train_iterator(ds, 32, seed=0))
   assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
   rows = {ds.x_train[i].tobytes(): ds.y_train[i] for i in range(ds.num_train)}
   for image, label in zip(batch["image"], batch["label"]):
@@ -86,8 +106,8 @@ def test_npz_loads_prefixes_and_normalizes(npz_path):
     np.testing.assert_array_equal(ds.x_train, arrays["x_train"][:200])
     np.testing.assert_array_equal(ds.y_test, arrays["y_test"][:30])
   # Per-channel normalization: an unaugmented epoch has mean 0 and std 1.
-  images = np.concatenate([b["image"] for b in ip.train_batches(
-      ds, 50, seed=0, epoch=0, augment=False)]).astype(np.float64)
+  images = np.concatenate([b["image"] for b in _epoch(
+      ds, 50, seed=0, augment=False)]).astype(np.float64)
   np.testing.assert_allclose(images.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
   np.testing.assert_allclose(images.std(axis=(0, 1, 2)), 1.0, atol=1e-5)
   np.testing.assert_allclose(ds.mean, [149.5, 99.5, 69.5], atol=0.5)
@@ -134,8 +154,7 @@ def test_npz_flat_features_are_not_augmented(tmp_path):
   assert ds.augmentation == "none" and ds.input_shape == (5,)
   with pytest.raises(ValueError, match="needs HWC images"):
     ip.load_dataset(_config(name="npz", path=str(path), augmentation="cifar"))
-  images = np.concatenate([b["image"] for b in ip.train_batches(
-      ds, 16, seed=0, epoch=0)])
+  images = np.concatenate([b["image"] for b in _epoch(ds, 16, seed=0)])
   np.testing.assert_allclose(images.mean(0), 0.0, atol=1e-5)
   np.testing.assert_allclose(images.std(0), 1.0, atol=1e-5)
 
@@ -204,7 +223,7 @@ def test_grayscale_images_get_a_channel_axis(tmp_path):
   # cnn7 raised ZeroDivisionError on these inputs without the channel axis
   # (in shape inference, which `eval_shape` runs without compiling).
   model = models.create_model("cnn7", ds.num_classes)
-  batch = next(ip.train_batches(ds, 8, seed=0, epoch=0))
+  batch = next(ip.train_iterator(ds, 8, seed=0))
   variables = jax.eval_shape(
       lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
       batch["image"])
@@ -326,11 +345,12 @@ def test_real_cifar10_npz(cifar10_npz):
   np.testing.assert_allclose(ds.mean / 255, [0.491, 0.482, 0.447], atol=0.01)
   np.testing.assert_allclose(ds.std / 255, [0.245, 0.243, 0.261], atol=0.01)
   assert np.bincount(ds.y_train, minlength=10).min() > 400  # balanced prefix
-  batch = next(ip.train_batches(ds, 128, seed=0, epoch=0))
+  batch = next(ip.train_iterator(ds, 128, seed=0))
   assert batch["image"].shape == (128, 32, 32, 3)
   assert np.isfinite(batch["image"]).all()
   # The test split, normalized with the training statistics, is centred.
-  test = np.concatenate([b["image"] for b in ip.eval_batches(ds, "test", 128)])
+  test = np.concatenate([b["image"][b["mask"]]
+                         for b in ip.eval_batches(ds, "test", 128)])
   assert test.shape == (CIFAR10_TEST // 2, 32, 32, 3)
   np.testing.assert_allclose(test.mean(axis=(0, 1, 2)), 0.0, atol=0.05)
   np.testing.assert_allclose(test.std(axis=(0, 1, 2)), 1.0, atol=0.05)
@@ -359,7 +379,7 @@ def test_tfds_cifar10_in_memory_with_mock_data():
   assert ds.x_train.shape == (20, 32, 32, 3) and ds.num_test == 24
   assert ds.num_classes == 10 and ds.augmentation == "cifar"
   assert ds.y_train.dtype == np.int32 and ds.y_train.max() < 10
-  batch = next(ip.train_batches(ds, 8, seed=0, epoch=0))
+  batch = next(ip.train_iterator(ds, 8, seed=0))
   assert batch["image"].shape == (8, 32, 32, 3)
 
 
@@ -375,18 +395,21 @@ def test_tfds_imagenet_lazy_with_mock_data():
   # Images of varying sizes come out as 224 x 224 crops.
   sizes = {image.shape for image in ds.x_train[np.arange(6)]}
   assert len(sizes) > 1
-  first = list(ip.train_batches(ds, 4, seed=3, epoch=1))
-  again = list(ip.train_batches(ds, 4, seed=3, epoch=1, prefetch=0))
-  assert len(first) == 5 and first[0]["image"].shape == (4, 224, 224, 3)
-  for a, b in zip(first, again):
-    np.testing.assert_array_equal(a["image"], b["image"])
-    np.testing.assert_array_equal(a["label"], b["label"])
-  assert sorted(np.concatenate(_labels(first))) == sorted(
+  # JPEGs decoded per example; in grain worker processes, the same batches.
+  first = _take(ip.train_iterator(ds, 4, seed=3), 7)
+  workers = ip.train_iterator(ds, 4, seed=3, workers=2)
+  again = _take(workers, 7)
+  workers.close()
+  assert first[0]["image"].shape == (4, 224, 224, 3)
+  _assert_same_batches(first, again)
+  assert sorted(np.concatenate(_labels(first[:5]))) == sorted(
       ds.y_train[np.arange(20)])
   test = list(ip.eval_batches(ds, "test", 8))
-  assert [b["image"].shape[0] for b in test] == [8, 8, 4]
-  np.testing.assert_array_equal(np.concatenate(_labels(test)),
-                                ds.y_test[np.arange(20)])
+  assert [b["image"].shape[0] for b in test] == [8, 8, 8]
+  assert [b["mask"].sum() for b in test] == [8, 8, 4]
+  np.testing.assert_array_equal(
+      np.concatenate([b["label"][b["mask"]] for b in test]),
+      ds.y_test[np.arange(20)])
   train_part, holdout = ip.holdout_split(ds, 0.25, seed=0)
   assert isinstance(holdout.x_train, ip.SourceColumn)
   assert (train_part.num_train, holdout.num_train) == (15, 5)
@@ -398,29 +421,123 @@ def test_tfds_imagenet_lazy_with_mock_data():
 
 def test_batches_are_deterministic_per_seed_and_epoch():
   ds = _indexed_dataset()
-  run = lambda **kw: list(ip.train_batches(ds, 8, **kw))
-  a, b = run(seed=0, epoch=2), run(seed=0, epoch=2, prefetch=0)
-  assert len(a) == ip.steps_per_epoch(ds, 8) == 6  # remainder dropped
-  for x, y in zip(a, b):
-    np.testing.assert_array_equal(x["image"], y["image"])
-    np.testing.assert_array_equal(x["label"], y["label"])
-  labels = np.concatenate(_labels(a))
-  assert len(set(labels)) == 48  # each example at most once per epoch
-  other_epoch = np.concatenate(_labels(run(seed=0, epoch=3)))
-  other_seed = np.concatenate(_labels(run(seed=1, epoch=2)))
-  assert not np.array_equal(labels, other_epoch)
-  assert not np.array_equal(labels, other_seed)
-  # Resuming inside an epoch yields the rest of the same epoch.
-  rest = run(seed=0, epoch=2, start_step=4)
-  assert len(rest) == 2
-  for x, y in zip(rest, a[4:]):
-    np.testing.assert_array_equal(x["image"], y["image"])
+  spe = ip.steps_per_epoch(ds, 8)
+  assert spe == 6  # remainder dropped
+  a = _take(ip.train_iterator(ds, 8, seed=0), 3 * spe)
+  _assert_same_batches(a, _take(ip.train_iterator(ds, 8, seed=0), 3 * spe))
+  epochs = [np.concatenate(_labels(a[e * spe:(e + 1) * spe]))
+            for e in range(3)]
+  for labels in epochs:
+    assert len(set(labels)) == 48  # each example at most once per epoch
+  assert not np.array_equal(epochs[0], epochs[1])
+  assert not np.array_equal(epochs[1], epochs[2])
+  other_seed = _take(ip.train_iterator(ds, 8, seed=1), spe)
+  assert not np.array_equal(epochs[0], np.concatenate(_labels(other_seed)))
+  # Each example's augmentation is drawn anew every epoch.
+  seen = {}
+  for batch in a:
+    for image, label in zip(batch["image"], batch["label"]):
+      seen.setdefault(int(label), []).append(image)
+  twice = [images for images in seen.values() if len(images) > 1]
+  assert twice and any(not np.array_equal(*images[:2]) for images in twice)
+
+
+@pytest.mark.parametrize("augmentation", ["cifar", "none"])
+def test_global_batches_do_not_depend_on_process_count(augmentation):
+  ds = _indexed_dataset(n=70, augmentation=augmentation)
+  steps = 2 * ip.steps_per_epoch(ds, 16) + 1  # into a third epoch
+  single = _take(ip.train_iterator(ds, 16, seed=5), steps)
+  for count in (2, 4):
+    shares = [_take(ip.train_iterator(ds, 16, seed=5, process_index=p,
+                                      process_count=count), steps)
+              for p in range(count)]
+    for step, batch in enumerate(single):
+      for p, share in enumerate(shares):
+        local = share[step]
+        assert local["label"].shape == (16 // count,)
+        # Process p holds positions p::count of the global batch,
+        # augmented alike.
+        np.testing.assert_array_equal(local["label"],
+                                      batch["label"][p::count])
+        np.testing.assert_array_equal(local["image"],
+                                      batch["image"][p::count])
+
+
+class _CountingSource:
+  """Records (dicts) of a list; counts the reads of each index."""
+
+  def __init__(self, records):
+    self.records = records
+    self.reads = collections.Counter()
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i):
+    self.reads[i] += 1
+    return self.records[i]
+
+
+def _lazy_indexed_dataset(n=64) -> ip.Dataset:
+  """`_indexed_dataset` read from a counting source, as TFDS splits are."""
+  arrays = _indexed_dataset(n)
+  source = _CountingSource([{"image": x, "label": y} for x, y in
+                            zip(arrays.x_train, arrays.y_train)])
+  x = ip.SourceColumn(source, "image", (8, 8, 3))
+  y = ip.SourceColumn(source, "label", ())
+  return dataclasses.replace(arrays, x_train=x, y_train=y)
+
+
+def test_each_process_reads_only_its_share():
+  ds = _lazy_indexed_dataset()
+  assert ip.steps_per_epoch(ds, 8) == 8
+  iterator = ip.train_iterator(ds, 8, seed=2, process_index=1,
+                               process_count=2)
+  taken = np.concatenate(_labels(_take(iterator, 2)))
+  reads = dict(ds.x_train.source.reads)
+  # The global batches the reads can reach (the 2 taken plus those
+  # prefetched), from a second source.
+  reference = _lazy_indexed_dataset()
+  window = _take(ip.train_iterator(reference, 8, seed=2), 8)
+  share = {int(i) for b in window for i in b["label"][1::2]}
+  assert set(taken) <= set(reads) <= share
+  assert set(reads.values()) == {1}  # one read per example (image + label)
+
+
+def test_state_restores_mid_epoch_and_across_epochs():
+  ds = _indexed_dataset()
+  spe = ip.steps_per_epoch(ds, 8)
+  reference = _take(ip.train_iterator(ds, 8, seed=4, process_index=1,
+                                      process_count=2), 4 * spe)
+  for cut in (3, spe, spe + 4):
+    first = ip.train_iterator(ds, 8, seed=4, process_index=1,
+                              process_count=2)
+    _take(first, cut)
+    state = json.loads(json.dumps(first.get_state()))
+    resumed = ip.train_iterator(ds, 8, seed=4, process_index=1,
+                                process_count=2)
+    resumed.set_state(state)
+    _assert_same_batches(_take(resumed, 2 * spe), reference[cut:cut + 2 * spe])
+
+
+def test_worker_processes_yield_the_same_batches_and_state():
+  ds = _indexed_dataset()
+  reference = _take(ip.train_iterator(ds, 8, seed=6), 10)
+  first = ip.train_iterator(ds, 8, seed=6, workers=2)
+  _assert_same_batches(_take(first, 7), reference[:7])
+  state = json.loads(json.dumps(first.get_state()))
+  first.close()
+  resumed = ip.train_iterator(ds, 8, seed=6, workers=2)
+  resumed.set_state(state)
+  _assert_same_batches(_take(resumed, 3), reference[7:])
+  resumed.close()
 
 
 def test_random_crop_flip_is_a_padded_window():
   rng = np.random.default_rng(0)
   images = rng.integers(1, 256, (200, 6, 5, 3), dtype=np.uint8)
-  out = ip.random_crop_flip(images, np.random.default_rng(1), pad=2)
+  rng = np.random.default_rng(1)
+  out = np.stack([ip.random_crop_flip(image, rng, pad=2) for image in images])
   assert out.shape == images.shape and out.dtype == np.uint8
   padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
   found = []
@@ -435,7 +552,8 @@ def test_random_crop_flip_is_a_padded_window():
   tops, lefts, flips = np.array(found).T
   assert set(tops) == set(lefts) == set(range(5))  # every offset occurs
   assert 0.35 < flips.mean() < 0.65
-  unpadded = ip.random_crop_flip(images, np.random.default_rng(5), pad=0)
+  rng = np.random.default_rng(5)
+  unpadded = [ip.random_crop_flip(image, rng, pad=0) for image in images]
   flipped = [np.array_equal(o, x[:, ::-1]) for o, x in zip(unpadded, images)]
   kept = [np.array_equal(o, x) for o, x in zip(unpadded, images)]
   assert all(np.logical_xor(flipped, kept)) and 0 < sum(flipped) < 200
@@ -443,10 +561,10 @@ def test_random_crop_flip_is_a_padded_window():
 
 def test_augmentation_is_applied_only_in_training():
   ds = _indexed_dataset(hw=16)
-  plain = next(ip.train_batches(ds, 16, seed=0, epoch=0, augment=False))
+  plain = next(ip.train_iterator(ds, 16, seed=0, augment=False))
   np.testing.assert_array_equal(plain["image"],
                                 ds.x_train[plain["label"]].astype(np.float32))
-  augmented = next(ip.train_batches(ds, 16, seed=0, epoch=0))
+  augmented = next(ip.train_iterator(ds, 16, seed=0))
   np.testing.assert_array_equal(augmented["label"], plain["label"])
   assert not np.array_equal(augmented["image"], plain["image"])
   assert augmented["image"].shape == plain["image"].shape
@@ -456,21 +574,23 @@ def test_imagenet_transforms():
   rng = np.random.default_rng(0)
   wide = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
   sliver = rng.integers(0, 256, (10, 1000, 3), dtype=np.uint8)
-  evaluated = ip._imagenet_transform([wide, sliver], None)
+  transform = lambda images, rng: np.stack(
+      [ip._imagenet_transform(image, rng) for image in images])
+  evaluated = transform([wide, sliver], None)
   assert evaluated.shape == (2, 224, 224, 3) and evaluated.dtype == np.uint8
   # Evaluation: resize the short side to 256, take the centre 224.
   flat = np.full((300, 400, 3), 7, np.uint8)
   flat[:, :200] = 200
-  centre = ip._imagenet_transform([flat], None)[0]
+  centre = ip._imagenet_transform(flat, None)
   assert (centre[:, :100] == 200).all() and (centre[:, -100:] == 7).all()
-  trained = ip._imagenet_transform([wide, sliver], np.random.default_rng(1))
+  trained = transform([wide, sliver], np.random.default_rng(1))
   assert trained.shape == (2, 224, 224, 3)
   np.testing.assert_array_equal(
-      trained, ip._imagenet_transform([wide, sliver], np.random.default_rng(1)))
+      trained, transform([wide, sliver], np.random.default_rng(1)))
   # A left-right ramp: flipped crops decrease along the width.
   ramp = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None],
                          (256, 256, 3)).copy()
-  crops = ip._imagenet_transform([ramp] * 40, np.random.default_rng(2))
+  crops = transform([ramp] * 40, np.random.default_rng(2))
   slope = np.sign(crops[:, 112, -1, 0].astype(int) - crops[:, 112, 0, 0])
   assert 5 < (slope < 0).sum() < 35 and (slope != 0).all()
 
@@ -478,15 +598,33 @@ def test_imagenet_transforms():
 def test_eval_batches_cover_the_split_in_order():
   ds = _indexed_dataset()
   full = list(ip.eval_batches(ds, "train", 16))
-  assert [len(b["label"]) for b in full] == [16, 16, 16, 2]
-  np.testing.assert_array_equal(np.concatenate(_labels(full)), ds.y_train)
-  assert all(b["mask"].all() for b in full)
-  padded = list(ip.eval_batches(ds, "test", 4, pad=True))
-  assert [b["image"].shape for b in padded] == [(4, 8, 8, 3)] * 2
-  np.testing.assert_array_equal(padded[1]["mask"], [True, True, True, False])
-  np.testing.assert_array_equal(padded[1]["label"][:3], ds.y_test[4:])
+  assert [b["image"].shape for b in full] == [(16, 8, 8, 3)] * 4
+  assert [b["mask"].sum() for b in full] == [16, 16, 16, 2]
+  np.testing.assert_array_equal(
+      np.concatenate([b["label"][b["mask"]] for b in full]), ds.y_train)
+  np.testing.assert_array_equal(  # the evaluation transform: no augmentation
+      np.concatenate([b["image"][b["mask"]] for b in full]), ds.x_train)
+  last = full[-1]
+  assert last["mask"].dtype == bool and not last["mask"][2:].any()
+  assert not last["image"][2:].any() and not last["label"][2:].any()
+  # Two processes: the same number of batches, each half of every global
+  # batch (positions p::2), padding included.
+  shares = [list(ip.eval_batches(ds, "test", 4, process_index=p,
+                                 process_count=2)) for p in range(2)]
+  single = list(ip.eval_batches(ds, "test", 4))
+  assert len(shares[0]) == len(shares[1]) == len(single) == 2
+  for step, batch in enumerate(single):
+    for p in range(2):
+      for key in ("image", "label", "mask"):
+        np.testing.assert_array_equal(shares[p][step][key],
+                                      batch[key][p::2])
+  np.testing.assert_array_equal(single[1]["mask"], [True, True, True, False])
+  np.testing.assert_array_equal(single[1]["label"][:3], ds.y_test[4:])
   with pytest.raises(ValueError, match="'valid'"):
     next(ip.eval_batches(ds, "valid", 4))
+  with pytest.raises(ValueError, match="batch_size 6 is not divisible by "
+                     "process_count 4"):
+    ip.eval_batches(ds, "test", 6, process_index=0, process_count=4)
 
 
 def test_holdout_split_is_disjoint_and_deterministic():
@@ -512,27 +650,15 @@ def test_batch_errors():
     ip.steps_per_epoch(ds, 51)
   with pytest.raises(ValueError, match="batch_size"):
     ip.steps_per_epoch(ds, 0)
-  with pytest.raises(ValueError, match="non-negative"):
-    ip.train_batches(ds, 8, seed=-1, epoch=0)
-  with pytest.raises(ValueError, match="start_step"):
-    ip.train_batches(ds, 8, seed=0, epoch=0, start_step=7)
-
-
-def test_prefetch_propagates_errors_and_stops_when_closed():
-  def items():
-    yield from range(3)
-    raise RuntimeError("broken source")
-
-  got = []
-  with pytest.raises(RuntimeError, match="broken source"):
-    for item in ip._prefetch(items(), 2):
-      got.append(item)
-  assert got == [0, 1, 2]
-  prefetchers = lambda: [t for t in threading.enumerate()
-                         if t.name == "twa_input_prefetch"]
-  assert not prefetchers()
-  stream = ip._prefetch(iter(range(10**6)), 2)
-  assert next(stream) == 0
-  [thread] = prefetchers()
-  stream.close()
-  assert not thread.is_alive() and not prefetchers()
+  with pytest.raises(ValueError, match="batch_size 51 exceeds"):
+    ip.train_iterator(ds, 51, seed=0)
+  with pytest.raises(ValueError, match="seed must be non-negative"):
+    ip.train_iterator(ds, 8, seed=-1)
+  with pytest.raises(ValueError, match="batch_size 10 is not divisible by "
+                     "process_count 4"):
+    ip.train_iterator(ds, 10, seed=0, process_count=4)
+  with pytest.raises(ValueError, match=r"process_index 2 must be in \[0, "
+                     r"process_count=2\)"):
+    ip.train_iterator(ds, 8, seed=0, process_index=2, process_count=2)
+  with pytest.raises(ValueError, match="workers"):
+    ip.train_iterator(ds, 8, seed=0, workers=-1)

@@ -3,26 +3,26 @@
 `load_dataset(config)` returns a `Dataset` of numpy arrays (NHWC images,
 uint8 or float, or flat float features) or, for datasets whose images vary in
 size (ImageNet), of `SourceColumn`s that read a TFDS data source on demand.
-`train_batches` shuffles deterministically from (seed, epoch) and augments as
-in the paper, in a background thread; `eval_batches` walks a split in order.
-Batches are dicts of numpy arrays: "image" (float32, normalized), "label"
-(int32) and, from `eval_batches`, "mask" (bool, False on padding).
+Batches come from grain pipelines over the examples: `train_iterator`
+shuffles deterministically from (seed, epoch) and augments as in the paper,
+epoch after epoch, with a checkpointable state; `eval_batches` walks a split
+in order. Both shard each global batch over the processes. Batches are dicts
+of numpy arrays: "image" (float32, normalized), "label" (int32) and, from
+`eval_batches`, "mask" (bool, False on padding).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-import concurrent.futures
 import dataclasses
 import functools
-import os
 import pathlib
-import queue
-import threading
 from typing import Any, Union
 import zipfile
 import zlib
 
+from absl import flags
+import grain
 import numpy as np
 from PIL import Image
 
@@ -35,36 +35,8 @@ _RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
 _CROP_ATTEMPTS = 10
 _STATS_MAX_LAZY = 1024  # images sampled for the normalization of a lazy split
 _CHUNK = 4096
-
-
-@functools.cache
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-  """Threads for record reads and per-image transforms (PIL releases the GIL)."""
-  return concurrent.futures.ThreadPoolExecutor(
-      max_workers=min(32, 2 * (os.cpu_count() or 1)),
-      thread_name_prefix="twa_input")
-
-
-class _RecordReader:
-  """Reads records of a random-access source in parallel; caches the last read.
-
-  The cache lets the image and label columns of one batch share one read.
-  """
-
-  def __init__(self, source: Sequence[dict[str, Any]]):
-    self.source = source
-    self._lock = threading.Lock()
-    self._last: tuple[bytes, list[dict[str, Any]]] | None = None
-
-  def read(self, indices: np.ndarray) -> list[dict[str, Any]]:
-    key = indices.tobytes()
-    with self._lock:
-      if self._last is not None and self._last[0] == key:
-        return self._last[1]
-    records = list(_pool().map(self.source.__getitem__, indices.tolist()))
-    with self._lock:
-      self._last = (key, records)
-    return records
+_READ_THREADS = 4  # grain threads reading (and transforming) in a process
+_PREFETCH = 4  # batches prepared ahead (per worker process with workers)
 
 
 class SourceColumn:
@@ -75,13 +47,13 @@ class SourceColumn:
   lazy subset.
   """
 
-  def __init__(self, reader: _RecordReader, feature: str,
+  def __init__(self, source: Sequence[dict[str, Any]], feature: str,
                feature_shape: tuple[int | None, ...],
                indices: np.ndarray | None = None):
-    self.reader = reader
+    self.source = source
     self.feature = feature
     self.feature_shape = tuple(feature_shape)
-    self.indices = (np.arange(len(reader.source)) if indices is None
+    self.indices = (np.arange(len(source)) if indices is None
                     else np.asarray(indices, np.int64))
 
   def __len__(self) -> int:
@@ -92,13 +64,22 @@ class SourceColumn:
     return None in self.feature_shape
 
   def __getitem__(self, idx: np.ndarray) -> np.ndarray | list[np.ndarray]:
-    records = self.reader.read(self.indices[np.asarray(idx)])
+    records = _read_records(self.source, self.indices[np.asarray(idx)])
     values = [np.asarray(r[self.feature]) for r in records]
     return values if self.ragged else np.stack(values)
 
   def view(self, idx: np.ndarray) -> SourceColumn:
-    return SourceColumn(self.reader, self.feature, self.feature_shape,
+    return SourceColumn(self.source, self.feature, self.feature_shape,
                         self.indices[np.asarray(idx)])
+
+
+def _read_records(source: Sequence[dict[str, Any]],
+                  indices: np.ndarray) -> list[dict[str, Any]]:
+  """`source[i]` for each of `indices`, read (and decoded) in grain's threads."""
+  keys = grain.MapDataset.source(indices.tolist())
+  return list(keys.map(source.__getitem__).to_iter_dataset(
+      grain.ReadOptions(num_threads=_READ_THREADS,
+                        prefetch_buffer_size=4 * _READ_THREADS)))
 
 
 Column = Union[np.ndarray, SourceColumn]
@@ -365,9 +346,8 @@ def _load_tfds(name: str, data_dir: str | None, download: bool,
     if not len(source):
       raise ValueError(f"TFDS dataset {name!r}: the {split} split under "
                        f"{builder.data_dir} is empty")
-    reader = _RecordReader(source)
-    x = SourceColumn(reader, "image", shape)
-    y = SourceColumn(reader, "label", ())
+    x = SourceColumn(source, "image", shape)
+    y = SourceColumn(source, "label", ())
     if in_memory:
       if x.ragged:
         raise ValueError(f"config.in_memory: {name!r} images vary in size "
@@ -379,12 +359,13 @@ def _load_tfds(name: str, data_dir: str | None, download: bool,
 
 def _materialize(x: SourceColumn,
                  y: SourceColumn) -> tuple[np.ndarray, np.ndarray]:
+  """Reads a split into memory (each record once for both features)."""
   xs, ys = [], []
   for start in range(0, len(x), _CHUNK):
-    idx = np.arange(start, min(start + _CHUNK, len(x)))
-    xs.append(x[idx])
-    ys.append(y[idx])
-  return np.concatenate(xs), np.concatenate(ys).astype(np.int32)
+    records = _read_records(x.source, x.indices[start:start + _CHUNK])
+    xs.append(np.stack([np.asarray(r[x.feature]) for r in records]))
+    ys.append(np.asarray([r[y.feature] for r in records], np.int32))
+  return np.concatenate(xs), np.concatenate(ys)
 
 
 def _prefix(x: Column, y: Column, size: int | None,
@@ -481,88 +462,210 @@ def steps_per_epoch(dataset: Dataset, batch_size: int) -> int:
   return steps
 
 
-def train_batches(dataset: Dataset, batch_size: int, *, seed: int, epoch: int,
-                  augment: bool = True, start_step: int = 0,
-                  prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
-  """One epoch of shuffled, augmented training batches (remainder dropped).
+def train_iterator(dataset: Dataset, batch_size: int, *, seed: int,
+                   augment: bool = True, process_index: int = 0,
+                   process_count: int = 1,
+                   workers: int = 0) -> grain.DatasetIterator:
+  """Training batches over consecutive epochs, forever.
 
-  The order depends only on (seed, epoch) and each batch's augmentation only
-  on (seed, epoch, step), so a resumed run sees the same batches.
+  A grain pipeline: the training examples (`MapDataset.source`), shuffled
+  (`shuffle`: epoch e's order is a permutation seeded with s + e, s drawn
+  from `seed`), cut to `steps_per_epoch(dataset, batch_size)` global batches
+  per epoch (the remainder is dropped), repeated, augmented per example
+  (`random_map`, seeded with the example's position in this stream, so an
+  example's augmentation does not depend on `process_count`), sharded and
+  batched. Global batch b is positions [b * batch_size, (b + 1) *
+  batch_size) of the stream; this process takes the positions
+  `process_index::process_count` of it, and reads (and decodes) only those
+  examples. The global batches are thus the same for any `process_count`.
+
+  The caller counts `steps_per_epoch` batches per epoch. `get_state()` of
+  the iterator is a small JSON-serializable dict; `set_state` on a fresh
+  iterator with the same arguments continues with the same batches.
 
   Args:
     dataset: the dataset.
-    batch_size: examples per batch.
-    seed: non-negative data seed.
-    epoch: non-negative epoch index.
+    batch_size: global examples per step (over all processes).
+    seed: non-negative data seed (order and augmentation).
     augment: apply the dataset's augmentation (else the evaluation transform).
-    start_step: skip the first batches (resume inside an epoch).
-    prefetch: batches prepared ahead in a background thread (0: none).
+    process_index: this process, in [0, process_count).
+    process_count: processes sharing each global batch; must divide
+      `batch_size`.
+    workers: grain worker processes that read, decode and transform the
+      batches (`mp_prefetch`); 0: this process (in threads). The batches do
+      not depend on it.
 
-  Yields:
-    {"image": float32 (batch_size, *input_shape), "label": int32 (batch_size,)}.
+  Returns:
+    A grain iterator of {"image": float32 (batch_size // process_count,
+    *input_shape), normalized, "label": int32 (batch_size // process_count,)}.
+
+  Raises:
+    ValueError: a bad seed, batch size, process index or count, or workers.
   """
+  local = _local_batch_size(batch_size, process_index, process_count)
   steps = steps_per_epoch(dataset, batch_size)
-  if seed < 0 or epoch < 0:
-    raise ValueError(f"seed and epoch must be non-negative, got {seed}, {epoch}")
-  if not 0 <= start_step <= steps:
-    raise ValueError(f"start_step {start_step} outside [0, {steps}]")
-  order = np.random.default_rng([seed, epoch, 0]).permutation(dataset.num_train)
-
-  def batch(step: int) -> dict[str, np.ndarray]:
-    idx = order[step * batch_size:(step + 1) * batch_size]
-    rng = np.random.default_rng([seed, epoch, 1, step]) if augment else None
-    return _batch(dataset, dataset.x_train, dataset.y_train, idx, rng)
-
-  return _prefetch(map(batch, range(start_step, steps)), prefetch)
+  if seed < 0:
+    raise ValueError(f"seed must be non-negative, got {seed}")
+  if workers < 0:
+    raise ValueError(f"workers must be non-negative, got {workers}")
+  shuffle_seed, augment_seed = (
+      int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+  examples = grain.MapDataset.source(_Examples(dataset.x_train,
+                                               dataset.y_train))
+  stream = examples.shuffle(seed=shuffle_seed)[:steps * batch_size].repeat()
+  if augment and dataset.augmentation != "none":
+    stream = stream.random_map(_Transform(dataset.augmentation),
+                               seed=augment_seed)
+  else:
+    stream = stream.map(_Transform(dataset.augmentation))
+  batches = stream[process_index::process_count].batch(
+      local, batch_fn=functools.partial(_collate, mean=dataset.mean,
+                                        std=dataset.std))
+  it = batches.to_iter_dataset(_read_options())
+  if workers:
+    if not flags.FLAGS.is_parsed():
+      # grain's mp_prefetch reads its absl flags: outside absl's app.run
+      # (tests, notebooks) they keep their defaults.
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=_PREFETCH))
+  return iter(it)
 
 
 def eval_batches(dataset: Dataset, split: str, batch_size: int, *,
-                 pad: bool = False,
-                 prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
-  """A split in order, in batches, with the evaluation transform.
+                 process_index: int = 0, process_count: int = 1
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """A split in order, in global batches padded to `batch_size`.
+
+  The split is padded with blank examples (zero image and label, mask
+  False) to whole global batches, so that a jitted step sees one shape and
+  every process yields the same number of batches; this process yields the
+  positions `process_index::process_count` of each global batch (with one
+  process: the split in order). The evaluation transform is applied (no
+  augmentation).
 
   Args:
     dataset: the dataset.
     split: "train" or "test".
-    batch_size: examples per batch.
-    pad: pad the last batch to `batch_size` (zeros, mask False) so that a
-      jitted step sees one shape; else the last batch is smaller.
-    prefetch: batches prepared ahead in a background thread (0: none).
+    batch_size: global examples per batch (over all processes).
+    process_index: this process, in [0, process_count).
+    process_count: processes sharing each global batch; must divide
+      `batch_size`.
 
-  Yields:
-    {"image": float32, "label": int32, "mask": bool}; mask marks the real
-    examples.
+  Returns:
+    An iterator of {"image": float32, "label": int32, "mask": bool}, each of
+    batch_size // process_count rows; mask marks the real examples.
+
+  Raises:
+    ValueError: an unknown split; a bad batch size, process index or count.
   """
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  local = _local_batch_size(batch_size, process_index, process_count)
   x, y = ((dataset.x_train, dataset.y_train) if split == "train"
           else (dataset.x_test, dataset.y_test))
+  examples = grain.MapDataset.source(_Examples(x, y, mask=True)).map(
+      _Transform(dataset.augmentation))
+  padding = -len(y) % batch_size
+  if padding:
+    blank = {"image": np.zeros(dataset.input_shape, np.float32),
+             "label": np.int32(0), "mask": False}
+    examples = grain.MapDataset.concatenate(
+        [examples, grain.MapDataset.source([blank] * padding)])
+  batches = examples[process_index::process_count].batch(
+      local, batch_fn=functools.partial(_collate, mean=dataset.mean,
+                                        std=dataset.std))
+  return iter(batches.to_iter_dataset(_read_options()))
 
-  def batch(start: int) -> dict[str, np.ndarray]:
-    idx = np.arange(start, min(start + batch_size, len(y)))
-    out = _batch(dataset, x, y, idx, None)
-    out["mask"] = np.ones(len(idx), bool)
-    if pad and len(idx) < batch_size:
-      out = {k: np.concatenate([v, np.zeros((batch_size - len(v),) + v.shape[1:],
-                                            v.dtype)])
-             for k, v in out.items()}
+
+def _local_batch_size(batch_size: int, process_index: int,
+                      process_count: int) -> int:
+  """This process' share of a global batch, after checking the arguments."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} must be in [0, "
+                     f"process_count={process_count})")
+  if batch_size % process_count:
+    raise ValueError(f"batch_size {batch_size} is not divisible by "
+                     f"process_count {process_count}")
+  return batch_size // process_count
+
+
+def _read_options() -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=_READ_THREADS,
+                           prefetch_buffer_size=_PREFETCH)
+
+
+class _Examples:
+  """The (image, label) examples of a split: a random-access grain source.
+
+  Lazy columns of one TFDS source are read once per example for both.
+  """
+
+  def __init__(self, x: Column, y: Column, *, mask: bool = False):
+    self.x, self.y, self.mask = x, y, mask
+    self.one_read = (isinstance(x, SourceColumn)
+                     and isinstance(y, SourceColumn) and x.source is y.source
+                     and np.array_equal(x.indices, y.indices))
+
+  def __len__(self) -> int:
+    return len(self.y)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    if self.one_read:
+      record = self.x.source[int(self.x.indices[i])]
+      image, label = record[self.x.feature], record[self.y.feature]
+    else:
+      image, label = _element(self.x, i), _element(self.y, i)
+    out = {"image": np.asarray(image), "label": label}
+    if self.mask:
+      out["mask"] = True
     return out
 
-  return _prefetch(map(batch, range(0, len(y), batch_size)), prefetch)
+
+def _element(column: Column, i: int) -> Any:
+  if isinstance(column, SourceColumn):
+    return column.source[int(column.indices[i])][column.feature]
+  return column[i]
 
 
-def _batch(dataset: Dataset, x: Column, y: Column, idx: np.ndarray,
-           rng: np.random.Generator | None) -> dict[str, np.ndarray]:
-  """Gathers, transforms (augmenting when `rng` is given) and normalizes."""
-  images = x[idx]
-  if dataset.augmentation == "imagenet":
-    images = _imagenet_transform(images, rng)
-  elif dataset.augmentation == "cifar" and rng is not None:
-    images = random_crop_flip(images, rng)
-  return {"image": normalize(images, dataset.mean, dataset.std),
-          "label": np.asarray(y[idx], np.int32)}
+class _Transform(grain.transforms.RandomMap, grain.transforms.Map):
+  """A dataset's per-example transform, as a grain transform.
+
+  `random_map` (training): the augmentation ("cifar": pad-4 crop + flip;
+  "imagenet": random-resized crop + flip). `map` (evaluation): "imagenet"
+  resizes and centre-crops; the others leave the image as it is.
+  """
+
+  def __init__(self, augmentation: str):
+    self.augmentation = augmentation
+
+  def random_map(self, element: dict[str, Any],
+                 rng: np.random.Generator) -> dict[str, Any]:
+    image = element["image"]
+    if self.augmentation == "cifar":
+      image = random_crop_flip(image, rng)
+    elif self.augmentation == "imagenet":
+      image = _imagenet_transform(image, rng)
+    return {**element, "image": image}
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    if self.augmentation != "imagenet":
+      return element
+    return {**element, "image": _imagenet_transform(element["image"], None)}
+
+
+def _collate(examples: Sequence[dict[str, Any]], mean: np.ndarray,
+             std: np.ndarray) -> dict[str, np.ndarray]:
+  """Stacks examples into a batch; normalizes; blanks (mask False) are 0."""
+  out = {"image": normalize(np.stack([e["image"] for e in examples]), mean,
+                            std),
+         "label": np.asarray([e["label"] for e in examples], np.int32)}
+  if "mask" in examples[0]:
+    out["mask"] = np.asarray([e["mask"] for e in examples], bool)
+    out["image"][~out["mask"]] = 0.0
+  return out
 
 
 def normalize(images: np.ndarray, mean: np.ndarray,
@@ -574,41 +677,29 @@ def normalize(images: np.ndarray, mean: np.ndarray,
   return out
 
 
-def random_crop_flip(images: np.ndarray, rng: np.random.Generator,
+def random_crop_flip(image: np.ndarray, rng: np.random.Generator,
                      pad: int = CIFAR_PAD) -> np.ndarray:
-  """Zero-pads by `pad`, crops back to size at random and flips half (NHWC).
+  """Zero-pads an HWC image by `pad`, crops back to size at random, flips
+  half of the time.
 
-  One vectorized gather for the whole batch: the crop offsets and flips are
-  folded into per-example row and column indices.
+  One slice copy into zeros (no padded intermediate): the window's offset
+  (top, left) in [0, 2 * pad] is drawn first, then the flip.
   """
-  n, h, w = images.shape[:3]
-  padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  top = rng.integers(0, 2 * pad + 1, n)
-  left = rng.integers(0, 2 * pad + 1, n)
-  flip = rng.random(n) < 0.5
-  cols = np.where(flip[:, None], np.arange(w)[::-1], np.arange(w)) + left[:, None]
-  rows = top[:, None] + np.arange(h)
-  return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+  h, w = image.shape[:2]
+  top, left = rng.integers(0, 2 * pad + 1, 2) - pad
+  out = np.zeros_like(image)
+  out[max(0, -top):h - max(0, top), max(0, -left):w - max(0, left)] = (
+      image[max(0, top):h + min(0, top), max(0, left):w + min(0, left)])
+  return out[:, ::-1] if rng.random() < 0.5 else out
 
 
-def _imagenet_transform(images: Sequence[np.ndarray],
+def _imagenet_transform(image: np.ndarray,
                         rng: np.random.Generator | None) -> np.ndarray:
-  """Random-resized crop + flip (rng given) or resize + centre crop, per image.
-
-  The random draws come from `rng` up front, so the result does not depend
-  on the order in which the thread pool runs the images.
-  """
-  n = len(images)
+  """Random-resized crop + flip (rng given) or resize + centre crop."""
   if rng is None:
-    fn = _resize_center_crop
-    args = [()] * n
-  else:
-    fn = _random_resized_crop
-    draws = rng.random((n, _CROP_ATTEMPTS, 4))
-    flips = rng.random(n) < 0.5
-    args = list(zip(draws, flips))
-  return np.stack(list(_pool().map(lambda a: fn(a[0], *a[1]),
-                                   zip(images, args))))
+    return _resize_center_crop(image)
+  return _random_resized_crop(image, rng.random((_CROP_ATTEMPTS, 4)),
+                              rng.random() < 0.5)
 
 
 def _to_pil(image: np.ndarray) -> Image.Image:
@@ -663,57 +754,3 @@ def _resize_center_crop(image: np.ndarray) -> np.ndarray:
   top, left = (nh - IMAGENET_CROP) // 2, (nw - IMAGENET_CROP) // 2
   out = out.crop((left, top, left + IMAGENET_CROP, top + IMAGENET_CROP))
   return _from_pil(out, image.shape[-1])
-
-
-class _Raised:
-  def __init__(self, error: BaseException):
-    self.error = error
-
-
-_END = object()
-
-
-def _prefetch(items: Iterator[Any], size: int) -> Iterator[Any]:
-  """Runs `items` ahead in a daemon thread through a queue of `size` slots.
-
-  Errors in the producer re-raise in the consumer; closing the consumer
-  (e.g. `break`) stops the producer.
-  """
-  if size <= 0:
-    yield from items
-    return
-  slots: queue.Queue[Any] = queue.Queue(maxsize=size)
-  stop = threading.Event()
-
-  def put(item: Any) -> bool:
-    while not stop.is_set():
-      try:
-        slots.put(item, timeout=0.05)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def produce() -> None:
-    try:
-      for item in items:
-        if not put(item):
-          return
-      put(_END)
-    except BaseException as e:  # pylint: disable=broad-except
-      put(_Raised(e))
-
-  thread = threading.Thread(target=produce, daemon=True,
-                            name="twa_input_prefetch")
-  thread.start()
-  try:
-    while True:
-      item = slots.get()
-      if item is _END:
-        return
-      if isinstance(item, _Raised):
-        raise item.error
-      yield item
-  finally:
-    stop.set()
-    thread.join()
