@@ -30,6 +30,7 @@ def test_input_pipeline_smoke(tmp_path):
   assert report["jpeg_dataset"]["augmentation"] == "cifar"
   assert report["jpeg_dataset"]["train_examples"] == 256
   step = report["step"]
-  assert set(step["step_s"]) == {"cached", "grain", "previous"}
+  assert set(step["step_s"]) == {"cached", "grain"}
   assert _finite(step["grain_over_cached"])
-  assert _finite(step["previous_over_cached"])
+  assert len(step["grain_over_cached_per_repeat"]) == (
+      report["config"]["step_repeats"])
