@@ -615,6 +615,9 @@ def test_eval_batches_cover_the_split_in_order():
       for key in ("image", "label", "mask"):
         np.testing.assert_array_equal(shares[p][step][key],
                                       batch[key][p::2])
+  # A process whose share of the last batch is all padding.
+  [blank] = ip.eval_batches(ds, "test", 8, process_index=7, process_count=8)
+  assert not blank["mask"].any() and not blank["image"].any()
   np.testing.assert_array_equal(single[1]["mask"], [True, True, True, False])
   np.testing.assert_array_equal(single[1]["label"][:3], ds.y_test[4:])
   with pytest.raises(ValueError, match="'valid'"):

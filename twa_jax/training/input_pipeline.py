@@ -602,10 +602,10 @@ def _read_options() -> grain.ReadOptions:
 class _Read(grain.transforms.Map):
   """Reads the examples of a batch of indices into a split.
 
-  With `mask` (evaluation), indices past the split's end (padding) are not
-  read: the batch's "mask" is False there, and its real rows come first.
-  In-memory columns are gathered at once; lazy columns of one TFDS
-  source are read once per example for both image and label.
+  With `mask` (evaluation), indices past the split's end (padding) read the
+  last example instead, and the batch's "mask" is False there. In-memory
+  columns are gathered at once; lazy columns of one TFDS source are read
+  once per example for both image and label.
   """
 
   def __init__(self, x: Column, y: Column, *, mask: bool = False):
@@ -615,18 +615,20 @@ class _Read(grain.transforms.Map):
                      and np.array_equal(x.indices, y.indices))
 
   def map(self, indices: np.ndarray) -> dict[str, Any]:
-    real = indices[indices < len(self.y)]
+    real = indices < len(self.y)
+    if self.mask:
+      indices = np.minimum(indices, len(self.y) - 1)
     if self.one_read:
-      records = _read_records(self.x.source, self.x.indices[real])
+      records = _read_records(self.x.source, self.x.indices[indices])
       images = [np.asarray(r[self.x.feature]) for r in records]
       batch = {"image": images if self.x.ragged else np.stack(images),
                "label": np.asarray([r[self.y.feature] for r in records],
                                    np.int32)}
     else:
-      batch = {"image": self.x[real],
-               "label": np.asarray(self.y[real], np.int32)}
+      batch = {"image": self.x[indices],
+               "label": np.asarray(self.y[indices], np.int32)}
     if self.mask:
-      batch["mask"] = np.arange(len(indices)) < len(real)
+      batch["mask"] = real
     return batch
 
 
@@ -658,14 +660,13 @@ class _Transform(grain.transforms.RandomMap, grain.transforms.Map):
 
 def _normalize_batch(batch: dict[str, Any], mean: np.ndarray,
                      std: np.ndarray) -> dict[str, np.ndarray]:
-  """Normalizes the images; pads the rows a mask marks False with zeros."""
+  """Normalizes the images; zeroes the rows a mask marks False."""
   out = {"image": normalize(batch["image"], mean, std),
          "label": batch["label"]}
   if "mask" in batch:
     out["mask"] = batch["mask"]
-    out = {k: np.concatenate([v, np.zeros((len(batch["mask"]) - len(v),)
-                                          + v.shape[1:], v.dtype)])
-           if k != "mask" else v for k, v in out.items()}
+    out["image"][~out["mask"]] = 0.0
+    out["label"][~out["mask"]] = 0
   return out
 
 
