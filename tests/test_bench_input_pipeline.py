@@ -32,5 +32,7 @@ def test_input_pipeline_smoke(tmp_path):
   step = report["step"]
   assert set(step["step_s"]) == {"cached", "grain"}
   assert _finite(step["grain_over_cached"])
+  assert report["npz"]["grain"]["headroom"] == (
+      report["npz"]["grain"]["images_per_s"] / step["consumed_images_per_s"])
   assert len(step["grain_over_cached_per_repeat"]) == (
       report["config"]["step_repeats"])
