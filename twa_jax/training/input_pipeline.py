@@ -75,7 +75,7 @@ class SourceColumn:
 
 def _read_records(source: Sequence[dict[str, Any]],
                   indices: np.ndarray) -> list[dict[str, Any]]:
-  """`source[i]` for each of `indices`, read (and decoded) in grain's threads."""
+  """`source[i]` for each of `indices`, read (and decoded) in grain threads."""
   keys = grain.MapDataset.source(indices.tolist())
   return list(keys.map(source.__getitem__).to_iter_dataset(
       grain.ReadOptions(num_threads=_READ_THREADS,
@@ -468,16 +468,18 @@ def train_iterator(dataset: Dataset, batch_size: int, *, seed: int,
                    workers: int = 0) -> grain.DatasetIterator:
   """Training batches over consecutive epochs, forever.
 
-  A grain pipeline: the training examples (`MapDataset.source`), shuffled
-  (`shuffle`: epoch e's order is a permutation seeded with s + e, s drawn
-  from `seed`), cut to `steps_per_epoch(dataset, batch_size)` global batches
-  per epoch (the remainder is dropped), repeated, augmented per example
-  (`random_map`, seeded with the example's position in this stream, so an
-  example's augmentation does not depend on `process_count`), sharded and
-  batched. Global batch b is positions [b * batch_size, (b + 1) *
-  batch_size) of the stream; this process takes the positions
-  `process_index::process_count` of it, and reads (and decodes) only those
-  examples. The global batches are thus the same for any `process_count`.
+  A grain pipeline over the training examples' indices
+  (`MapDataset.range`): shuffled (`shuffle`: epoch e's order is the
+  permutation seeded with s + e, s drawn from `seed`, the same on every
+  process), cut to `steps_per_epoch(dataset, batch_size)` global batches per
+  epoch (the remainder is dropped), sharded, batched and repeated; then each
+  batch is read (`_Read`: one gather from in-memory arrays, or the records
+  of a TFDS source, decoded), augmented (`random_map`, seeded from `seed`,
+  the process index and the step) and normalized. Global batch b is
+  positions [b * batch_size, (b + 1) * batch_size) of the shuffled stream;
+  this process takes its positions `process_index::process_count`, and
+  reads only those examples. A global batch is thus the same set of examples
+  for any `process_count`.
 
   The caller counts `steps_per_epoch` batches per epoch. `get_state()` of
   the iterator is a small JSON-serializable dict; `set_state` on a fresh
@@ -508,19 +510,20 @@ def train_iterator(dataset: Dataset, batch_size: int, *, seed: int,
     raise ValueError(f"seed must be non-negative, got {seed}")
   if workers < 0:
     raise ValueError(f"workers must be non-negative, got {workers}")
-  shuffle_seed, augment_seed = (
-      int(s) for s in np.random.SeedSequence(seed).generate_state(2))
-  examples = grain.MapDataset.source(_Examples(dataset.x_train,
-                                               dataset.y_train))
-  stream = examples.shuffle(seed=shuffle_seed)[:steps * batch_size].repeat()
+  shuffle_seed = _seed(seed, 0)
+  order = grain.MapDataset.range(dataset.num_train).shuffle(seed=shuffle_seed)
+  # One epoch of this process' batches of indices; grain's `repeat` carries
+  # the epoch through the slices to `shuffle`.
+  epoch = order[:steps * batch_size][process_index::process_count].batch(
+      local, batch_fn=np.asarray)
+  batches = epoch.repeat().map(_Read(dataset.x_train, dataset.y_train))
+  transform = _Transform(dataset.augmentation)
   if augment and dataset.augmentation != "none":
-    stream = stream.random_map(_Transform(dataset.augmentation),
-                               seed=augment_seed)
+    batches = batches.random_map(transform, seed=_seed(seed, 1, process_index))
   else:
-    stream = stream.map(_Transform(dataset.augmentation))
-  batches = stream[process_index::process_count].batch(
-      local, batch_fn=functools.partial(_collate, mean=dataset.mean,
-                                        std=dataset.std))
+    batches = batches.map(transform)
+  batches = batches.map(functools.partial(_normalize_batch, mean=dataset.mean,
+                                          std=dataset.std))
   it = batches.to_iter_dataset(_read_options())
   if workers:
     if not flags.FLAGS.is_parsed():
@@ -537,9 +540,9 @@ def eval_batches(dataset: Dataset, split: str, batch_size: int, *,
                  ) -> Iterator[dict[str, np.ndarray]]:
   """A split in order, in global batches padded to `batch_size`.
 
-  The split is padded with blank examples (zero image and label, mask
-  False) to whole global batches, so that a jitted step sees one shape and
-  every process yields the same number of batches; this process yields the
+  The split is padded with blank rows (zero image and label, mask False) to
+  whole global batches, so that a jitted step sees one shape and every
+  process yields the same number of batches; this process yields the
   positions `process_index::process_count` of each global batch (with one
   process: the split in order). The evaluation transform is applied (no
   augmentation).
@@ -564,17 +567,11 @@ def eval_batches(dataset: Dataset, split: str, batch_size: int, *,
   local = _local_batch_size(batch_size, process_index, process_count)
   x, y = ((dataset.x_train, dataset.y_train) if split == "train"
           else (dataset.x_test, dataset.y_test))
-  examples = grain.MapDataset.source(_Examples(x, y, mask=True)).map(
-      _Transform(dataset.augmentation))
-  padding = -len(y) % batch_size
-  if padding:
-    blank = {"image": np.zeros(dataset.input_shape, np.float32),
-             "label": np.int32(0), "mask": False}
-    examples = grain.MapDataset.concatenate(
-        [examples, grain.MapDataset.source([blank] * padding)])
-  batches = examples[process_index::process_count].batch(
-      local, batch_fn=functools.partial(_collate, mean=dataset.mean,
-                                        std=dataset.std))
+  padded = -(-len(y) // batch_size) * batch_size
+  batches = grain.MapDataset.range(padded)[process_index::process_count].batch(
+      local, batch_fn=np.asarray).map(_Read(x, y, mask=True)).map(
+          _Transform(dataset.augmentation)).map(functools.partial(
+              _normalize_batch, mean=dataset.mean, std=dataset.std))
   return iter(batches.to_iter_dataset(_read_options()))
 
 
@@ -592,15 +589,23 @@ def _local_batch_size(batch_size: int, process_index: int,
   return batch_size // process_count
 
 
+def _seed(*entropy: int) -> int:
+  """A 32-bit grain seed drawn from the integers `entropy`."""
+  return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
 def _read_options() -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=_READ_THREADS,
                            prefetch_buffer_size=_PREFETCH)
 
 
-class _Examples:
-  """The (image, label) examples of a split: a random-access grain source.
+class _Read(grain.transforms.Map):
+  """Reads the examples of a batch of indices into a split.
 
-  Lazy columns of one TFDS source are read once per example for both.
+  With `mask` (evaluation), indices past the split's end (padding) read the
+  last example instead, and the batch's "mask" is False there. In-memory
+  columns are gathered at once; lazy columns of one TFDS source are read
+  once per example for both image and label.
   """
 
   def __init__(self, x: Column, y: Column, *, mask: bool = False):
@@ -609,62 +614,59 @@ class _Examples:
                      and isinstance(y, SourceColumn) and x.source is y.source
                      and np.array_equal(x.indices, y.indices))
 
-  def __len__(self) -> int:
-    return len(self.y)
-
-  def __getitem__(self, i: int) -> dict[str, Any]:
-    if self.one_read:
-      record = self.x.source[int(self.x.indices[i])]
-      image, label = record[self.x.feature], record[self.y.feature]
-    else:
-      image, label = _element(self.x, i), _element(self.y, i)
-    out = {"image": np.asarray(image), "label": label}
+  def map(self, indices: np.ndarray) -> dict[str, Any]:
+    real = indices < len(self.y)
     if self.mask:
-      out["mask"] = True
-    return out
-
-
-def _element(column: Column, i: int) -> Any:
-  if isinstance(column, SourceColumn):
-    return column.source[int(column.indices[i])][column.feature]
-  return column[i]
+      indices = np.minimum(indices, len(self.y) - 1)
+    if self.one_read:
+      records = _read_records(self.x.source, self.x.indices[indices])
+      images = [np.asarray(r[self.x.feature]) for r in records]
+      batch = {"image": images if self.x.ragged else np.stack(images),
+               "label": np.asarray([r[self.y.feature] for r in records],
+                                   np.int32)}
+    else:
+      batch = {"image": self.x[indices],
+               "label": np.asarray(self.y[indices], np.int32)}
+    if self.mask:
+      batch["mask"] = real
+    return batch
 
 
 class _Transform(grain.transforms.RandomMap, grain.transforms.Map):
-  """A dataset's per-example transform, as a grain transform.
+  """A dataset's transform of a batch's images, as a grain transform.
 
   `random_map` (training): the augmentation ("cifar": pad-4 crop + flip;
   "imagenet": random-resized crop + flip). `map` (evaluation): "imagenet"
-  resizes and centre-crops; the others leave the image as it is.
+  resizes and centre-crops; the others leave the images as they are.
   """
 
   def __init__(self, augmentation: str):
     self.augmentation = augmentation
 
-  def random_map(self, element: dict[str, Any],
+  def random_map(self, batch: dict[str, Any],
                  rng: np.random.Generator) -> dict[str, Any]:
-    image = element["image"]
+    images = batch["image"]
     if self.augmentation == "cifar":
-      image = random_crop_flip(image, rng)
+      images = random_crop_flip(images, rng)
     elif self.augmentation == "imagenet":
-      image = _imagenet_transform(image, rng)
-    return {**element, "image": image}
+      images = _imagenet_transform(images, rng)
+    return {**batch, "image": images}
 
-  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+  def map(self, batch: dict[str, Any]) -> dict[str, Any]:
     if self.augmentation != "imagenet":
-      return element
-    return {**element, "image": _imagenet_transform(element["image"], None)}
+      return batch
+    return {**batch, "image": _imagenet_transform(batch["image"], None)}
 
 
-def _collate(examples: Sequence[dict[str, Any]], mean: np.ndarray,
-             std: np.ndarray) -> dict[str, np.ndarray]:
-  """Stacks examples into a batch; normalizes; blanks (mask False) are 0."""
-  out = {"image": normalize(np.stack([e["image"] for e in examples]), mean,
-                            std),
-         "label": np.asarray([e["label"] for e in examples], np.int32)}
-  if "mask" in examples[0]:
-    out["mask"] = np.asarray([e["mask"] for e in examples], bool)
+def _normalize_batch(batch: dict[str, Any], mean: np.ndarray,
+                     std: np.ndarray) -> dict[str, np.ndarray]:
+  """Normalizes the images; zeroes the rows a mask marks False."""
+  out = {"image": normalize(batch["image"], mean, std),
+         "label": batch["label"]}
+  if "mask" in batch:
+    out["mask"] = batch["mask"]
     out["image"][~out["mask"]] = 0.0
+    out["label"][~out["mask"]] = 0
   return out
 
 
@@ -677,29 +679,37 @@ def normalize(images: np.ndarray, mean: np.ndarray,
   return out
 
 
-def random_crop_flip(image: np.ndarray, rng: np.random.Generator,
+def random_crop_flip(images: np.ndarray, rng: np.random.Generator,
                      pad: int = CIFAR_PAD) -> np.ndarray:
-  """Zero-pads an HWC image by `pad`, crops back to size at random, flips
-  half of the time.
+  """Zero-pads by `pad`, crops back to size at random and flips half (NHWC).
 
-  One slice copy into zeros (no padded intermediate): the window's offset
-  (top, left) in [0, 2 * pad] is drawn first, then the flip.
+  The offsets and flips of the batch are drawn first; each window is then
+  one slice copy into zeros (3x faster than one gather of the padded batch).
   """
-  h, w = image.shape[:2]
-  top, left = rng.integers(0, 2 * pad + 1, 2) - pad
-  out = np.zeros_like(image)
-  out[max(0, -top):h - max(0, top), max(0, -left):w - max(0, left)] = (
-      image[max(0, top):h + min(0, top), max(0, left):w + min(0, left)])
-  return out[:, ::-1] if rng.random() < 0.5 else out
+  n, h, w = images.shape[:3]
+  top = rng.integers(0, 2 * pad + 1, n) - pad
+  left = rng.integers(0, 2 * pad + 1, n) - pad
+  flip = rng.random(n) < 0.5
+  out = np.zeros_like(images)
+  for i, t, l in zip(range(n), top.tolist(), left.tolist()):
+    out[i, max(0, -t):h - max(0, t), max(0, -l):w - max(0, l)] = (
+        images[i, max(0, t):h + min(0, t), max(0, l):w + min(0, l)])
+  out[flip] = out[flip, :, ::-1]
+  return out
 
 
-def _imagenet_transform(image: np.ndarray,
+def _imagenet_transform(images: Sequence[np.ndarray],
                         rng: np.random.Generator | None) -> np.ndarray:
-  """Random-resized crop + flip (rng given) or resize + centre crop."""
+  """Random-resized crop + flip (rng given) or resize + centre crop, per image.
+
+  The random draws come from `rng` up front, for the whole batch.
+  """
   if rng is None:
-    return _resize_center_crop(image)
-  return _random_resized_crop(image, rng.random((_CROP_ATTEMPTS, 4)),
-                              rng.random() < 0.5)
+    return np.stack([_resize_center_crop(image) for image in images])
+  draws = rng.random((len(images), _CROP_ATTEMPTS, 4))
+  flips = rng.random(len(images)) < 0.5
+  return np.stack([_random_resized_crop(image, d, f)
+                   for image, d, f in zip(images, draws, flips)])
 
 
 def _to_pil(image: np.ndarray) -> Image.Image:
