@@ -77,7 +77,7 @@ def classify(hlo_text: str, params) -> dict:
 
 def run_model(name: str, batch: int, repeats: int) -> list[dict]:
   devices = jax.devices()
-  meshes = {1: jax.make_mesh((1,), ("data",), devices=devices[:1]),
+  meshes = {1: parallel.data_mesh(devices[:1]),
             len(devices): parallel.data_mesh()}
   rows = []
   for kind in ("sgd", "twa_params", "twa_basis"):

@@ -168,7 +168,7 @@ def test_uniform_soup_is_the_mean_and_twa_lies_in_the_span(soup):
                              rtol=1e-6, atol=1e-7)
   # TWA's final parameters: a combination of the three models.
   with ocp.CheckpointManager(root / "soup" / "soup" / "checkpoints") as m:
-    state = m.restore(2, args=ocp.args.Composite(
+    state = m.restore(m.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore()))["state"]
   params = flat(state["params"])
   w = np.stack([flat(m) for m in models])
@@ -182,7 +182,9 @@ def test_soup_resumes_twa_to_the_same_result(soup, tmp_path):
   root, sources, summary = soup
   workdir = shutil.copytree(root / "soup", tmp_path / "soup")
   os.remove(workdir / "soup" / "summary.json")
-  shutil.rmtree(workdir / "soup" / "checkpoints" / "2")  # killed in epoch 2
+  checkpoints = workdir / "soup" / "checkpoints"  # labelled by step
+  shutil.rmtree(checkpoints / str(max(int(p.name) for p in checkpoints.iterdir()
+                                      if p.name.isdigit())))  # killed in epoch 2
   resumed = soups.run(config(), workdir, sources)
   assert without_times(resumed) == without_times(summary)
   assert "soup: resuming after epoch 1" in (workdir / "log.txt").read_text()

@@ -52,15 +52,16 @@ def get_config():
   c.twa.epochs = {twa_epochs}
   c.twa.lr = 0.5
   c.eval_batch_size = 360
+  c.checkpoint_every_steps = {every}
   return c
 """
 
 
-def tiny_config(sgd_epochs=6, head=3, twa_epochs=2):
+def tiny_config(sgd_epochs=6, head=3, twa_epochs=2, every=0):
   """The TINY config file's `get_config()` (the subprocess runs the file)."""
   namespace = {}
-  exec(TINY.format(sgd_epochs=sgd_epochs, head=head, twa_epochs=twa_epochs),
-       namespace)  # pylint: disable=exec-used
+  exec(TINY.format(sgd_epochs=sgd_epochs, head=head, twa_epochs=twa_epochs,
+                   every=every), namespace)  # pylint: disable=exec-used
   return namespace["get_config"]()
 
 
@@ -174,8 +175,9 @@ def test_batch_norm_recomputation_is_the_exact_average(finished):
   stats = experiment_lib.recompute_batch_stats(experiment, params)
   kernel = np.asarray(params["Dense_0"]["kernel"], np.float64)
   means, variances = [], []
-  for batch in input_pipeline.train_batches(experiment.dataset, 64, seed=0,
-                                            epoch=0):
+  batches = input_pipeline.train_iterator(experiment.dataset, 64, seed=0)
+  for _ in range(experiment.steps_per_epoch):
+    batch = next(batches)
     h = batch["image"].reshape(64, -1).astype(np.float64) @ kernel
     means.append(h.mean(0))
     variances.append(h.var(0))
@@ -347,12 +349,13 @@ def assert_trees_equal(a, b):
 
 
 def test_sgd_starts_from_a_checkpoint_or_an_npz(finished, tmp_path):
-  checkpoints = finished[0] / "sgd" / "checkpoints"  # epochs 5 and 6 kept
+  # Epochs 5 and 6 kept, labelled by step (22 per epoch).
+  checkpoints = finished[0] / "sgd" / "checkpoints"
   with CheckpointSnapshots(checkpoints, key=("params",)) as ckpt:
-    assert ckpt.steps() == [5, 6]
-    at_5, at_6 = ckpt.load(5), ckpt.load(6)
+    assert ckpt.steps() == [110, 132]
+    at_5, at_6 = ckpt.load(110), ckpt.load(132)
   with CheckpointSnapshots(checkpoints, key=("batch_stats",)) as ckpt:
-    stats_5 = ckpt.load(5)
+    stats_5 = ckpt.load(110)
   config = tiny_config(sgd_epochs=1, head=1, twa_epochs=1)
   config.phases = "sgd"
   seed_params, seed_stats = experiment_lib.init_variables(
@@ -361,7 +364,7 @@ def test_sgd_starts_from_a_checkpoint_or_an_npz(finished, tmp_path):
   config.sgd.init_from = str(checkpoints)
   assert_trees_equal(experiment_lib.initial_variables(
       experiment_lib.create(config))[0], at_6)
-  config.sgd.init_from = f"{checkpoints}:5"
+  config.sgd.init_from = f"{checkpoints}:110"
   params, stats = experiment_lib.initial_variables(
       experiment_lib.create(config))
   assert_trees_equal(params, at_5)
@@ -441,7 +444,7 @@ def test_a_mismatched_init_from_is_refused_naming_the_leaf(finished,
     train_lib.run(config, tmp_path / "w_none")
   config.sgd.init_from = f"{finished[0] / 'sgd' / 'checkpoints'}:3"
   with pytest.raises(configuration.ConfigError,
-                     match=r"step 3 is not in .*steps found: \[5, 6\]"):
+                     match=r"step 3 is not in .*steps found: \[110, 132\]"):
     train_lib.run(config, tmp_path / "w_step")
 
 
@@ -560,13 +563,11 @@ def _start(config_file, workdir, env):
       stderr=subprocess.STDOUT, text=True)
 
 
-def _kill_when(proc, workdir, phase, epochs, timeout=300):
-  """SIGKILLs `proc` once metrics.jsonl has `epochs` records of `phase`."""
+def _kill_when(proc, ready, timeout=300):
+  """SIGKILLs `proc` once `ready()` holds."""
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
-    records = [r for r in workdir_lib.read_metrics(workdir)
-               if r["phase"] == phase]
-    if len(records) >= epochs or proc.poll() is not None:
+    if ready() or proc.poll() is not None:
       break
     time.sleep(0.02)
   assert proc.poll() is None, f"finished before the kill:\n{proc.stdout.read()}"
@@ -574,15 +575,30 @@ def _kill_when(proc, workdir, phase, epochs, timeout=300):
   proc.wait()
 
 
+def _mid_epoch_checkpoint(workdir, phase, epochs, steps_per_epoch):
+  """Whether the phase has `epochs` epoch records and its latest checkpoint
+  lies inside an epoch."""
+  def ready():
+    records = [r for r in workdir_lib.read_metrics(workdir)
+               if r["phase"] == phase]
+    steps = [int(p.name) for p in (workdir / phase / "checkpoints").glob("*")
+             if p.name.isdigit()]
+    return (len(records) >= epochs and bool(steps)
+            and max(steps) % steps_per_epoch != 0)
+  return ready
+
+
 @pytest.mark.slow
-def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
-  sizes = dict(sgd_epochs=12, head=8, twa_epochs=4)
+def test_killed_runs_resume_mid_epoch_to_the_uninterrupted_result(tmp_path):
+  sizes = dict(sgd_epochs=12, head=8, twa_epochs=4, every=5)
   reference = train_lib.run(tiny_config(**sizes), tmp_path / "reference")
+  spe = experiment_lib.create(tiny_config(**sizes)).steps_per_epoch
   config_file = tmp_path / "tiny.py"
   config_file.write_text(TINY.format(**sizes))
   workdir = tmp_path / "killed"
   env = dict(os.environ, PYTHONPATH=str(ROOT))
-  _kill_when(_start(config_file, workdir, env), workdir, "sgd", 2)
+  _kill_when(_start(config_file, workdir, env),
+             _mid_epoch_checkpoint(workdir, "sgd", 2, spe))
   assert not (workdir / "sgd" / "result.json").exists()
   # The killed run's store lacks the end of the averaging range (epoch 8).
   config = tiny_config(**sizes)
@@ -592,9 +608,9 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
                      r"snapshots, steps 0-176\); the store .* lacks \d+ of"):
     train_lib.run(config, workdir)
   config.phases = "sgd"
-  train_lib.run(config, workdir)  # resumes and finishes SGD
+  train_lib.run(config, workdir)  # resumes inside an epoch, finishes SGD
   proc = _start(config_file, workdir, env)
-  _kill_when(proc, workdir, "twa", 2)
+  _kill_when(proc, _mid_epoch_checkpoint(workdir, "twa", 1, spe))
   assert not (workdir / "twa" / "result.json").exists()
   summary = train_lib.run(tiny_config(**sizes), workdir)
   assert without_times(summary) == without_times(reference)
@@ -604,12 +620,15 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
   ref_records = workdir_lib.read_metrics(tmp_path / "reference")
   for r, ref in zip(records, ref_records):
     assert r["test_loss"] == ref["test_loss"] and r["lr"] == ref["lr"]
+    # The resumed epochs' metrics include the steps before the kill.
+    assert r["train_loss"] == ref["train_loss"]
 
 
 @pytest.mark.slow
 def test_a_second_train_py_in_a_running_workdir_is_refused(tmp_path):
   config_file = tmp_path / "tiny.py"
-  config_file.write_text(TINY.format(sgd_epochs=12, head=8, twa_epochs=4))
+  config_file.write_text(TINY.format(sgd_epochs=12, head=8, twa_epochs=4,
+                                     every=0))
   workdir = tmp_path / "shared"
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   first = _start(config_file, workdir, env)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -155,6 +156,10 @@ class GlobalBatches:
   def __next__(self) -> dict[str, jax.Array]:
     return parallel.global_batch(next(self.iterator), self.mesh)
 
+  def close(self) -> None:
+    """Stops the iterator's worker processes, if any."""
+    self.iterator.close()
+
 
 def planned_snapshot_steps(sgd: ml_collections.ConfigDict,
                            steps_per_epoch: int) -> list[int]:
@@ -290,13 +295,14 @@ def recompute_batch_stats(exp: Experiment, params: PyTree) -> PyTree:
   if not shapes:
     return {}
   template = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  batches = train_batches(exp, exp.dataset, exp.config.seed)
-  images = (next(batches)["image"] for _ in tqdm.trange(
-      exp.steps_per_epoch, desc="batch-norm statistics", leave=False,
-      disable=None))
-  variables = batch_norm.update_bn(
-      exp.stats_apply, parallel.replicate(
-          {"params": params, "batch_stats": template}, exp.mesh), images)
+  with contextlib.closing(train_batches(exp, exp.dataset,
+                                       exp.config.seed)) as batches:
+    images = (next(batches)["image"] for _ in tqdm.trange(
+        exp.steps_per_epoch, desc="batch-norm statistics", leave=False,
+        disable=None))
+    variables = batch_norm.update_bn(
+        exp.stats_apply, parallel.replicate(
+            {"params": params, "batch_stats": template}, exp.mesh), images)
   return variables["batch_stats"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import time
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from typing import Any, Protocol
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 from tqdm import auto as tqdm
@@ -87,10 +89,11 @@ def train(exp: experiment_lib.Experiment, workdir: pathlib.Path, phase: str,
   options = ocp.CheckpointManagerOptions(max_to_keep=MAX_CHECKPOINTS,
                                          create=True)
   spe = input_pipeline.steps_per_epoch(data, exp.config.sgd.batch_size)
-  batches = experiment_lib.train_batches(exp, data, data_seed)
   state = parallel.replicate(state, exp.mesh)
+  batches = experiment_lib.train_batches(exp, data, data_seed)
   with ocp.CheckpointManager(checkpoint_dir(workdir, phase),
-                             options=options) as manager:
+                             options=options) as manager, \
+      contextlib.closing(batches):
     state, metrics, done, elapsed = _restore(manager, state, batches, spe,
                                              phase)
     start_epoch = done // spe
@@ -213,9 +216,10 @@ class _Saver:
       self.recorder.flush()
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_copy(state.to_dict())),
-        metrics=ocp.args.StandardSave(_copy(metrics)),
         meta=ocp.args.JsonSave({
             "step": step, "elapsed_s": elapsed,
+            "epoch_metrics": {k: v.item() for k, v in
+                              jax.device_get(metrics).items()},
             "iterator": self.batches.iterator.get_state()})))
 
 
@@ -251,31 +255,30 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState,
   Checkpoints written before iterator states were saved (meta without
   "step": labelled by epoch) resume at the start of the next epoch.
   """
-  metrics = jax.tree.map(lambda x: x.copy(), parallel.replicate(
-      steps_lib.new_metrics(), batches.mesh))
+  metrics = steps_lib.new_metrics()
   latest = manager.latest_step()
-  if latest is None:
-    return state, metrics, 0, 0.0
-  meta = manager.restore(latest, args=ocp.args.Composite(
-      meta=ocp.args.JsonRestore()))["meta"]
-  abstract = {"state": state.to_dict(), "metrics": metrics}
-  if "step" not in meta:
-    del abstract["metrics"]
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
-  restored = manager.restore(latest, args=ocp.args.Composite(**{
-      k: ocp.args.StandardRestore(v) for k, v in abstract.items()}))
-  if "step" in meta:
-    done = int(meta["step"])
-    metrics = restored["metrics"]
-    batches.iterator.set_state(meta["iterator"])
-  else:
-    done = int(meta["epoch"]) * steps_per_epoch
-    _skip_to(batches, done)
-  logging.info("%s: resuming after step %d (epoch %d, step %d of %d) from "
-               "%s", phase, done, done // steps_per_epoch + 1,
-               done % steps_per_epoch, steps_per_epoch, manager.directory)
-  return (TrainState(**restored["state"]), metrics, done,
-          float(meta["elapsed_s"]))
+  if latest is not None:
+    meta = manager.restore(latest, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"]
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.to_dict())
+    state = TrainState(**manager.restore(latest, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"])
+    if "step" in meta:
+      done = int(meta["step"])
+      metrics = {k: jnp.asarray(meta["epoch_metrics"][k], v.dtype)
+                 for k, v in metrics.items()}
+      batches.iterator.set_state(meta["iterator"])
+    else:
+      done = int(meta["epoch"]) * steps_per_epoch
+      _skip_to(batches, done)
+    epoch, step = divmod(done, steps_per_epoch)
+    where = (f"epoch {epoch}" if not step
+             else f"step {step} of {steps_per_epoch} in epoch {epoch + 1}")
+    logging.info("%s: resuming after %s (step %d) from %s", phase, where,
+                 done, manager.directory)
+    return state, parallel.replicate(metrics, batches.mesh), done, float(
+        meta["elapsed_s"])
+  return state, parallel.replicate(metrics, batches.mesh), 0, 0.0
 
 
 def _skip_to(batches: experiment_lib.GlobalBatches, step: int) -> None:

@@ -17,11 +17,12 @@ checkpoints by orbax's multi-host saving.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
 
@@ -45,9 +46,14 @@ def initialize(cfg: ml_collections.ConfigDict) -> None:
         num_processes=cfg.num_processes, process_id=cfg.process_id)
 
 
-def data_mesh() -> Mesh:
-  """A one-axis mesh ("data") over every device of every process."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A one-axis mesh ("data") over `devices` (default: every device of every
+  process). Its axis type is Auto: the shardings of the jitted steps are
+  left to XLA (GSPMD), so the steps and the basis's kernels need no
+  sharding annotations."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices,
+                       axis_types=(AxisType.Auto,))
 
 
 def is_primary() -> bool:
