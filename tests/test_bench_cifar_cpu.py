@@ -51,3 +51,32 @@ def test_cifar_cpu_variants_smoke(tmp_path):
   for method in ("sgd", "swa", "ema"):
     assert layer["results"][method] == head["results"][method]
   assert layer["results"]["twa"] != head["results"]["twa"]
+
+
+@pytest.mark.slow
+def test_cifar_cpu_seeds_selection_and_sweep_smoke(tmp_path):
+  """Two seeds, TWA's lr chosen on held-out data, the sweep over 2 heads."""
+  out = tmp_path / "s.json"
+  subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "cifar_cpu.py"),
+       "--smoke", "--stage", "head", "--seeds", "0,1",
+       "--select-twa", "0.05,0.2:1", "--select-sgd-epochs", "2",
+       "--sweep-heads", "1,2", "--workdirs", str(tmp_path / "runs"),
+       "--out", str(out)],
+      check=True, capture_output=True, timeout=600)
+  report = json.loads(out.read_text())
+  selection = report["selection"]
+  grid = {r["lr"]: r["held_out_acc"] for r in selection["grid"]}
+  assert set(grid) == {0.05, 0.2} and grid[selection["lr"]] == max(grid.values())
+  runs = report["runs"]
+  assert [r["label"] for r in runs] == ["seed 0", "seed 1"]
+  for r in runs:  # the chosen lr, and the sweep's heads with budget-matched SGD
+    assert r["twa"]["lr"] == selection["lr"]
+    assert [h["head_epochs"] for h in r["sweep"]["heads"]] == [1, 2]
+    assert all(h["budget_matched_sgd"]["epochs"] == h["head_epochs"] + 1
+               for h in r["sweep"]["heads"])
+  twa = [100 * r["results"]["twa"]["test_accuracy"] for r in runs]
+  agg = report["aggregate"]
+  assert abs(agg["methods"]["twa"]["mean"] - sum(twa) / 2) < 1e-9
+  assert agg["methods"]["twa"]["n"] == 2
+  assert set(agg["sweep"]) == {"1", "2"}

@@ -34,10 +34,10 @@ from configs import default
 def get_config():
   c = default.get_config()
   c.model.kwargs.batch_norm = True
-  c.sgd.epochs = 4
+  c.sgd.epochs = 3
   c.sgd.batch_size = 64
   c.averaging.end = 2
-  c.twa.epochs = 2
+  c.twa.epochs = 1
   return c
 """
 

@@ -590,7 +590,7 @@ def _mid_epoch_checkpoint(workdir, phase, epochs, steps_per_epoch):
 
 @pytest.mark.slow
 def test_killed_runs_resume_mid_epoch_to_the_uninterrupted_result(tmp_path):
-  sizes = dict(sgd_epochs=12, head=8, twa_epochs=4, every=5)
+  sizes = dict(sgd_epochs=12, head=8, twa_epochs=4, every=10)
   reference = train_lib.run(tiny_config(**sizes), tmp_path / "reference")
   spe = experiment_lib.create(tiny_config(**sizes)).steps_per_epoch
   config_file = tmp_path / "tiny.py"

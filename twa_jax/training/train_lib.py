@@ -303,7 +303,7 @@ def phase_twa(exp: Experiment, workdir: pathlib.Path) -> None:
         **outcome.basis,
         "granularity": cfg.granularity, "storage": cfg.storage,
         "trained_on": data.num_train, "start": cfg.start,
-        "head_epochs": end_epochs, "epochs": cfg.epochs,
+        "head_epochs": end_epochs, "epochs": cfg.epochs, "lr": cfg.lr,
         **outcome.coefficients,
         "last_epoch_test_accuracy": (
             None if last is None else last["test_accuracy"]),
