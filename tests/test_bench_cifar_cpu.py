@@ -10,16 +10,20 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _cifar_cpu(tmp_path, *args: str) -> dict:
+  """benchmarks/cifar_cpu.py --smoke with `args`; its JSON report."""
+  out = tmp_path / "report.json"
+  subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "cifar_cpu.py"),
+       "--smoke", *args, "--workdirs", str(tmp_path / "runs"), "--out",
+       str(out)], check=True, capture_output=True, timeout=600)
+  return json.loads(out.read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["head", "tail"])
 def test_cifar_cpu_smoke(tmp_path, stage):
-  out = tmp_path / "c.json"
-  subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "cifar_cpu.py"),
-       "--smoke", "--stage", stage, "--swa-lrs", "0.05", "--workdirs",
-       str(tmp_path / "runs"), "--out", str(out)],
-      check=True, capture_output=True, timeout=600)
-  report = json.loads(out.read_text())
+  report = _cifar_cpu(tmp_path, "--stage", stage, "--swa-lrs", "0.05")
   assert report["stage"] == stage and len(report["runs"]) == 1
   run = report["runs"][0]
   assert {"sgd", "swa", "ema", "twa"} <= set(run["results"])
@@ -35,13 +39,8 @@ def test_cifar_cpu_smoke(tmp_path, stage):
 @pytest.mark.slow
 def test_cifar_cpu_variants_smoke(tmp_path):
   """TWA again on the head run's trajectory, layer-wise with int8 storage."""
-  out = tmp_path / "v.json"
-  subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "cifar_cpu.py"),
-       "--smoke", "--stage", "head", "--variants", "layer:int8",
-       "--workdirs", str(tmp_path / "runs"), "--out", str(out)],
-      check=True, capture_output=True, timeout=600)
-  head, layer = json.loads(out.read_text())["runs"]
+  head, layer = _cifar_cpu(tmp_path, "--stage", "head", "--variants",
+                           "layer:int8")["runs"]
   assert layer["label"] == "seed 0, layer int8"
   assert (layer["twa"]["granularity"], layer["twa"]["storage"]) == (
       "layer", "int8")
@@ -56,15 +55,9 @@ def test_cifar_cpu_variants_smoke(tmp_path):
 @pytest.mark.slow
 def test_cifar_cpu_seeds_selection_and_sweep_smoke(tmp_path):
   """Two seeds, TWA's lr chosen on held-out data, the sweep over 2 heads."""
-  out = tmp_path / "s.json"
-  subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "cifar_cpu.py"),
-       "--smoke", "--stage", "head", "--seeds", "0,1",
-       "--select-twa", "0.05,0.2:1", "--select-sgd-epochs", "2",
-       "--sweep-heads", "1,2", "--workdirs", str(tmp_path / "runs"),
-       "--out", str(out)],
-      check=True, capture_output=True, timeout=600)
-  report = json.loads(out.read_text())
+  report = _cifar_cpu(tmp_path, "--stage", "head", "--seeds", "0,1",
+                      "--select-twa", "0.05,0.2:1", "--select-sgd-epochs", "2",
+                      "--sweep-heads", "1,2")
   selection = report["selection"]
   grid = {r["lr"]: r["held_out_acc"] for r in selection["grid"]}
   assert set(grid) == {0.05, 0.2} and grid[selection["lr"]] == max(grid.values())

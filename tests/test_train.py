@@ -624,6 +624,50 @@ def test_killed_runs_resume_mid_epoch_to_the_uninterrupted_result(tmp_path):
     assert r["train_loss"] == ref["train_loss"]
 
 
+SWEEP = """
+_tiny = get_config
+
+
+def get_config():
+  c = _tiny()
+  c.phases = "sweep"
+  c.sweep.heads = (1,)
+  c.sweep.budget_matched_sgd = True
+  return c
+"""
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_to_the_uninterrupted_result(finished, tmp_path):
+  config_file = tmp_path / "sweep.py"
+  config_file.write_text(TINY.format(sgd_epochs=6, head=3, twa_epochs=2,
+                                     every=0) + SWEEP)
+  workdir = copy_workdir(finished[0], tmp_path / "killed")
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  # Killed while training budget-matched SGD (3 epochs), after head 1's TWA.
+  _kill_when(_start(config_file, workdir, env), lambda: any(
+      r["phase"] == "sweep/sgd_3" for r in workdir_lib.read_metrics(workdir)))
+  assert not (workdir / "sweep" / "result.json").exists()
+  config = tiny_config()
+  config.phases, config.sweep.heads = "sweep", (1,)
+  config.sweep.budget_matched_sgd = True
+  train_lib.run(config, workdir)
+  reference = copy_workdir(finished[0], tmp_path / "reference")
+  train_lib.run(config, reference)
+  results = [workdir_lib.read_json(w / "sweep" / "result.json")
+             for w in (workdir, reference)]
+  for result in results:
+    for head in result["heads"]:
+      for row in ("swa", "twa", "budget_matched_sgd"):
+        head[row].pop("wall_time_s")
+  assert results[0] == results[1]
+  records = [(r["phase"], r["epoch"]) for r in workdir_lib.read_metrics(workdir)
+             if r["phase"].startswith("sweep/")]
+  assert records == [("sweep/twa_1", 1), ("sweep/twa_1", 2),
+                     ("sweep/sgd_3", 1), ("sweep/sgd_3", 2),
+                     ("sweep/sgd_3", 3)]
+
+
 @pytest.mark.slow
 def test_a_second_train_py_in_a_running_workdir_is_refused(tmp_path):
   config_file = tmp_path / "tiny.py"
