@@ -136,11 +136,11 @@ def variant(stage: str, head: str, granularity: str, storage: str,
                                           *settings], smoke)
 
 
-def select_twa(stage: str, workdirs: str, base: list[str], seed: str,
+def select_twa(stage: str, sgd: str, base: list[str], seed: str,
                grid: str, sgd_epochs: int, smoke: bool) -> dict:
-  """TWA's lr and epochs chosen on held-out training data (see above)."""
+  """TWA's lr and epochs chosen on held-out training data (see above); the
+  SGD run in workdir `sgd`, each TWA in `sgd`_lr<LR>_ep<EPOCHS>."""
   lrs, epochs = (v.split(",") for v in grid.split(":"))
-  sgd = os.path.join(workdirs, "select")
   held_out = base + [f"--config.seed={seed}",
                      "--config.data.holdout_fraction=0.2",
                      f"--config.sgd.epochs={sgd_epochs}",
@@ -241,8 +241,8 @@ def main() -> None:
   report = {"stage": args.stage, "runs": []}
   if args.select_twa:
     report["selection"] = select_twa(
-        args.stage, os.path.join(args.workdirs, name), data, seeds[0],
-        args.select_twa, args.select_sgd_epochs, args.smoke)
+        args.stage, os.path.join(args.workdirs, f"{name}_select"), data,
+        seeds[0], args.select_twa, args.select_sgd_epochs, args.smoke)
     data += [f"--config.twa.lr={report['selection']['lr']}",
              f"--config.twa.epochs={report['selection']['epochs']}"]
   if args.sweep_heads:
