@@ -95,23 +95,30 @@ def _assert_results_close(summary: dict, reference: dict) -> None:
                                  err_msg=f"{method} {key}")
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """The single-device run (this process) and its workdir."""
+  workdir = tmp_path_factory.mktemp("one")
+  return workdir, train_lib.run(_config(), workdir)
+
+
 @pytest.mark.slow
-def test_eight_devices_compute_what_one_device_computes(tmp_path):
-  reference = train_lib.run(_config(), tmp_path / "one")
+def test_eight_devices_compute_what_one_device_computes(tmp_path, reference):
+  one, reference = reference
   out = _finish([_train_py(tmp_path / "eight", 8, "eight")])[0]
   assert "data parallel over 8 device(s) of 1 process(es)" in out
   summary = json.loads((tmp_path / "eight" / "summary.json").read_text())
   _assert_results_close(summary, reference)
   # The same batches: SGD's per-epoch training loss agrees epoch by epoch.
-  records = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl")
-              .read_text().splitlines()] for d in ("one", "eight")]
+  records = [[json.loads(line) for line in (d / "metrics.jsonl")
+              .read_text().splitlines()] for d in (one, tmp_path / "eight")]
   np.testing.assert_allclose([r["train_loss"] for r in records[1]],
                              [r["train_loss"] for r in records[0]],
                              rtol=1e-3)
 
 
 @pytest.mark.slow
-def test_two_processes_run_one_workdir_and_agree(tmp_path):
+def test_two_processes_run_one_workdir_and_agree(tmp_path, reference):
   helpers.require_cpu_collectives()
   port = helpers.free_port()
   workdir = tmp_path / "run"
@@ -131,8 +138,7 @@ def test_two_processes_run_one_workdir_and_agree(tmp_path):
             for out in outs]
   assert "TWA" in tables[0] and tables[0] == tables[1]
   summary = json.loads((workdir / "summary.json").read_text())
-  reference = train_lib.run(_config(), tmp_path / "one")
-  _assert_results_close(summary, reference)
+  _assert_results_close(summary, reference[1])
   # One trajectory, written once: every planned snapshot, checksums intact.
   with TrajectoryStore(workdir / "trajectory", read_only=True) as store:
     assert store.steps() == experiment_lib.create(_config()).planned_steps
