@@ -11,9 +11,10 @@ import strategies
 import twa_jax as twa
 
 
-@given(strategies.snapshot_sets(strategies.DTYPES))
-def test_swa_is_the_mean_in_the_snapshot_dtypes(snaps):
-  mean = twa.swa(snaps.snapshots)
+@given(strategies.snapshot_sets(strategies.DTYPES), st.booleans())
+def test_swa_is_the_mean_in_the_snapshot_dtypes(snaps, stream):
+  # A generator (e.g. loading from a store) gives the list's mean.
+  mean = twa.swa(iter(snaps.snapshots) if stream else snaps.snapshots)
   first = snaps.snapshots[0]
   assert jax.tree_util.tree_structure(mean) == jax.tree_util.tree_structure(first)
   for a, b in zip(jax.tree_util.tree_leaves(mean), jax.tree_util.tree_leaves(first)):
@@ -33,8 +34,10 @@ def test_averaging_coefficients_recover_known_coefficients(snaps, seed, reuse):
   alpha = rng.dirichlet(np.ones(snaps.n)) * rng.uniform(0.5, 1.5)
   target = alpha @ snaps.matrix
   params = strategies.fill(snaps.layout, target)
+  # With a basis, the snapshots may come one at a time (a generator).
   basis = twa.basis_from_snapshots(snaps.snapshots) if reuse else None
-  got = twa.averaging_coefficients(params, snaps.snapshots, basis)
+  got = twa.averaging_coefficients(
+      params, iter(snaps.snapshots) if reuse else snaps.snapshots, basis)
   assert got.shape == (snaps.n,) and got.dtype == jnp.float32
   got = np.asarray(got, np.float64)
   scale = np.linalg.norm(target)

@@ -200,6 +200,26 @@ def test_disagreements_name_the_leaf_and_both_sides():
     spec.check({"dense": {"bias": BASE["dense"]["bias"]}})
 
 
+def test_snapshot_rows_read_an_iterator_one_snapshot_at_a_time():
+  snaps = [_with(("bias", np.full((3,), float(i), np.float32)))
+           for i in range(3)] + [_with(("bias", np.zeros((4,), np.float32)))]
+  read = []
+  def load():
+    for i, s in enumerate(snaps):
+      read.append(i)
+      yield s
+  spec, n, rows = tree_lib.snapshot_rows(load())
+  assert spec == ParamSpec.of(BASE) and n is None and read == [0]
+  expected = tree_lib.stack_snapshots(snaps[:3])[1]
+  for i in range(3):
+    np.testing.assert_array_equal(next(rows), expected[i])
+    assert read == list(range(i + 1))
+  with pytest.raises(ValueError, match=r"snapshot 3: leaf \['dense'\]\['bias'\]"):
+    next(rows)
+  spec, n, _ = tree_lib.snapshot_rows({"a": np.zeros((3, 2), np.float32)})
+  assert n == 3 and spec.shapes == ((2,),)
+
+
 def test_snapshots_from_a_generator_and_mixed_key_errors():
   snaps = [_with(("bias", np.full((3,), float(i), np.float32)))
            for i in range(3)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -15,18 +15,24 @@ from twa_jax import build
 PyTree = Any
 
 
-def swa(snapshots: Sequence[PyTree] | PyTree) -> PyTree:
+def swa(snapshots: Sequence[PyTree] | Iterator[PyTree] | PyTree) -> PyTree:
   """Uniform average of the snapshots (SWA; TWA's head-stage start).
 
   Args:
-    snapshots: as for `twa_jax.basis_from_snapshots`: a list or tuple of parameter
-      trees, or one tree with a leading snapshot axis.
+    snapshots: as for `twa_jax.basis_from_snapshots`: a list or tuple of
+      parameter trees, one tree with a leading snapshot axis, or an iterator
+      of trees (read one at a time: e.g. a generator loading each snapshot
+      from a store holds one in memory).
 
   Returns:
-    The mean tree, accumulated in float32, in the snapshots' dtypes.
+    The mean tree, accumulated in float64, in the snapshots' dtypes.
   """
-  spec, matrix = tree_lib.stack_snapshots(snapshots)
-  return spec.unravel(jnp.asarray(matrix.mean(axis=0, dtype=np.float64)))
+  spec, _, rows = tree_lib.snapshot_rows(snapshots)
+  total, n = np.zeros((spec.num_params,), np.float64), 0
+  for row in rows:
+    total += row
+    n += 1
+  return spec.unravel(jnp.asarray(total / n))
 
 
 def greedy_soup(candidates: Sequence[PyTree],
@@ -73,8 +79,9 @@ def greedy_soup(candidates: Sequence[PyTree],
   return soup, kept
 
 
-def averaging_coefficients(params: PyTree, snapshots: Sequence[PyTree] | PyTree,
-                           basis=None) -> jax.Array | dict[str, jax.Array]:
+def averaging_coefficients(
+    params: PyTree, snapshots: Sequence[PyTree] | Iterator[PyTree] | PyTree,
+    basis=None) -> jax.Array | dict[str, jax.Array]:
   """Coefficients alpha with sum_i alpha_i w_i = params (least squares).
 
   The paper's Appendix D reads these off a trained TWA solution; they sum to
@@ -85,21 +92,26 @@ def averaging_coefficients(params: PyTree, snapshots: Sequence[PyTree] | PyTree,
 
   Args:
     params: a parameter tree (e.g. the TWA solution).
-    snapshots: the snapshots w_1..w_n.
+    snapshots: the snapshots w_1..w_n, as for `swa`; with `basis`, B is
+      accumulated one snapshot at a time, so an iterator (e.g. a generator
+      loading each from a store) holds one snapshot in memory.
     basis: their `Basis` or `BlockBasis`, if already built (saves an
-      orthonormalization).
+      orthonormalization; may be sharded over a mesh).
 
   Returns:
     alpha, shape (n,), float32; for a layer-wise `BlockBasis`, a dict of
     such vectors, one per block.
   """
-  spec, matrix = tree_lib.stack_snapshots(snapshots)
-  basis = basis or build.from_matrix(spec, matrix.copy())
+  if basis is None:
+    spec, matrix = tree_lib.stack_snapshots(snapshots)
+    basis, rows = build.from_matrix(spec, matrix.copy()), iter(matrix)
+  else:
+    spec, _, rows = tree_lib.snapshot_rows(snapshots)
   spec.check(params, what="averaging_coefficients: params")
-  coords = jax.jit(jax.vmap(lambda row: basis.coordinates(spec.unravel(row))))
-  def solve(b, beta):
-    alpha, *_ = np.linalg.lstsq(np.asarray(b, np.float64).T,
+  coords = jax.jit(lambda row: basis.coordinates(spec.unravel(row)))
+  b = [jax.tree.map(np.asarray, coords(jnp.asarray(row))) for row in rows]
+  def solve(beta, *b_rows):
+    alpha, *_ = np.linalg.lstsq(np.asarray(b_rows, np.float64).T,
                                 np.asarray(beta, np.float64), rcond=None)
     return jnp.asarray(alpha, jnp.float32)
-  return jax.tree.map(solve, coords(jnp.asarray(matrix)),
-                      basis.coordinates(params))
+  return jax.tree.map(solve, basis.coordinates(params), *b)

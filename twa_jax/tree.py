@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -304,14 +305,48 @@ def stack_snapshots(snapshots: Sequence[PyTree] | Iterator[PyTree] | PyTree, *,
   """
   if isinstance(snapshots, Iterator):
     snapshots = tuple(snapshots)
-  if isinstance(snapshots, (list, tuple)):
-    if not snapshots:
-      raise ValueError("snapshots: got an empty sequence; need at least one.")
-    spec = ParamSpec.of(snapshots[0], what="snapshot 0", trainable=trainable)
-    matrix = np.empty((len(snapshots), spec.num_params), np.float32)
-    for i, snapshot in enumerate(snapshots):
-      matrix[i] = flatten_snapshot(spec, snapshot, what=f"snapshot {i}")
-    return spec, matrix
+  spec, n, rows = snapshot_rows(snapshots, trainable=trainable)
+  matrix = np.empty((n, spec.num_params), np.float32)
+  for i, row in enumerate(rows):
+    matrix[i] = row
+  return spec, matrix
+
+
+def snapshot_rows(snapshots: Sequence[PyTree] | Iterator[PyTree] | PyTree, *,
+                  trainable: PyTree | Callable[[str], bool] | None = None
+                  ) -> tuple[ParamSpec, int | None, Iterator[np.ndarray]]:
+  """The snapshots one at a time: their layout and flattened rows.
+
+  Only one snapshot's row is held at a time: an iterator (e.g. a generator
+  loading each snapshot from a store) is read as the rows are consumed.
+
+  Args:
+    snapshots, trainable: as for `stack_snapshots`.
+
+  Returns:
+    The layout of one snapshot (read from the first), the number of
+    snapshots (None for an iterator) and an iterator over their rows (D
+    float32 each), each checked against the layout and for NaN/Inf as it is
+    produced (errors name the snapshot's index and the leaf).
+  """
+  if isinstance(snapshots, Iterator):
+    n, trees = None, snapshots
+  elif isinstance(snapshots, (list, tuple)):
+    n, trees = len(snapshots), iter(snapshots)
+  else:
+    n, trees = _stacked_trees(snapshots)
+  first = next(trees, None)
+  if first is None:
+    raise ValueError("snapshots: got an empty sequence; need at least one.")
+  spec = ParamSpec.of(first, what="snapshot 0", trainable=trainable)
+  trees = itertools.chain([first], trees)
+  del first  # the chain drops it once read
+  return spec, n, (flatten_snapshot(spec, s, what=f"snapshot {i}")
+                   for i, s in enumerate(trees))
+
+
+def _stacked_trees(snapshots: PyTree) -> tuple[int, Iterator[PyTree]]:
+  """n and the snapshots of one tree whose leaves carry a leading axis n."""
   named, treedef = _flatten(snapshots, "snapshots")
   if not named:
     raise ValueError("snapshots: the tree has no leaves.")
@@ -330,13 +365,8 @@ def stack_snapshots(snapshots: Sequence[PyTree] | Iterator[PyTree] | PyTree, *,
   if n == 0:
     raise ValueError("snapshots: the stacked tree has n = 0 snapshots.")
   leaves = [leaf for _, leaf in named]
-  first = jax.tree_util.tree_unflatten(treedef, [leaf[0] for leaf in leaves])
-  spec = ParamSpec.of(first, what="snapshots", trainable=trainable)
-  matrix = np.empty((n, spec.num_params), np.float32)
-  for i in range(n):
-    row = jax.tree_util.tree_unflatten(treedef, [leaf[i] for leaf in leaves])
-    matrix[i] = flatten_snapshot(spec, row, what=f"snapshot {i}")
-  return spec, matrix
+  return n, (jax.tree_util.tree_unflatten(treedef, [leaf[i] for leaf in leaves])
+             for i in range(n))
 
 
 def flatten_snapshot(spec: ParamSpec, snapshot: PyTree, *,

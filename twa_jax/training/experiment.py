@@ -18,7 +18,6 @@ from tqdm import auto as tqdm
 
 from twa_jax import batch_norm
 from twa_jax.sampling import SamplingSchedule
-from twa_jax.store import TrajectoryStore
 from twa_jax.training import init_from
 from twa_jax.training import input_pipeline
 from twa_jax.training import models
@@ -217,17 +216,6 @@ def initial_variables(exp: Experiment) -> tuple[PyTree, PyTree]:
   if not source:
     return params, batch_stats
   return init_from.load(source, params, batch_stats)
-
-
-def read_snapshots(store: TrajectoryStore, steps: Sequence[int]) -> PyTree:
-  """The snapshots at `steps` as one tree with a leading snapshot axis."""
-  spec, matrix = store.read_matrix(steps)
-  offsets = np.cumsum((0,) + spec.sizes)
-  n = matrix.shape[0]
-  leaves = [matrix[:, a:b].reshape((n,) + shape).astype(dtype, copy=False)
-            for a, b, shape, dtype in zip(offsets[:-1], offsets[1:],
-                                          spec.shapes, spec.dtypes)]
-  return jax.tree_util.tree_unflatten(spec.treedef, leaves)
 
 
 def row_splits(exp: Experiment) -> dict[str, int | None]:

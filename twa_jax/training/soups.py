@@ -294,7 +294,7 @@ def compare(exp: Experiment, workdir: pathlib.Path,
                "%.4f)", kept, len(models),
                results["greedy_soup"]["holdout_accuracy"])
   cfg = exp.config.twa
-  outcome = twa_training.train_twa(exp, workdir, "soup", lambda: models,
+  outcome = twa_training.train_twa(exp, workdir, "soup", models,
                                    start="mean", data=exp.dataset)
   results["twa"] = row(outcome.metrics, epochs + cfg.epochs, outcome.seconds)
   for method, r in results.items():

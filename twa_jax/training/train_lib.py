@@ -133,10 +133,11 @@ def check_snapshots(exp: Experiment, workdir: pathlib.Path,
         "sgd phase to the end of the range first")
 
 
-def _averaged_snapshots(exp: Experiment, workdir: pathlib.Path) -> PyTree:
-  """The snapshots of the averaging range, one tree with a leading axis."""
-  with open_store(workdir, read_only=True) as store:
-    return experiment_lib.read_snapshots(store, exp.selected_steps)
+def _stored_snapshots(workdir: pathlib.Path, steps: Sequence[int]
+                      ) -> twa_training.StoredSnapshots:
+  """The snapshots at `steps` of the workdir's trajectory store (read when
+  used, one at a time)."""
+  return twa_training.StoredSnapshots(workdir / "trajectory", tuple(steps))
 
 
 def _sgd_at_averaging_end(workdir: pathlib.Path,
@@ -261,7 +262,7 @@ def phase_sgd(exp: Experiment, workdir: pathlib.Path) -> None:
 def phase_swa(exp: Experiment, workdir: pathlib.Path) -> None:
   """The uniform average of the averaged snapshots, batch norm recomputed."""
   start = time.perf_counter()
-  params = twa_jax.swa(_averaged_snapshots(exp, workdir))
+  params = twa_jax.swa(iter(_stored_snapshots(workdir, exp.selected_steps)))
   averaging = time.perf_counter() - start
   metrics, seconds = experiment_lib.evaluate_averaged(
       exp, params, experiment_lib.row_splits(exp))
@@ -287,7 +288,7 @@ def phase_twa(exp: Experiment, workdir: pathlib.Path) -> None:
       continue
     cfg = exp.config.twa
     outcome = twa_training.train_twa(
-        exp, workdir, name, lambda: _averaged_snapshots(exp, workdir),
+        exp, workdir, name, _stored_snapshots(workdir, exp.selected_steps),
         start=cfg.start, data=data)
     last = workdir_lib.last_metrics(workdir, name)
     end_epochs = exp.epochs_at(exp.averaging_end)
@@ -318,7 +319,7 @@ def phase_surface(exp: Experiment, workdir: pathlib.Path) -> None:
                       "first")
   with open_store(workdir, read_only=True) as store:
     sgd = store.load(exp.planned_steps[-1])
-  swa = twa_jax.swa(_averaged_snapshots(exp, workdir))
+  swa = twa_jax.swa(iter(_stored_snapshots(workdir, exp.selected_steps)))
   twa = loop.final_params(workdir, "twa")
   splits = {"train": exp.config.surface.train_eval_size, "test": None}
 
@@ -390,19 +391,16 @@ def _sweep_head(exp: Experiment, workdir: pathlib.Path, k: int,
                       f"{selected[0]}-{selected[-1]}; the store lacks "
                       f"{len(missing)} (first: step {missing[0]})")
 
-  def load() -> PyTree:
-    with open_store(workdir, read_only=True) as store:
-      return experiment_lib.read_snapshots(store, selected)
-
+  snapshots = _stored_snapshots(workdir, selected)
   sgd_seconds = sum(curve[e]["seconds"] for e in range(1, k + 1))
   splits = experiment_lib.row_splits(exp)
   start = time.perf_counter()
-  swa = twa_jax.swa(load())
+  swa = twa_jax.swa(iter(snapshots))
   averaging_s = time.perf_counter() - start
   metrics, seconds = experiment_lib.evaluate_averaged(exp, swa, splits)
   cfg = exp.config.twa
-  outcome = twa_training.train_twa(exp, workdir, name, load, start=cfg.start,
-                                   data=exp.dataset)
+  outcome = twa_training.train_twa(exp, workdir, name, snapshots,
+                                   start=cfg.start, data=exp.dataset)
   last = workdir_lib.last_metrics(workdir, name)
   head = {
       "head_epochs": k, "snapshots": len(selected),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from absl import logging
@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 import twa_jax
+from twa_jax.store import TrajectoryStore
 from twa_jax.training import experiment as experiment_lib
 from twa_jax.training import input_pipeline
 from twa_jax.training import loop
@@ -24,7 +25,43 @@ from twa_jax.training import steps as steps_lib
 from twa_jax.training.steps import TrainState
 
 PyTree = Any
-Snapshots = Sequence[PyTree] | PyTree  # a list, or one tree with a leading axis
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredSnapshots:
+  """Snapshots of a trajectory store, read only when used and one at a time.
+
+  Iterating loads them one after the other (one in host memory at a time);
+  `build_basis` reads them from the store (on a mesh, each process reads only
+  its devices' column slices).
+
+  Attributes:
+    directory: the `twa_jax.store.TrajectoryStore`'s directory.
+    steps: the snapshots' steps, in order.
+  """
+
+  directory: pathlib.Path
+  steps: tuple[int, ...]
+
+  def __len__(self) -> int:
+    return len(self.steps)
+
+  def __iter__(self) -> Iterator[PyTree]:
+    with self.open() as store:
+      for step in self.steps:
+        yield store.load(step)
+
+  def __getitem__(self, index: int) -> PyTree:
+    with self.open() as store:
+      return store.load(self.steps[index])
+
+  def open(self) -> TrajectoryStore:
+    """The store, read-only."""
+    return TrajectoryStore(self.directory, create=False, read_only=True)
+
+
+# The snapshots TWA trains in the span of: parameter trees, or stored ones.
+Snapshots = Sequence[PyTree] | StoredSnapshots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,16 +88,20 @@ def build_basis(exp: experiment_lib.Experiment,
                 snapshots: Snapshots) -> twa_jax.Basis | twa_jax.BlockBasis:
   """The basis of the snapshots' span (`config.twa` granularity, storage),
   sharded over the mesh in `config.parallel.basis_layout` when it has more
-  than one device."""
+  than one device (stored snapshots: each process reads its column slices
+  only)."""
   cfg = exp.config.twa
-  granularity = _layer if cfg.granularity == "layer" else cfg.granularity
-  dtype = (cfg.storage if cfg.storage in ("int8", "int4")
-           else jnp.dtype(cfg.storage))
   sharded = exp.mesh.size > 1
-  return twa_jax.basis_from_snapshots(
-      snapshots, granularity=granularity, dtype=dtype,
+  options = dict(
+      granularity=_layer if cfg.granularity == "layer" else cfg.granularity,
+      dtype=(cfg.storage if cfg.storage in ("int8", "int4")
+             else jnp.dtype(cfg.storage)),
       mesh=exp.mesh if sharded else None,
       layout=exp.config.parallel.basis_layout if sharded else "basis")
+  if isinstance(snapshots, StoredSnapshots):
+    with snapshots.open() as store:
+      return twa_jax.basis_from_store(store, snapshots.steps, **options)
+  return twa_jax.basis_from_snapshots(snapshots, **options)
 
 
 def _layer(path: str) -> str:
@@ -104,16 +145,19 @@ def coefficients_record(alpha: PyTree) -> dict[str, Any]:
 
 
 def train_twa(exp: experiment_lib.Experiment, workdir: pathlib.Path,
-              phase: str, load_snapshots: Callable[[], Snapshots], *,
-              start: str, data: input_pipeline.Dataset) -> TwaOutcome:
+              phase: str, snapshots: Snapshots, *, start: str,
+              data: input_pipeline.Dataset) -> TwaOutcome:
   """TWA (`config.twa`) in the span of the snapshots, resumable.
+
+  Stored snapshots are never all in one host's memory: the basis is read
+  from the store (`build_basis`), and the start and the coefficients go
+  through them one at a time.
 
   Args:
     exp: the experiment (model, batch size, seed, evaluation).
     workdir: the run's workdir (checkpoints in <phase>/checkpoints).
     phase: "twa", "twa_v" or "soup": names checkpoints and metrics.
-    load_snapshots: returns the snapshots (called before and after training,
-      so that they are not held while training).
+    snapshots: the snapshots, a list of parameter trees or stored ones.
     start: "mean" (their mean, head stage) or "last" (the last one, tail
       stage).
     data: the dataset the steps draw batches from.
@@ -126,18 +170,16 @@ def train_twa(exp: experiment_lib.Experiment, workdir: pathlib.Path,
   """
   cfg, seed = exp.config.twa, exp.config.seed
   started = time.perf_counter()
-  snapshots = load_snapshots()
   basis = build_basis(exp, snapshots)
-  params = twa_jax.swa(snapshots) if start == "mean" else _last(snapshots)
+  params = twa_jax.swa(iter(snapshots)) if start == "mean" else snapshots[-1]
   record = basis_record(basis)
   logging.info("%s: basis of %d snapshots has dimension %d, %d dropped, "
                "condition number of W %s (%d parameters; %s coefficients, %s "
-               "storage); training on %d examples", phase, _count(snapshots),
+               "storage); training on %d examples", phase, len(snapshots),
                basis.dim, basis.dropped,
                report.condition_text(record["basis_condition"]),
                basis.num_params, cfg.granularity, cfg.storage,
                data.num_train)
-  del snapshots
   spe = input_pipeline.steps_per_epoch(data, exp.config.sgd.batch_size)
   schedule = steps_lib.learning_rate_schedule(cfg, cfg.epochs, spe)
   tx = twa_optimizer(cfg, schedule, basis)
@@ -149,23 +191,10 @@ def train_twa(exp: experiment_lib.Experiment, workdir: pathlib.Path,
                               schedule, epochs=cfg.epochs, data=data,
                               data_seed=seed + 1)
   started = time.perf_counter()
-  alpha = twa_jax.averaging_coefficients(state.params, load_snapshots(),
-                                         basis)
+  alpha = twa_jax.averaging_coefficients(state.params, iter(snapshots), basis)
   coefficients = time.perf_counter() - started
   metrics, bn_seconds = experiment_lib.evaluate_averaged(
       exp, state.params, experiment_lib.row_splits(exp))
   return TwaOutcome(state.params, metrics,
                     setup + elapsed + coefficients + bn_seconds, record,
                     coefficients_record(alpha))
-
-
-def _last(snapshots: Snapshots) -> PyTree:
-  if isinstance(snapshots, (list, tuple)):
-    return snapshots[-1]
-  return jax.tree.map(lambda s: s[-1], snapshots)
-
-
-def _count(snapshots: Snapshots) -> int:
-  if isinstance(snapshots, (list, tuple)):
-    return len(snapshots)
-  return jax.tree_util.tree_leaves(snapshots)[0].shape[0]
