@@ -71,7 +71,14 @@ Every config file calls one of these and changes what differs. The fields:
                   0: in the training process), basis_layout (the TWA basis
                   over several devices: "params", each device holds P's rows
                   of a slice of the parameters; "basis", each holds some of
-                  its columns; see `twa_jax.basis_from_store`). None of them
+                  its columns; see `twa_jax.basis_from_store`),
+                  param_sharding (the training state over the devices:
+                  "replicated", whole on every device; "fsdp", each leaf of
+                  the parameters, optimizer state, EMA and batch statistics
+                  split along the data axis on its largest dimension that
+                  the device count divides, the others replicated, XLA
+                  placing the all-gathers and reduce-scatters: for models
+                  whose state does not fit one device). None of them
                   changes results beyond float32 reduction order.
   checkpoint_every_steps  also checkpoint every that many steps inside an
                   epoch (0: only after each epoch); a killed run resumes
@@ -165,6 +172,7 @@ def base() -> ml_collections.ConfigDict:
   c.parallel.process_id = config_dict.placeholder(int)
   c.parallel.workers = 0
   c.parallel.basis_layout = "params"
+  c.parallel.param_sharding = "replicated"
 
   c.checkpoint_every_steps = 0
   c.eval_batch_size = 512

@@ -242,6 +242,7 @@ def test_cpu_config_points_at_npz_data():
     ("averaging.end", 500, "averaging.end=500"),
     ("averaging.unit", "hour", "averaging.unit"),
     ("sgd.ema_decay", 1.0, "[0, 1)"),
+    ("parallel.param_sharding", "zero3", "('replicated', 'fsdp')"),
 ])
 def test_validation_names_the_bad_field(field, value, message):
   c = load("default")

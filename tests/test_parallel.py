@@ -13,7 +13,9 @@ import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import helpers
@@ -113,6 +115,20 @@ def _assert_results_close(summary: dict, reference: dict) -> None:
                                  err_msg=f"{method} {key}")
 
 
+def _checkpoint_specs(directory: pathlib.Path
+                      ) -> dict[str, tuple[tuple[int, ...], tuple]]:
+  """Shape and partition spec of each state leaf in the latest checkpoint."""
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True)) as manager:
+    latest = manager.latest_step()
+  with ocp.StandardCheckpointer() as checkpointer:
+    state = checkpointer.metadata(directory / str(latest) /
+                                  "state").item_metadata
+  return {jax.tree_util.keystr(path): (tuple(leaf.shape),
+                                       tuple(leaf.sharding.partition_spec))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """The single-device run (this process) and its workdir."""
@@ -123,16 +139,31 @@ def reference(tmp_path_factory):
 @pytest.mark.slow
 def test_eight_devices_compute_what_one_device_computes(tmp_path, reference):
   one, reference = reference
-  # The TWA basis is sharded over the 8 devices and read from the store's
-  # column slices; SWA's mean, TWA's start and coefficients stream the
-  # snapshots: the whole snapshot matrix is never read.
-  out = _finish([_train_py(tmp_path / "eight", 8, "eight",
+  # The training state is sharded (FSDP); the TWA basis is sharded over the
+  # 8 devices and read from the store's column slices; SWA's mean, TWA's
+  # start and coefficients stream the snapshots: the whole snapshot matrix
+  # is never read.
+  eight = tmp_path / "eight"
+  out = _finish([_train_py(eight, 8, "eight",
+                           "--config.parallel.param_sharding=fsdp",
                            read_matrix=False)])[0]
   assert "data parallel over 8 device(s) of 1 process(es)" in out
-  summary = json.loads((tmp_path / "eight" / "summary.json").read_text())
+  summary = json.loads((eight / "summary.json").read_text())
   _assert_results_close(summary, reference)
   np.testing.assert_allclose(summary["twa"]["coefficients"],
-                             reference["twa"]["coefficients"], atol=2e-3)
+                             reference["twa"]["coefficients"], atol=5e-3)
+  # Each phase's state was saved sharded: every leaf with a dimension that
+  # 8 divides split along "data" on its largest one, the others whole.
+  for phase in ("sgd", "twa"):
+    specs = _checkpoint_specs(eight / phase / "checkpoints")
+    assert specs["['params']['Dense_0']['kernel']"] == ((64, 256),
+                                                        (None, "data"))
+    assert specs["['params']['Dense_2']['bias']"] == ((10,), ())
+    momentum = [k for k in specs if k.startswith("['opt_state']")
+                and k.endswith("['Dense_1']['kernel']")]
+    assert [specs[k] for k in momentum] == [((256, 256), ("data",))]
+    for path, (shape, spec) in specs.items():
+      assert ("data" in spec) == any(d % 8 == 0 for d in shape), path
   # The same batches: SGD's per-epoch training loss agrees epoch by epoch.
   records = [[json.loads(line) for line in (d / "metrics.jsonl")
               .read_text().splitlines()] for d in (one, tmp_path / "eight")]

@@ -14,6 +14,7 @@ from twa_jax.training import steps as steps_lib
 GRANULARITIES = ("global", "layer", "leaf")
 STORAGES = ("float32", "bfloat16", "int8", "int4")
 BASIS_LAYOUTS = ("params", "basis")  # config.parallel.basis_layout
+PARAM_SHARDINGS = ("replicated", "fsdp")  # config.parallel.param_sharding
 MISSING = "<missing>"
 
 
@@ -139,6 +140,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   need(config.parallel.workers >= 0, "parallel.workers", "must be >= 0")
   need(config.parallel.basis_layout in BASIS_LAYOUTS, "parallel.basis_layout",
        f"choose from {BASIS_LAYOUTS}")
+  need(config.parallel.param_sharding in PARAM_SHARDINGS,
+       "parallel.param_sharding", f"choose from {PARAM_SHARDINGS}")
   need(config.checkpoint_every_steps >= 0, "checkpoint_every_steps",
        "must be >= 0 (0: after each epoch only)")
   for field in ("data.holdout_fraction", "twa.holdout_fraction"):

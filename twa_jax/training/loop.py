@@ -70,8 +70,9 @@ def train(exp: experiment_lib.Experiment, workdir: pathlib.Path, phase: str,
     exp: the experiment (batch size, evaluation, mesh, logging interval).
     workdir: the run's workdir (checkpoints in <phase>/checkpoints).
     phase: names the checkpoints and the metrics ("sgd", "twa", ...).
-    state: the initial state (replaced by a checkpoint's); replicated over
-      the mesh.
+    state: the initial state (replaced by a checkpoint's); placed on the
+      mesh as `config.parallel.param_sharding` says
+      (`parallel.state_sharding`).
     train_step: from `steps.make_train_step`.
     schedule: the learning rate per step (for the log).
     epochs: the phase's epochs.
@@ -89,7 +90,8 @@ def train(exp: experiment_lib.Experiment, workdir: pathlib.Path, phase: str,
   options = ocp.CheckpointManagerOptions(max_to_keep=MAX_CHECKPOINTS,
                                          create=True)
   spe = input_pipeline.steps_per_epoch(data, exp.config.sgd.batch_size)
-  state = parallel.replicate(state, exp.mesh)
+  state = jax.device_put(state, parallel.state_sharding(
+      state, exp.mesh, exp.config.parallel.param_sharding))
   batches = experiment_lib.train_batches(exp, data, data_seed)
   with ocp.CheckpointManager(checkpoint_dir(workdir, phase),
                              options=options) as manager, \

@@ -2,13 +2,16 @@
 
 Every phase runs on a mesh over all devices of all processes (`data_mesh`),
 one axis named "data": the parameters, batch-norm statistics and optimizer
-state are replicated, each batch is split along the data axis, and one
-jitted step (GSPMD) reduces the gradient over it. Batch-norm layers see the
-statistics of the whole global batch (synchronized batch norm, as PyTorch's
-`SyncBatchNorm`), so a run on 8 devices computes what one device computes on
-the same global batch, up to the order of float32 reductions. Each process
-loads its share of every global batch (`input_pipeline`) and
-`global_batch` joins the shares into one array.
+state are replicated, or with `config.parallel.param_sharding="fsdp"` split
+along the data axis (`state_sharding`), each batch is split along the data
+axis, and one jitted step (GSPMD) reduces the gradient over it (with FSDP,
+XLA places the all-gathers of the parameters and the reduce-scatters of the
+gradients). Batch-norm layers see the statistics of the whole global batch
+(synchronized batch norm, as PyTorch's `SyncBatchNorm`), so a run on 8
+devices computes what one device computes on the same global batch, up to
+the order of float32 reductions. Each process loads its share of every
+global batch (`input_pipeline`) and `global_batch` joins the shares into one
+array.
 
 With several processes (hosts), `initialize` starts `jax.distributed` first;
 files of the workdir are written by process 0 (`is_primary`), snapshots and
@@ -59,6 +62,31 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 def is_primary() -> bool:
   """Whether this process writes the workdir's files (process 0)."""
   return jax.process_index() == 0
+
+
+def state_sharding(tree: PyTree, mesh: Mesh, param_sharding: str) -> PyTree:
+  """The shardings of a training state's leaves on `mesh`.
+
+  Args:
+    tree: the state (parameters, optimizer state, ...): arrays or shapes.
+    mesh: the data mesh.
+    param_sharding: `config.parallel.param_sharding`: "replicated" (every
+      leaf whole on every device) or "fsdp" (each leaf split along "data" on
+      its largest dimension that the device count divides; a leaf without
+      one, e.g. a scalar or a short bias, replicated).
+
+  Returns:
+    A `NamedSharding` per leaf of `tree`.
+  """
+  def sharding(leaf) -> NamedSharding:
+    shape = np.shape(leaf)
+    dims = [d for d, size in enumerate(shape)
+            if size and size % mesh.size == 0]
+    if param_sharding != "fsdp" or not dims:
+      return NamedSharding(mesh, PartitionSpec())
+    dim = max(dims, key=lambda d: shape[d])  # the first of equal sizes
+    return NamedSharding(mesh, PartitionSpec(*[None] * dim, DATA_AXIS))
+  return jax.tree.map(sharding, tree)
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
