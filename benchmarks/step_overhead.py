@@ -387,12 +387,15 @@ def summarize(name: str, d: int, n: int, basis_gb: float, copy_bytes: int,
         f"{fw}_ratio_of_minima": min(twa) / min(sgd),
         f"{fw}_ratio_from_parts": 1 + med[f"{fw}_project"] / med[f"{fw}_sgd"],
         f"{fw}_project_gbps": 2 * basis_gb / med[f"{fw}_project"]})
+  if "torch_sgd" in times:  # the SGD step, JAX over PyTorch (paired rounds)
+    row["sgd_jax_over_torch"] = common.ratio(times["jax_sgd"],
+                                             times["torch_sgd"])
   return row
 
 
 HEADER = ("model             D    n |  JAX: sgd ms   twa ms  ratio  min  parts"
           "  proj ms  flat  GB/s | torch: sgd ms  twa ms  ratio  min  parts"
-          "  proj ms  GB/s | copy GB/s")
+          "  proj ms  GB/s | copy GB/s | sgd jax/torch")
 
 
 def format_row(r: dict) -> str:
@@ -408,7 +411,10 @@ def format_row(r: dict) -> str:
     line += f" {side('torch')} {r['torch_project_gbps']:5.1f} |"
   else:
     line += f" {'(no torch)':>60} |"
-  return line + f" {r['copy_gbps']:9.1f}"
+  line += f" {r['copy_gbps']:9.1f} |"
+  if "sgd_jax_over_torch" in r:
+    line += f" {r['sgd_jax_over_torch']:13.2f}"
+  return line
 
 
 LOOP_STYLES = ("jit", "donated", "train_state", "nnx")

@@ -1,7 +1,7 @@
 """The PyTorch side of the step-overhead benchmark (issue 7, item 2).
 
-PyTorch twins of `twa_jax.training.models` ("small_cnn", "resnet20", "vgg16",
-"preresnet164": same layers, widths and parameter counts, NCHW instead of
+PyTorch twins of `twa_jax.training.models` ("small_cnn", "cnn7", "resnet20",
+"vgg16", "preresnet164": same layers, widths and parameter counts, NCHW instead of
 NHWC) and the TWA step the way the paper's reference code (github.com/nblt/TWA,
 `train_twa.py`) does it: flatten the gradients into one vector, P (P^T g) with
 two `torch.mm` calls on P stored n x D, write the result back into each
@@ -153,6 +153,7 @@ class PreResNet(nn.Module):
 
 _MODELS: dict[str, Callable[[int], nn.Module]] = {
     "small_cnn": lambda k: ConvNet(k, (16, 32, 32, 64), (0, 1, 3)),
+    "cnn7": lambda k: ConvNet(k, (16, 32, 32, 64, 64, 128, 128), (1, 3, 5)),
     "resnet20": ResNet20,
     "vgg16": VGG16,
     "preresnet164": PreResNet,

@@ -63,8 +63,10 @@ def _check_step_report(path: pathlib.Path, *, torch: bool, dtype: str):
   for fw in ("jax", "torch") if torch else ("jax",):
     keys += [f"{fw}_ratio", f"{fw}_ratio_of_minima", f"{fw}_ratio_from_parts",
              f"{fw}_project_gbps"]
+  if torch:
+    keys.append("sgd_jax_over_torch")
   assert all(_positive(row[k]) for k in keys)
-  assert ("torch_ratio" in row) == torch
+  assert ("torch_ratio" in row) == ("sgd_jax_over_torch" in row) == torch
   assert (report["torch"]["device"] == "cpu") == torch
   if not torch:
     assert report["torch"]["note"]  # says why the PyTorch side is missing

@@ -6,6 +6,8 @@ import math
 import flax
 import flax.linen as nn
 import flax.traverse_util
+import hypothesis
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -289,3 +291,74 @@ def test_initializers_match_the_reference_models(name, module, shape):
   for leaves in _layers(params, "bn").values():
     np.testing.assert_array_equal(leaves["scale"], 1)
     np.testing.assert_array_equal(leaves["bias"], 0)
+
+
+# The CPU paths of the models' ops (issue 16): the same values and gradients
+# as flax's ops, and the compiled step free of the slow XLA:CPU forms.
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(size=st.integers(1, 4), kernel=st.sampled_from([1, 3]),
+                  stride=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_conv_on_small_maps_matches_lax(size, kernel, stride, seed):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(keys[0], (2, size, size + 1, 3))
+  w = jax.random.normal(keys[1], (kernel, kernel, 3, 4))
+  pad = ((kernel // 2,) * 2,) * 2
+  numbers = ("NHWC", "HWIO", "NHWC")
+  def loss(conv, x, w):
+    y = conv(x, w, (stride, stride), pad, dimension_numbers=numbers)
+    return jnp.sum(jnp.sin(y) * jax.random.normal(keys[2], y.shape))
+  want = jax.value_and_grad(functools.partial(loss, jax.lax.conv_general_dilated),
+                            (0, 1))(x, w)
+  got = jax.value_and_grad(functools.partial(loss, models.conv_general_dilated),
+                           (0, 1))(x, w)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5,
+                                 atol=1e-5), got, want)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU path")
+def test_conv_takes_the_patches_path_only_for_maps_up_to_the_kernel():
+  numbers = ("NHWC", "HWIO", "NHWC")
+  def ops(size):
+    x, w = jnp.zeros((2, size, size, 8)), jnp.zeros((3, 3, 8, 8))
+    text = jax.jit(lambda x, w: models.conv_general_dilated(
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=numbers)).lower(
+            x, w).as_text()
+    return "convolution" in text, "dot_general" in text
+  assert ops(2) == (False, True) and ops(3) == (False, True)
+  assert ops(4) == (True, False)
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(h=st.integers(2, 7), w=st.integers(2, 7),
+                  seed=st.integers(0, 2**16))
+def test_max_pool_matches_flax_values_and_gradients(h, w, seed):
+  x = jax.random.normal(jax.random.key(seed), (2, h, w, 3))  # no ties
+  def loss(pool, x):
+    return jnp.sum(pool(x) * jnp.arange(1.0, 1 + pool(x).size).reshape(
+        pool(x).shape))
+  flax_pool = functools.partial(nn.max_pool, window_shape=(2, 2),
+                                strides=(2, 2))
+  np.testing.assert_array_equal(models.max_pool_2x2(x), flax_pool(x))
+  np.testing.assert_array_equal(jax.grad(functools.partial(loss,
+                                                           models.max_pool_2x2))(x),
+                                jax.grad(functools.partial(loss, flax_pool))(x))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU path")
+@pytest.mark.parametrize("name,batch", [("cnn7", 4), ("vgg16", 2)])
+def test_training_step_avoids_the_slow_cpu_forms(name, batch):
+  """No select-and-scatter (max pool's gradient) and no convolution on a 2x2
+  map in the compiled gradient of the CIFAR nets."""
+  model = models.create_model(name, 10)
+  x = jnp.zeros((batch, 32, 32, 3))
+  variables = _abstract_init(model, (32, 32, 3))
+  def loss(params, batch_stats):
+    out, _ = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                         train=True, mutable=["batch_stats"],
+                         rngs={"dropout": jax.random.key(0)})
+    return jnp.sum(out)
+  text = jax.jit(jax.grad(loss)).lower(variables["params"],
+                                       variables["batch_stats"]).as_text()
+  assert "select_and_scatter" not in text and "reduce_window" not in text
+  assert not [line for line in text.splitlines() if "convolution" in line
+              and f"tensor<{batch}x2x2x" in line]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import functools
+import itertools
 import math
 
 import flax.linen as nn
@@ -36,7 +37,76 @@ def _conv(features: int, kernel: int, strides: int = 1, *,
   a strided 1x1 shortcut).
   """
   return nn.Conv(features, (kernel, kernel), strides, padding=kernel // 2,
-                 use_bias=use_bias, kernel_init=_conv_init, name=name)
+                 use_bias=use_bias, kernel_init=_conv_init, name=name,
+                 conv_general_dilated=conv_general_dilated)
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides,
+                         padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count: int = 1,
+                         precision=None, **kwargs) -> jax.Array:
+  """`jax.lax.conv_general_dilated`, or on CPU, for a map no larger than the
+  kernel, the same conv as patches times kernel.
+
+  XLA:CPU runs a 3x3 conv on a 2x2 map (VGG16's last block on CIFAR) about
+  60x slower than the matrix product of its patches (BENCHMARKS.md, "The
+  training step on CPU"). Only NHWC/HWIO convs without dilation or groups
+  take that path; the parameters are the same either way.
+  """
+  args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+          dimension_numbers, feature_group_count)
+  kernel = rhs.shape[:-2]
+  if (jax.default_backend() != "cpu" or feature_group_count != 1
+      or not _is_nhwc(dimension_numbers, lhs.ndim)
+      or any(d not in (None, 1) for d in (*(lhs_dilation or ()),
+                                          *(rhs_dilation or ())))
+      or any(size > k for size, k in zip(lhs.shape[1:-1], kernel))):
+    return jax.lax.conv_general_dilated(*args, precision=precision, **kwargs)
+  return _patches_conv(lhs, rhs, window_strides, padding, precision)
+
+
+def _is_nhwc(dimension_numbers, ndim: int) -> bool:
+  """Whether the conv is channels-last on both sides (flax's convention)."""
+  numbers = jax.lax.conv_dimension_numbers(
+      (1,) * ndim, (1,) * ndim, dimension_numbers)
+  spatial = tuple(range(1, ndim - 1))
+  return (numbers.lhs_spec == (0, ndim - 1, *spatial)
+          and numbers.rhs_spec == (ndim - 1, ndim - 2, *range(ndim - 2))
+          and numbers.out_spec == numbers.lhs_spec)
+
+
+def _patches_conv(lhs: jax.Array, rhs: jax.Array, strides, padding,
+                  precision) -> jax.Array:
+  """An NHWC/HWIO conv as (patches of lhs) @ (rhs as a matrix)."""
+  kernel = rhs.shape[:-2]
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(lhs.shape[1:-1], kernel, strides,
+                                      padding)
+  lhs = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
+  out = [(size - k) // s + 1
+         for size, k, s in zip(lhs.shape[1:-1], kernel, strides)]
+  patches = jnp.concatenate([
+      jax.lax.slice(lhs, (0, *offset, 0),
+                    (lhs.shape[0], *(o + (n - 1) * s + 1 for o, n, s in
+                                     zip(offset, out, strides)),
+                     lhs.shape[-1]),
+                    (1, *strides, 1))
+      for offset in itertools.product(*map(range, kernel))], axis=-1)
+  return jnp.dot(patches, rhs.reshape(-1, rhs.shape[-1]), precision=precision)
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """A 2x2 max pool of stride 2 (NHWC), as `nn.max_pool(x, (2, 2), (2, 2))`.
+
+  A reshape and a max: its gradient is elementwise, where `nn.max_pool`'s
+  (select-and-scatter, with an index array per dimension) is most of a
+  small conv net's step on XLA:CPU. Ties share the gradient instead of the
+  first maximum taking it: after a ReLU the only ties are at zero, where the
+  ReLU's gradient is zero either way.
+  """
+  n, h, w, c = x.shape
+  x = x[:, :h - h % 2, :w - w % 2]
+  return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
 
 
 def _linear_init(fan_in: int) -> nn.initializers.Initializer:
@@ -108,7 +178,7 @@ class ConvNet(nn.Module):
       x = _conv(width, 3)(x)
       x = nn.relu(_batch_norm(train, self.bn_momentum)(x))
       if i in self.pool_after:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
     return _dense(self.num_classes, jnp.mean(x, axis=(1, 2)))
 
 
@@ -134,7 +204,7 @@ class VGG(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for width in self.layers:
       if width == 0:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
       else:
         x = _conv(width, 3, use_bias=True)(x)
         x = nn.relu(_batch_norm(train, self.bn_momentum)(x))
