@@ -9,15 +9,16 @@ float32 matrix P (400 MB for n = 100, D = 1e6):
   read_matrix  `store.read_matrix()` alone: the matrix plus one snapshot
   from_store   `basis_from_store(store)`: reading plus the orthonormalizer
   via_device   `read_matrix`, `jax.device_put` (waited for), the host
-               matrix dropped, then `basis_from_matrix`: what `from_store`
-               costs when the host copy is gone before the orthonormalizer
-               starts
+               matrix dropped, then `basis_from_matrix` of the device
+               matrix (copied into the basis' `jax.Ref`: 2x)
 
-Targets: from_store <= 2.5x (issue 3), <= 1.5x (issue 16). The
-orthonormalizer works in the device copy of P, but `jax.new_ref` copies the
-basis into its Ref, and the move to the device holds the host and the device
-copies together, so 2x is the floor on this path. The baseline is the resident set size just
-before the call (/proc/self/statm; ru_maxrss where that is missing).
+Targets: from_store <= 2.5x (issue 3), <= 1.5x (issue 16). `from_store`
+writes each snapshot, as it is read, into the `jax.Ref` that the
+orthonormalizer then works in and the basis ends in, so neither a host copy
+of P nor a second Ref is made. The baseline is the resident set size just
+before the call (/proc/self/statm; ru_maxrss where that is missing), so
+the first computation's start-up (the CPU client and the compiles, about
+0.1x P here) counts in every mode but `read_matrix`.
 
   python benchmarks/from_store_memory.py            # n = 100, D = 1e6
 """

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import strategies
 import twa_jax as twa
 from twa_jax import kernels
-from twa_jax.orthonormalize import LOCAL_PASSES, default_rtol
+from twa_jax.orthonormalize import LOCAL_PASSES, REF_PASSES, default_rtol
 
 F32_EPS = float(jnp.finfo(jnp.float32).eps)
 BF16_EPS = float(jnp.finfo(jnp.bfloat16).eps)
@@ -372,7 +372,37 @@ def test_orthonormalizer_passes_write_over_their_input():
     compiled = [passes.center.lower(matrix),
                 passes.combine_and_gram.lower(square, matrix),
                 passes.combine.lower(square, matrix, jnp.dtype(jnp.float32))]
+    # The same passes on W in a Ref, run under a jit to see their program.
+    ref = jax.new_ref(jnp.zeros((n, cols), jnp.float32))
+    c = jnp.eye(n, dtype=jnp.float64)
+
+    def combine(c, r):  # the result is the Ref, written in place
+      REF_PASSES.combine(c, r, jnp.dtype(jnp.float32))
+
+    compiled += [
+        jax.jit(lambda r: REF_PASSES.center(r)[1]).lower(ref),
+        jax.jit(lambda c, r: REF_PASSES.combine_and_gram(c, r)[1]).lower(c, ref),
+        jax.jit(combine).lower(c, ref)]
     for lowered in compiled:
       hlo = lowered.compile().as_text()
-      assert "may-alias" in hlo.splitlines()[0]  # the donated input
+      assert "may-alias" in hlo.splitlines()[0]  # the donated input or Ref
       assert f"f32[{n},{cols}]{{1,0}} copy(" not in hlo
+
+
+def test_orthonormalizer_builds_the_basis_in_the_ref_of_w():
+  """W in a `jax.Ref`: the basis is written over it (the same Ref and
+  buffer, no second Ref filled with a copy), bit for bit the basis of W as
+  an array; a dropped direction gives a new array instead."""
+  rows = np.stack(_drifting(jnp.float32, 0.05, n=7, d=300)).astype(np.float32)
+  rtol = 1e-6
+  want, spectrum = twa.orthonormalize(rows.copy(), rtol=rtol)
+  ref = jax.new_ref(jnp.asarray(rows))
+  buffer = ref.unsafe_buffer_pointer()
+  vectors, got = twa.orthonormalize(ref, rtol=rtol)
+  assert vectors is ref and ref.unsafe_buffer_pointer() == buffer
+  np.testing.assert_array_equal(np.asarray(ref[...]), np.asarray(want))
+  assert got == spectrum
+  dependent = np.concatenate([rows, rows[:1] + rows[1:2]])  # k = n - 1
+  vectors, _ = twa.orthonormalize(jax.new_ref(jnp.asarray(dependent)),
+                                  rtol=rtol)
+  assert not isinstance(vectors, jax.Ref) and vectors.shape == (7, 300)

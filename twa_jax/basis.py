@@ -40,12 +40,15 @@ class Layout(Protocol):
 
 
 def to_refs(vectors: Vectors) -> Vectors:
-  """`vectors` with each array moved into a `jax.Ref` (the arrays deleted).
+  """`vectors` with each array moved into a `jax.Ref` (the arrays deleted;
+  Refs are kept as they are).
 
   `jax.new_ref` copies; each source is deleted right after its copy, so a
   second copy of P lives only while its Ref is filled.
   """
-  def move(x: jax.Array):
+  def move(x: jax.Array | jax.Ref):
+    if isinstance(x, jax.Ref):
+      return x
     ref = jax.new_ref(x)
     x.delete()
     return ref

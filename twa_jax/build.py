@@ -9,6 +9,7 @@ the placement (one device, or sharded over a mesh) and the storage dtype.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +29,8 @@ from twa_jax.blocks import BlockBasis
 from twa_jax.orthonormalize import check_rtol, default_rtol, orthonormalize
 
 PyTree = Any
+# Bytes: a host array this aligned is aliased by the CPU device, not copied.
+_ALIGN = 64
 
 
 def from_snapshots(snapshots: Sequence[PyTree] | PyTree, *,
@@ -78,7 +81,7 @@ def from_snapshots(snapshots: Sequence[PyTree] | PyTree, *,
   check_rtol(rtol)
   spec, matrix = tree_lib.stack_snapshots(snapshots, trainable=trainable)
   if granularity == "global" and mesh is None:
-    matrix = _to_device(matrix)
+    matrix = _to_ref(matrix)  # the host matrix is dropped here
   return from_matrix(spec, matrix, rtol=rtol, dtype=dtype,
                      granularity=granularity, mesh=mesh, axis=axis,
                      layout=layout)
@@ -92,9 +95,12 @@ def from_store(store, steps: Sequence[int] | None = None, *,
                layout: str = "basis") -> Basis | BlockBasis:
   """Basis of snapshots read one at a time from a store.
 
-  With `mesh`, the snapshots are read through `store.columns`: each
-  process reads only the column slices of its own devices (with a
-  `granularity`, its slices of each block's columns).
+  One basis on one device: each snapshot is read through `store.columns`
+  straight into the buffer the basis is built in (no host copy of the
+  matrix). With `mesh`, each process reads through `store.columns` only the
+  column slices of its own devices (with a `granularity`, its slices of
+  each block's columns). A block basis on one device reads the matrix with
+  `store.read_matrix`.
 
   Args:
     store: an open `twa_jax.store.TrajectoryStore`, or any object with its
@@ -104,10 +110,11 @@ def from_store(store, steps: Sequence[int] | None = None, *,
     rtol, dtype, granularity, mesh, axis, layout: as for `from_snapshots`.
   """
   check_rtol(rtol)
-  read = store.read_matrix if mesh is None else store.columns
+  one = granularity == "global" and mesh is None
+  read = store.read_matrix if mesh is None and not one else store.columns
   spec, matrix = read(steps)
-  if granularity == "global" and mesh is None:
-    matrix = _to_device(matrix)
+  if one:
+    matrix = _to_ref(matrix)
   return from_matrix(spec, matrix, rtol=rtol, dtype=dtype,
                      granularity=granularity, mesh=mesh, axis=axis,
                      layout=layout)
@@ -123,8 +130,8 @@ def from_matrix(spec: tree_lib.ParamSpec, matrix, *,
 
   Args:
     spec: the layout of one snapshot.
-    matrix: W, n x D, one flattened snapshot per row (consumed): numpy, a
-      jax array, or a `blocks.ColumnSource` (with `mesh`).
+    matrix: W, n x D, one flattened snapshot per row (consumed: a jax
+      array is deleted): numpy, a jax array, or a `blocks.ColumnSource`.
     rtol, dtype, granularity, mesh, axis, layout: as for `from_snapshots`.
 
   Raises:
@@ -153,7 +160,8 @@ def _global(spec: tree_lib.ParamSpec, matrix, *, rtol: float | None, dtype,
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"dtype: basis storage must be floating point, "
                     f"'int8' or 'int4'; got {dtype}.")
-  if matrix.shape[1] != spec.num_params:
+  # A Ref comes from `_to_ref` of a matrix that came with its spec.
+  if not isinstance(matrix, jax.Ref) and matrix.shape[1] != spec.num_params:
     raise ValueError(f"matrix has {matrix.shape[1]} columns, the parameter "
                      f"tree has {spec.num_params} entries.")
   rtol = default_rtol(spec, matrix.shape[0]) if rtol is None else float(rtol)
@@ -161,9 +169,8 @@ def _global(spec: tree_lib.ParamSpec, matrix, *, rtol: float | None, dtype,
     return sharding.sharded_basis(spec, matrix, rtol=rtol,
                                   dtype=low_bit or dtype, mesh=mesh,
                                   axis=axis, layout=layout)
-  if matrix.shape[1] < kernels.CHUNK:  # pad small D to a power of two: few compiles
-    cols = 1 << max(matrix.shape[1] - 1, 0).bit_length()
-    matrix = jnp.pad(jnp.asarray(matrix), ((0, 0), (0, cols - matrix.shape[1])))
+  if not isinstance(matrix, jax.Ref):
+    matrix = _to_ref(matrix)
   vectors, spectrum = orthonormalize(matrix, rtol=rtol, dtype=dtype)
   dim = int(vectors.shape[0])
   if low_bit:
@@ -171,9 +178,65 @@ def _global(spec: tree_lib.ParamSpec, matrix, *, rtol: float | None, dtype,
   return Basis(basis_lib.to_refs(vectors), spec, dim, spectrum=spectrum)
 
 
-def _to_device(matrix: np.ndarray) -> jax.Array:
-  """Moves the host snapshot matrix to the device and waits, so that the
-  caller can drop the host copy before the orthonormalizer runs (it works in
-  the device copy): peak memory stays near 2x the matrix (the move, and the
-  basis' copy into its `jax.Ref`), not 3x."""
-  return jax.block_until_ready(jnp.asarray(matrix, jnp.float32))
+def _to_ref(matrix) -> jax.Ref:
+  """The rows of `matrix` (n x D) written one at a time into a float32
+  `jax.Ref` of zeros, n x `_width(D)`: the buffer the basis is built in.
+
+  Args:
+    matrix: numpy, a `blocks.ColumnSource` (each snapshot read once, as it
+      is written: one row is held besides the Ref), or a jax array (copied
+      whole into the Ref, then deleted).
+
+  Returns:
+    The Ref.
+  """
+  n, d = matrix.shape
+  width = _width(d)
+  if isinstance(matrix, jax.Array):  # on the device already: one copy
+    padded = matrix.astype(jnp.float32)
+    if width > d:  # small D only: a copy of no concern
+      padded = jnp.pad(padded, ((0, 0), (0, width - d)))
+    ref = jax.new_ref(padded)
+    matrix.delete()
+    return ref
+  ref = jax.new_ref(_host_zeros((n, width)))
+  for r in range(n):  # each host row moved without a copy (see `_host_copy`)
+    _write_row(ref, jax.device_put(_host_copy(matrix[r:r + 1, :]),
+                                   may_alias=True), r)
+  return ref
+
+
+def _width(d: int) -> int:
+  """Columns of the orthonormalizer's buffer for D parameters: small D is
+  zero-padded to a power of two (few compiles)."""
+  return d if d >= kernels.CHUNK else 1 << max(d - 1, 0).bit_length()
+
+
+def _host_zeros(shape: tuple[int, ...]) -> np.ndarray:
+  """A float32 host array of zeros whose data is `_ALIGN`-byte aligned.
+
+  The CPU device aliases such an array rather than copying it (`jax.new_ref`
+  and `jax.device_put(..., may_alias=True)`). Numpy maps a large array of
+  zeros lazily: its pages take no memory until written, so `jax.new_ref` of
+  it costs one buffer of memory on CPU, not two. (An accelerator copies it
+  to the device first: two buffers there while the Ref is made.)
+  """
+  nbytes = math.prod(shape) * 4
+  raw = np.zeros(nbytes + _ALIGN, np.uint8)
+  start = -raw.ctypes.data % _ALIGN
+  return raw[start:start + nbytes].view(np.float32).reshape(shape)
+
+
+def _host_copy(row: np.ndarray) -> np.ndarray:
+  """`row` as float32 in a fresh `_host_zeros` array (one the CPU device
+  aliases: moving rows through a device copy was seen to leave 10-16 rows'
+  worth of freed memory held by the allocator)."""
+  out = _host_zeros(row.shape)
+  out[...] = row
+  return out
+
+
+@jax.jit
+def _write_row(ref: jax.Ref, row: jax.Array, r: jax.Array) -> None:
+  """Writes the 1 x D `row` into the first D columns of row r of `ref`."""
+  ref[r, :row.shape[1]] = row[0].astype(jnp.float32)

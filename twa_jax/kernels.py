@@ -42,18 +42,23 @@ def columns64(x: jax.Array, start, size: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1).astype(jnp.float64)
 
 
+def combines_in_place(c: jax.Array, v: jax.Array, dtype) -> bool:
+  """Whether `combine64(c, v, dtype)` writes over v: c square, `dtype` v's."""
+  return c.shape[0] == v.shape[0] and jnp.dtype(dtype) == v.dtype
+
+
 def combine64(c: jax.Array, v: jax.Array, dtype, chunk: int = CHUNK
               ) -> jax.Array:
   """c @ v in float64 over column blocks, rounded once to `dtype`.
 
-  Where c is square and `dtype` is v's, each block of the result is written
-  over the same block of v (it depends on no other), so no second n x D
-  array is made when v is donated.
+  Where c is square and `dtype` is v's (`combines_in_place`), each block of
+  the result is written over the same block of v (it depends on no other),
+  so no second n x D array is made when v is donated.
   """
   def body(source, out, start, size):
     block = (c @ columns64(source, start, size)).astype(dtype)
     return jax.lax.dynamic_update_slice_in_dim(out, block, start, axis=1)
-  if c.shape[0] == v.shape[0] and jnp.dtype(dtype) == v.dtype:
+  if combines_in_place(c, v, dtype):
     return over_columns(v.shape[1], lambda out, *at: body(out, out, *at), v,
                         chunk)
   return over_columns(v.shape[1], lambda out, *at: body(v, out, *at),

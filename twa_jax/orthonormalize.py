@@ -8,6 +8,7 @@ columns are a `ColumnPasses`, local here and column-sharded in
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -52,6 +53,48 @@ LOCAL_PASSES = ColumnPasses(
     center=jax.jit(kernels.center, donate_argnums=0),
     combine_and_gram=jax.jit(kernels.combine_and_gram, donate_argnums=1),
     combine=jax.jit(kernels.combine64, static_argnums=2, donate_argnums=1),
+)
+
+
+def _in_ref(kernel: Callable[..., tuple[jax.Array, jax.Array]]
+            ) -> Callable[..., tuple[jax.Ref, jax.Array]]:
+  """A rewriting pass, kernel(*args, x) -> (y, gram), run on x held in a
+  `jax.Ref` (the last argument): jitted, y is written back into the Ref's
+  buffer (in place, as over a donated x). Returns (the Ref, gram)."""
+  @jax.jit
+  def run(*args):
+    *rest, ref = args
+    out, gram = kernel(*rest, ref[...])
+    ref[...] = out
+    return gram
+  return lambda *args: (args[-1], run(*args))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _combine_ref(c: jax.Array, ref: jax.Ref, dtype) -> jax.Array | None:
+  """`kernels.combine64` of the rows in `ref`: written back into it where it
+  combines in place (None returned), else a new array."""
+  out = kernels.combine64(c, ref[...], dtype)
+  if kernels.combines_in_place(c, ref, dtype):
+    ref[...] = out
+    return None
+  return out
+
+
+def _combine_in_ref(c: jax.Array, ref: jax.Ref, dtype) -> jax.Array | jax.Ref:
+  """The combined rows: `ref` itself where written over it, else an array."""
+  out = _combine_ref(c, ref, dtype)
+  return ref if out is None else out
+
+
+# The passes on W held in a `jax.Ref`: each writes over the Ref's buffer, so
+# the basis ends in the Ref that W was written into (where nothing is
+# dropped and it is float32), and no second Ref need be filled with a copy.
+REF_PASSES = ColumnPasses(
+    put=jnp.asarray,
+    center=_in_ref(kernels.center),
+    combine_and_gram=_in_ref(kernels.combine_and_gram),
+    combine=_combine_in_ref,
 )
 
 
@@ -125,9 +168,9 @@ def default_rtol(spec: tree_lib.ParamSpec, n: int) -> float:
   return min(_SAFETY * math.sqrt(u2) * (1.0 + math.sqrt(n / max(d, 1))), 0.5)
 
 
-def orthonormalize(matrix: jax.Array | np.ndarray, *, rtol: float,
-                   dtype=jnp.float32, passes: ColumnPasses = LOCAL_PASSES
-                   ) -> tuple[jax.Array, Spectrum]:
+def orthonormalize(matrix: jax.Array | np.ndarray | jax.Ref, *, rtol: float,
+                   dtype=jnp.float32, passes: ColumnPasses | None = None
+                   ) -> tuple[jax.Array | jax.Ref, Spectrum]:
   """Rank-revealing orthonormal basis of the row space of `matrix`.
 
   CholeskyQR2 on a better-conditioned generating set: the rows are replaced
@@ -144,18 +187,21 @@ def orthonormalize(matrix: jax.Array | np.ndarray, *, rtol: float,
 
   Args:
     matrix: W, n x D, one snapshot per row (float32). It is consumed (its
-      device buffer is donated).
+      device buffer is donated), or a float32 `jax.Ref` written over in
+      place.
     rtol: directions whose singular value of W is at most `rtol` times the
       norm of the largest snapshot are dropped (see `default_rtol`); in
       (0, 1), so the largest direction is always kept. Every dropped
       direction is logged (a warning).
     dtype: storage dtype of the result.
-    passes: the device passes over the columns (default: one device;
-      `twa_jax.sharding` passes column-sharded ones).
+    passes: the device passes over the columns (default: one device,
+      `REF_PASSES` for a Ref, else `LOCAL_PASSES`; `twa_jax.sharding` passes
+      column-sharded ones).
 
   Returns:
     The basis rows (k x D, orthonormal, ordered by decreasing singular value
-    of W) and the spectrum of W with the cut-off applied.
+    of W; for a Ref `matrix`, that Ref where the result is written over it)
+    and the spectrum of W with the cut-off applied.
 
   Raises:
     ValueError: rtol is not in (0, 1); W holds NaN or Inf, or snapshots so
@@ -163,7 +209,11 @@ def orthonormalize(matrix: jax.Array | np.ndarray, *, rtol: float,
     EmptySpanError: every snapshot is zero.
   """
   check_rtol(rtol)
-  w = jnp.asarray(matrix, jnp.float32)
+  if isinstance(matrix, jax.Ref):
+    w, default = matrix, REF_PASSES
+  else:
+    w, default = jnp.asarray(matrix, jnp.float32), LOCAL_PASSES
+  passes = default if passes is None else passes
   n = w.shape[0]
   with jax.enable_x64(True), warnings.catch_warnings():
     # Donation only helps where shapes match (k == n); the rest is expected.

@@ -113,12 +113,12 @@ class QuantizedVectors:
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "group"))
-def quantize(vectors: jax.Array, dtype: str, group: int = GROUP
+def quantize(vectors: jax.Array | jax.Ref, dtype: str, group: int = GROUP
              ) -> QuantizedVectors:
   """Quantizes basis rows to "int8" or "int4" with per-group scale/offset.
 
   Args:
-    vectors: k x D float basis rows.
+    vectors: k x D float basis rows (an array, or a `jax.Ref` read in place).
     dtype: "int8" or "int4".
     group: entries per scale and offset (even, > 0).
 
@@ -133,7 +133,7 @@ def quantize(vectors: jax.Array, dtype: str, group: int = GROUP
   bits = BITS[dtype]
   rows, cols = vectors.shape
   padded = -(-cols // group) * group
-  x = jnp.pad(vectors.astype(jnp.float32), ((0, 0), (0, padded - cols)))
+  x = jnp.pad(vectors[...].astype(jnp.float32), ((0, 0), (0, padded - cols)))
   x = x.reshape(rows, padded // group, group)
   low, high = x.min(axis=-1), x.max(axis=-1)
   levels = 2 ** bits - 1
