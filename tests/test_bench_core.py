@@ -55,3 +55,16 @@ def test_projection_smoke(tmp_path):
   # (1/128 and 1/32 more) and the padding of D to a whole group.
   assert 0.25 < rows["int8"]["P_MB"] / f32 < 0.26
   assert 0.125 < rows["int4"]["P_MB"] / f32 < 0.135
+
+
+def test_step_profile_smoke(tmp_path):
+  report = _run("step_profile.py", tmp_path / "p.json")
+  (row,) = report["results"]
+  assert row["model"] == "small_cnn" and _finite(row["step_s"])
+  # Every conv of the step is found in the trace in its role, and the
+  # shares are of the profiled op time.
+  roles = row["by_role"]
+  assert {"forward", "input_gradient", "kernel_gradient"} <= set(roles)
+  assert all(0 < share <= 1 for share in roles.values())
+  assert abs(sum(roles.values()) - 1) < 1e-6
+  assert 0 < sum(row["by_kind"].values()) <= 1 + 1e-6
