@@ -362,3 +362,15 @@ def test_training_step_avoids_the_slow_cpu_forms(name, batch):
   assert "select_and_scatter" not in text and "reduce_window" not in text
   assert not [line for line in text.splitlines() if "convolution" in line
               and f"tensor<{batch}x2x2x" in line]
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(channels=st.sampled_from([1, 16, 64, 65]),
+                  seed=st.integers(0, 2**16))
+def test_materialize_is_the_identity_with_its_gradient(channels, seed):
+  x = jax.random.normal(jax.random.key(seed), (2, 3, 3, channels)) * 1e3
+  np.testing.assert_array_equal(models.materialize(x), x)
+  weights = jax.random.normal(jax.random.key(seed + 1), x.shape)
+  np.testing.assert_array_equal(
+      jax.grad(lambda x: jnp.sum(models.materialize(x) * weights))(x),
+      weights)

@@ -95,6 +95,27 @@ def _patches_conv(lhs: jax.Array, rhs: jax.Array, strides, padding,
   return jnp.dot(patches, rhs.reshape(-1, rhs.shape[-1]), precision=precision)
 
 
+# Channels up to which `materialize` pays for its product (2 C flops an entry).
+MATERIALIZE_MAX_CHANNELS = 64
+
+
+def materialize(x: jax.Array) -> jax.Array:
+  """`x`; on CPU, with at most `MATERIALIZE_MAX_CHANNELS` channels, as the
+  product of x with the identity (exact for finite x).
+
+  A residual block's output feeds the next convs, whose kernel gradients
+  read it transposed. XLA:CPU fuses the elementwise ops that make `x` (batch
+  norm, residual add, ReLU, block after block) into those transposes and
+  recomputes them there: about 40% of ResNet-20's step (BENCHMARKS.md,
+  "The training step on CPU"). A matrix product is not fused into its
+  consumers, so the transposes read `x` from memory.
+  """
+  if (jax.default_backend() != "cpu"
+      or x.shape[-1] > MATERIALIZE_MAX_CHANNELS):
+    return x
+  return jnp.einsum("...c,cd->...d", x, jnp.eye(x.shape[-1], dtype=x.dtype))
+
+
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """A 2x2 max pool of stride 2 (NHWC), as `nn.max_pool(x, (2, 2), (2, 2))`.
 
@@ -237,7 +258,7 @@ class BasicBlock(nn.Module):
     y = nn.relu(bn()(_conv(self.features, 3, self.strides)(x)))
     y = _conv(self.features, 3)(y)
     y = bn()(y)
-    return nn.relu(y + _shortcut(self, x, y.shape[-1], bn))
+    return materialize(nn.relu(y + _shortcut(self, x, y.shape[-1], bn)))
 
 
 class Bottleneck(nn.Module):
@@ -254,7 +275,7 @@ class Bottleneck(nn.Module):
     y = nn.relu(bn()(_conv(self.features, 3, self.strides)(y)))
     y = _conv(4 * self.features, 1)(y)
     y = bn()(y)
-    return nn.relu(y + _shortcut(self, x, y.shape[-1], bn))
+    return materialize(nn.relu(y + _shortcut(self, x, y.shape[-1], bn)))
 
 
 def _shortcut(block: nn.Module, x: jax.Array, features: int,
@@ -326,7 +347,7 @@ class PreActBottleneck(nn.Module):
     y = _conv(4 * self.features, 1)(nn.relu(bn()(y)))
     if self.strides != 1 or x.shape[-1] != y.shape[-1]:
       x = _conv(y.shape[-1], 1, self.strides, name="shortcut_conv")(x)
-    return x + y
+    return materialize(x + y)
 
 
 class PreResNet(nn.Module):
