@@ -77,8 +77,8 @@ Every config file calls one of these and changes what differs. The fields:
                   the parameters, optimizer state, EMA and batch statistics
                   split along the data axis on its largest dimension that
                   the device count divides, the others replicated, XLA
-                  placing the all-gathers and reduce-scatters: for models
-                  whose state does not fit one device). None of them
+                  placing the collectives: for models whose state does not
+                  fit one device). None of them
                   changes results beyond float32 reduction order.
   checkpoint_every_steps  also checkpoint every that many steps inside an
                   epoch (0: only after each epoch); a killed run resumes

@@ -374,3 +374,22 @@ def test_materialize_is_the_identity_with_its_gradient(channels, seed):
   np.testing.assert_array_equal(
       jax.grad(lambda x: jnp.sum(models.materialize(x) * weights))(x),
       weights)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU options")
+def test_cpu_compiler_options_keep_the_step_s_results():
+  """train.py's steps compile with `models.compiler_options()`: the same
+  gradient as XLA's defaults, up to float32 summation order."""
+  assert models.compiler_options() == models.CPU_COMPILER_OPTIONS
+  model = models.create_model("cnn7", 10)
+  x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+  variables = model.init(jax.random.key(1), x, train=False)
+  def grad(params):
+    return jax.grad(lambda p: jnp.sum(model.apply(
+        {"params": p, "batch_stats": variables["batch_stats"]}, x,
+        train=True, mutable=["batch_stats"])[0] ** 2))(params)
+  want = jax.jit(grad)(variables["params"])
+  got = jax.jit(grad, compiler_options=models.compiler_options())(
+      variables["params"])
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4,
+                                 atol=1e-5), got, want)

@@ -19,6 +19,7 @@ import functools
 import itertools
 import math
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -93,6 +94,30 @@ def _patches_conv(lhs: jax.Array, rhs: jax.Array, strides, padding,
                     (1, *strides, 1))
       for offset in itertools.product(*map(range, kernel))], axis=-1)
   return jnp.dot(patches, rhs.reshape(-1, rhs.shape[-1]), precision=precision)
+
+
+# XLA:CPU's default sends convolutions to YNNPACK; its own (Eigen) kernels run
+# the models' convolutions faster (BENCHMARKS.md, "The training step on
+# CPU"). YNNPACK keeps the reductions, where it is the faster one.
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def compiler_options() -> dict[str, str] | None:
+  """XLA options for jitting the models' steps on this backend (`jax.jit`'s
+  `compiler_options`): `CPU_COMPILER_OPTIONS` on CPU where this XLA knows
+  them, else None (XLA's defaults)."""
+  if jax.default_backend() != "cpu":
+    return None
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(
+        1.0).compile()
+  except jax.errors.JaxRuntimeError as e:  # an XLA without these options
+    logging.warning("XLA:CPU options %s not applied: %s",
+                    CPU_COMPILER_OPTIONS, e)
+    return None
+  return CPU_COMPILER_OPTIONS
 
 
 # Channels up to which `materialize` pays for its product (2 C flops an entry).

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from twa_jax.training import models
+
 PyTree = Any
 Metrics = dict[str, jax.Array]
 SCHEDULES = ("step", "swa")
@@ -190,7 +192,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                                   tuple[TrainState, Metrics]]:
   """One jitted training step, `(state, metrics, batch) -> (state, metrics)`.
 
-  With `ema_decay`, the state's `ema` is updated after every step. Both
+  Compiled with `models.compiler_options()` (on CPU, convolutions through
+  XLA's own kernels). With `ema_decay`, the state's `ema` is updated after every step. Both
   state and metrics are donated.
   `metrics` accumulates the epoch's summed loss, correct predictions and
   example count on the device, and `nan_step`: the first step whose loss
@@ -240,7 +243,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     }
     return new_state, new_metrics_
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  return jax.jit(step, donate_argnums=(0, 1),
+                 compiler_options=models.compiler_options())
 
 
 def _apply_train(model: nn.Module, variables_: dict, images: jax.Array,
@@ -270,7 +274,8 @@ def make_eval_step(model: nn.Module) -> Callable[[jax.Array, dict, dict],
     return totals + jnp.stack([jnp.sum(losses * mask), jnp.sum(correct * mask),
                                jnp.sum(mask)])
 
-  return jax.jit(step, donate_argnums=0)
+  return jax.jit(step, donate_argnums=0,
+                 compiler_options=models.compiler_options())
 
 
 def make_stats_apply(model: nn.Module) -> Callable[[dict, jax.Array], Any]:
