@@ -1,7 +1,8 @@
 """Where train.py's SGD step spends its time on XLA:CPU, op by op (issue 16).
 
 Runs the gradient of each model's training loss (batch norm in training
-mode, as `twa_jax.training.steps` computes it) under `jax.profiler`, and
+mode, compiled with `models.compiler_options()`, as `twa_jax.training.steps`
+does) under `jax.profiler`, and
 sums the time of the compiled program's ops from the trace, per kind of op
 (the HLO instruction's name without its number: `transpose_copy_fusion`,
 `ynn_fusion`, ...) and per role of the convolutions: forward, input
@@ -63,7 +64,7 @@ def gradient_step(name: str, batch: int):
                             x, train=True, mutable=["batch_stats"],
                             rngs={"dropout": jax.random.key(1)})
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-  step = jax.jit(jax.grad(loss))
+  step = jax.jit(jax.grad(loss), compiler_options=models.compiler_options())
   return step, (variables["params"], variables["batch_stats"]), variables
 
 
