@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  choices=("float32", "bfloat16", "int8", "int4"))
   p.add_argument("--torch", default="auto", choices=("auto", "on", "off"),
                  help="the PyTorch side: auto runs it when torch imports")
+  p.add_argument("--warmup", type=int, default=3,
+                 help="untimed calls of each side before the timed rounds "
+                      "(XLA:CPU's first steps run slower)")
   p.add_argument("--lr", type=float, default=0.05)
   p.add_argument("--momentum", type=float, default=0.9)
   p.add_argument("--weight-decay", type=float, default=5e-4)
@@ -98,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.smoke:  # small_cnn, n = 3, batch 4, 2 repeats
     args.models, args.ns, args.batch, args.repeats = "small_cnn", "3", 4, 2
+    args.warmup = 1
     args.widths = "32,64,10"
   args.models = [m for m in args.models.split(",") if m]
   args.widths = [int(w) for w in args.widths.split(",") if w]
@@ -109,8 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.error(f"--models: unknown {unknown}; known: {', '.join(models.MODEL_NAMES)}")
   if not args.ns or min(args.ns) < 1:
     p.error(f"--ns: need positive integers, got {args.ns}")
-  if args.batch < 1 or args.repeats < 1:
-    p.error("--batch and --repeats must be positive")
+  if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
+    p.error("--batch and --repeats must be positive, --warmup not negative")
   return args
 
 
@@ -352,7 +356,7 @@ def run(args: argparse.Namespace, report: dict) -> None:
       del basis  # the TWA trainer's state owns P from here on
       if tside:
         sides.update(tside.sides(trainer))
-      times = common.alternate(sides, args.repeats)
+      times = common.alternate(sides, args.repeats, args.warmup)
       del sides, trainer
       report["results"].append(summarize(name, d, n, basis_gb, copy_bytes,
                                          times))
@@ -544,7 +548,7 @@ def run_loops(args: argparse.Namespace, report: dict) -> None:
   report["loops"] = []
   for n in args.ns:
     sides, d, basis_gb = loop_sides(args, n)
-    times = common.alternate(sides, args.repeats)
+    times = common.alternate(sides, args.repeats, args.warmup)
     styles = [s for s in LOOP_STYLES + ("torch",) if f"{s}_twa" in times]
     row = {"widths": args.widths, "num_params": d, "n": n,
            "basis_gb": basis_gb,
