@@ -2,12 +2,12 @@
 
 Runs the gradient of each model's training loss (batch norm in training
 mode, compiled with `models.compiler_options()`, as `twa_jax.training.steps`
-does) under `jax.profiler`, and
-sums the time of the compiled program's ops from the trace, per kind of op
-(the HLO instruction's name without its number: `transpose_copy_fusion`,
-`ynn_fusion`, ...) and per role of the convolutions: forward, input
-gradient and kernel gradient (whose output has the kernel's shape). Times
-are summed over the threads that ran them, per step.
+does) under `jax.profiler`, and sums the time of the compiled program's ops
+from the trace, per kind of op (the HLO instruction's name without its
+number: `transpose_copy_fusion`, `ynn_fusion`, ...) and per role of the
+convolutions: forward, input gradient and kernel gradient (whose output has
+the kernel's shape). Times are summed over the threads that ran them, per
+step.
 
   python benchmarks/step_profile.py --models small_cnn,cnn7,resnet20 --batch 128
 """
