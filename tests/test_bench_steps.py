@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import twa_jax
+from twa_jax import quantization
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -159,6 +160,22 @@ def test_torch_reference_projection_matches_basis_project(monkeypatch):
   torch_reference.project_grads(model, torch.from_dlpack(basis.read_vectors()))
   np.testing.assert_allclose(torch_reference.grad_vector(model).numpy(),
                              projected, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
+def test_step_overhead_builds_low_bit_rows_as_quantize_does(dtype, monkeypatch):
+  monkeypatch.syspath_prepend(str(BENCH))
+  import step_overhead  # pylint: disable=g-import-not-at-top
+  spec = twa_jax.ParamSpec.of({"a": jnp.zeros((300, 2)), "b": jnp.zeros((37,))})
+  rows = step_overhead.random_basis(spec, 4, "float32", seed=3).read_vectors()
+  basis = step_overhead.random_basis(spec, 4, dtype, seed=3)
+  assert basis.nbytes == step_overhead.build_bytes(4, spec.num_params, dtype)
+  expected = (quantization.quantize(rows, dtype)
+              if dtype in quantization.BITS else rows.astype(dtype))
+  got = basis.read_vectors()
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_step_overhead_loops_smoke(tmp_path):
