@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmarks: side-by-side timing, peak memory, JSON.
+"""Shared helpers for the benchmarks: side-by-side timing, peak memory, JSON,
+random bases.
 
 Machines are noisy, so every comparison is made inside one run: the sides
 are called in alternating order, each repeat times every side once, and the
@@ -21,6 +22,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+
+from twa_jax import basis as basis_lib
+from twa_jax import quantization
+from twa_jax.basis import Basis
+from twa_jax.tree import ParamSpec
 
 
 def parser(name: str, description: str) -> argparse.ArgumentParser:
@@ -141,3 +149,43 @@ def table(rows: Sequence[dict], columns: Sequence[str]) -> str:
   lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
   lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
   return "\n".join(lines)
+
+
+def random_basis(spec: ParamSpec, n: int, dtype: str, seed: int) -> Basis:
+  """A basis of n random (not orthonormal) rows of unit expected norm in
+  storage `dtype`, for timing.
+
+  Built row by row in place; "int8" / "int4" rows are quantized one at a
+  time with `twa_jax.quantization.quantize`, so the process never holds a
+  float32 P next to the low-bit one (a 6 GB one for VGG16 with n = 100
+  left the int8 runs' steps 1.4x slower, SGD's included).
+  """
+  d = spec.num_params
+
+  def row(key, i):
+    return (jax.random.normal(jax.random.fold_in(key, i), (d,), jnp.float32)
+            / np.sqrt(d))
+
+  if dtype in quantization.BITS:
+    store = lambda r: quantization.quantize(r[None], dtype)
+  else:
+    store = lambda r: r[None].astype(dtype)
+  shapes = jax.eval_shape(store, jax.ShapeDtypeStruct((d,), jnp.float32))
+
+  @jax.jit
+  def rows(key):
+    def body(i, p):
+      return jax.tree.map(lambda a, r: a.at[i].set(r[0]), p, store(row(key, i)))
+    zeros = jax.tree.map(lambda s: jnp.zeros((n, *s.shape[1:]), s.dtype),
+                         shapes)
+    return jax.lax.fori_loop(0, n, body, zeros)
+
+  return Basis(basis_lib.to_refs(rows(jax.random.PRNGKey(seed))), spec, n)
+
+
+def basis_bytes(n: int, d: int, dtype: str) -> int:
+  """Bytes of `random_basis`'s P (codes, scales and offsets for low-bit)."""
+  if dtype in quantization.BITS:
+    groups = -(-d // quantization.GROUP)
+    return n * groups * (quantization.GROUP * quantization.BITS[dtype] // 8 + 8)
+  return n * d * jnp.dtype(dtype).itemsize

@@ -40,7 +40,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from twa_jax import quantization  # pylint: disable=wrong-import-position
-from twa_jax import basis as basis_lib  # pylint: disable=wrong-import-position
 from twa_jax.basis import Basis  # pylint: disable=wrong-import-position
 from twa_jax.tree import ParamSpec  # pylint: disable=wrong-import-position
 
@@ -66,18 +65,6 @@ def resnet_like_tree(d: int, seed: int = 0) -> dict:
                   "bias": np.zeros((10,), np.float32)}
   return jax.tree.map(
       lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32)), tree)
-
-
-def random_basis(tree, n: int, dtype) -> Basis:
-  """A basis with random (not orthonormal) rows: timing only."""
-  spec = ParamSpec.of(tree)
-  key = jax.random.key(n)
-  vectors = jax.random.normal(key, (n, spec.num_params), jnp.float32)
-  vectors = vectors / np.sqrt(spec.num_params)
-  if dtype in quantization.BITS:
-    return Basis(basis_lib.to_refs(quantization.quantize(vectors, dtype)),
-                 spec, n)
-  return Basis(basis_lib.to_refs(vectors.astype(dtype)), spec, n)
 
 
 @jax.jit
@@ -106,7 +93,7 @@ def measure(d: int, n: int, dtypes: list, repeats: int) -> list[dict]:
   bases, sides = {}, {}
   for dtype in dtypes:
     name = dtype if dtype in quantization.BITS else jnp.dtype(dtype).name
-    tree_basis = random_basis(tree, n, dtype)
+    tree_basis = common.random_basis(ParamSpec.of(tree), n, dtype, seed=n)
     flat_basis = Basis(tree_basis.vectors, ParamSpec.of(flat_tree), n)
     bases[name] = tree_basis
     sides[f"{name}/project_flat"] = functools.partial(

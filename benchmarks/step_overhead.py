@@ -59,8 +59,6 @@ from flax.training import train_state
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import twa_jax  # pylint: disable=wrong-import-position
-from twa_jax import basis as basis_lib  # pylint: disable=wrong-import-position
-from twa_jax import quantization  # pylint: disable=wrong-import-position
 from twa_jax.training import models  # pylint: disable=wrong-import-position
 from twa_jax.training import steps  # pylint: disable=wrong-import-position
 
@@ -116,47 +114,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
     p.error("--batch and --repeats must be positive, --warmup not negative")
   return args
-
-
-def random_basis(spec: twa_jax.ParamSpec, n: int, dtype: str, seed: int
-                 ) -> twa_jax.Basis:
-  """n random rows of unit expected norm in storage `dtype`.
-
-  Built row by row in place; "int8" / "int4" rows are quantized one at a
-  time with `twa_jax.quantization.quantize`, so the process never holds a
-  float32 P next to the low-bit one (a 6 GB one for VGG16 with n = 100
-  left the int8 runs' steps 1.4x slower, SGD's included).
-  """
-  d = spec.num_params
-
-  def row(key, i):
-    return (jax.random.normal(jax.random.fold_in(key, i), (d,), jnp.float32)
-            / np.sqrt(d))
-
-  if dtype in quantization.BITS:
-    store = lambda r: quantization.quantize(r[None], dtype)
-  else:
-    store = lambda r: r[None].astype(dtype)
-  shapes = jax.eval_shape(store, jax.ShapeDtypeStruct((d,), jnp.float32))
-
-  @jax.jit
-  def rows(key):
-    def body(i, p):
-      return jax.tree.map(lambda a, r: a.at[i].set(r[0]), p, store(row(key, i)))
-    zeros = jax.tree.map(lambda s: jnp.zeros((n, *s.shape[1:]), s.dtype),
-                         shapes)
-    return jax.lax.fori_loop(0, n, body, zeros)
-
-  return twa_jax.Basis(basis_lib.to_refs(rows(jax.random.PRNGKey(seed))),
-                       spec, n)
-
-
-def build_bytes(n: int, d: int, dtype: str) -> int:
-  """Bytes of `random_basis`'s P (codes, scales and offsets for low-bit)."""
-  if dtype in quantization.BITS:
-    groups = -(-d // quantization.GROUP)
-    return n * groups * (quantization.GROUP * quantization.BITS[dtype] // 8 + 8)
-  return n * d * jnp.dtype(dtype).itemsize
 
 
 def num_params(name: str) -> int:
@@ -354,7 +311,7 @@ def run(args: argparse.Namespace, report: dict) -> None:
                          f"{tside.ref.num_params(tside.model)} parameters, "
                          f"the Flax model {d}")
     for n in args.ns:
-      need_gb = build_bytes(n, d, args.basis_dtype) / 1e9
+      need_gb = common.basis_bytes(n, d, args.basis_dtype) / 1e9
       if need_gb > args.max_basis_gb:
         report["skipped"].append({
             "model": name, "n": n, "basis_gb": round(need_gb, 2),
@@ -362,7 +319,7 @@ def run(args: argparse.Namespace, report: dict) -> None:
                       f"{args.max_basis_gb}"})
         print(f"skip {name} n={n}: P needs {need_gb:.1f} GB", flush=True)
         continue
-      basis = random_basis(jside.spec, n, args.basis_dtype, args.seed)
+      basis = common.random_basis(jside.spec, n, args.basis_dtype, args.seed)
       basis_gb = basis.nbytes / 1e9
       sides, trainer, copy_bytes = jside.sides(basis)
       del basis  # the TWA trainer's state owns P from here on
@@ -512,7 +469,7 @@ def loop_sides(args: argparse.Namespace, n: int
   params = jax.jit(model.init)(jax.random.PRNGKey(args.seed), x)["params"]
   loss = lambda p: _xent(model.apply({"params": p}, x), y)
   spec = twa_jax.ParamSpec.of(params)
-  basis = random_basis(spec, n, "float32", args.seed)
+  basis = common.random_basis(spec, n, "float32", args.seed)
   nnx_spec = twa_jax.ParamSpec.of(nnx.to_pure_dict(nnx.state(
       NNXMLP(widths, nnx.Rngs(args.seed)), nnx.Param)))
   nnx_basis = twa_jax.Basis(basis.vectors, nnx_spec, n)  # the same P

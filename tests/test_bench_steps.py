@@ -163,13 +163,13 @@ def test_torch_reference_projection_matches_basis_project(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
-def test_step_overhead_builds_low_bit_rows_as_quantize_does(dtype, monkeypatch):
+def test_random_basis_quantizes_row_by_row_as_quantize_does(dtype, monkeypatch):
   monkeypatch.syspath_prepend(str(BENCH))
-  import step_overhead  # pylint: disable=g-import-not-at-top
+  import common  # pylint: disable=g-import-not-at-top
   spec = twa_jax.ParamSpec.of({"a": jnp.zeros((300, 2)), "b": jnp.zeros((37,))})
-  rows = step_overhead.random_basis(spec, 4, "float32", seed=3).read_vectors()
-  basis = step_overhead.random_basis(spec, 4, dtype, seed=3)
-  assert basis.nbytes == step_overhead.build_bytes(4, spec.num_params, dtype)
+  rows = common.random_basis(spec, 4, "float32", seed=3).read_vectors()
+  basis = common.random_basis(spec, 4, dtype, seed=3)
+  assert basis.nbytes == common.basis_bytes(4, spec.num_params, dtype)
   expected = (quantization.quantize(rows, dtype)
               if dtype in quantization.BITS else rows.astype(dtype))
   got = basis.read_vectors()
