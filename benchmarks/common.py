@@ -1,5 +1,5 @@
-"""Shared helpers for the benchmarks: side-by-side timing, peak memory, JSON,
-random bases.
+"""Shared helpers for the benchmarks: side-by-side timing, the PyTorch device,
+peak memory, JSON, random bases.
 
 Machines are noisy, so every comparison is made inside one run: the sides
 are called in alternating order, each repeat times every side once, and the
@@ -44,6 +44,33 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
                  help="tiny sizes and few repeats: checks that it runs")
   p.add_argument("--repeats", type=int, default=7)
   return p
+
+
+def torch_device(mode: str) -> tuple[str | None, str]:
+  """The PyTorch device matching JAX's, or None and the reason to skip."""
+  if mode == "off":
+    return None, "--torch off"
+  # libgomp's spinning barriers make PyTorch 10-50x slower on a loaded or
+  # shared CPU (measured here: 2.6 s against 40 ms per small_cnn step) and
+  # steal cores from the next side; XLA's pool sleeps when idle. Set before
+  # torch starts its OpenMP runtime; an explicit setting wins.
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    if mode == "on":
+      raise
+    return None, "torch is not installed (pip install -e '.[bench]')"
+  platform_name = jax.devices()[0].platform
+  if platform_name == "cpu":
+    torch.set_num_threads(os.cpu_count() or 1)  # XLA's CPU pool: one per core
+    return "cpu", ""
+  if platform_name == "gpu" and torch.cuda.is_available():
+    return "cuda", ""
+  reason = f"JAX runs on {platform_name} and torch has no matching device"
+  if mode == "on":
+    raise RuntimeError(reason)
+  return None, reason
 
 
 def timed(fn: Callable[[], Any]) -> float:

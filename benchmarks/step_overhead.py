@@ -262,36 +262,9 @@ class TorchSide:
     return {"torch_sgd": sgd, "torch_twa": twa, "torch_project": project}
 
 
-def torch_device(mode: str) -> tuple[str | None, str]:
-  """The PyTorch device matching JAX's, or None and the reason to skip."""
-  if mode == "off":
-    return None, "--torch off"
-  # libgomp's spinning barriers make PyTorch 10-50x slower on a loaded or
-  # shared CPU (measured here: 2.6 s against 40 ms per small_cnn step) and
-  # steal cores from the next side; XLA's pool sleeps when idle. Set before
-  # torch starts its OpenMP runtime; an explicit setting wins.
-  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    if mode == "on":
-      raise
-    return None, "torch is not installed (pip install -e '.[bench]')"
-  platform_name = jax.devices()[0].platform
-  if platform_name == "cpu":
-    torch.set_num_threads(os.cpu_count() or 1)  # XLA's CPU pool: one per core
-    return "cpu", ""
-  if platform_name == "gpu" and torch.cuda.is_available():
-    return "cuda", ""
-  reason = f"JAX runs on {platform_name} and torch has no matching device"
-  if mode == "on":
-    raise RuntimeError(reason)
-  return None, reason
-
-
 def run(args: argparse.Namespace, report: dict) -> None:
   """Fills report["results"] / ["skipped"], saving it after every row."""
-  device, torch_note = torch_device(args.torch)
+  device, torch_note = common.torch_device(args.torch)
   if device and args.basis_dtype != "float32":
     device, torch_note = None, "the reference code stores P in float32"
   report.update(results=[], skipped=[],
@@ -487,7 +460,7 @@ def loop_sides(args: argparse.Namespace, n: int
         model, loss, tx(kind, basis), params)
     sides[f"nnx_{kind}"] = _nnx_side(widths, x, y, tx(kind, nnx_basis),
                                      args.seed)
-  device, _ = torch_device(args.torch)
+  device, _ = common.torch_device(args.torch)
   if device:
     import torch  # pylint: disable=g-import-not-at-top
     import torch_reference  # pylint: disable=g-import-not-at-top

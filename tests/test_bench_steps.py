@@ -195,3 +195,30 @@ def test_step_overhead_loops_smoke(tmp_path):
   assert all(_positive(r) for r in row["ratio"].values())
   assert all(len(t) == 2 and all(_positive(x) for x in t)
              for t in row["times_s"].values())
+
+
+def test_conv_layers_smoke_lists_each_conv_and_matches_pytorch(tmp_path):
+  out = tmp_path / "conv.json"
+  cmd = [sys.executable, str(BENCH / "conv_layers.py"), "--smoke", "--out",
+         str(out)]
+  proc = _run(cmd + ([] if _has_torch() else ["--torch", "off"]))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (result,) = json.loads(out.read_text())["results"]
+  layers = result["layers"]
+  # small_cnn's four convs, in forward order (its kernels sort as Conv_0..3),
+  # each used once; the first reads the batch of 2 images.
+  kernels = [list(p.shape) for p in jax.tree.leaves(_small_cnn_params())
+             if p.ndim == 4]
+  assert [l["kernel"] for l in layers] == kernels
+  assert [l["count"] for l in layers] == [1, 1, 1, 1]
+  assert layers[0]["lhs"] == [2, 32, 32, 3]
+  roles = ("forward", "input_gradient", "kernel_gradient")
+  sides = ("jax", "torch") if _has_torch() else ("jax",)
+  for l in layers:
+    assert set(l["median_ms"]) == {f"{s}_{r}" for s in sides for r in roles}
+    assert all(_positive(v) for v in l["median_ms"].values())
+    if _has_torch():  # both compute the same convolution in every role
+      assert all(d < 1e-5 for d in l["max_rel_diff"].values()), l
+  # The step never computes the gradient of the images.
+  assert result["total_ms"]["jax_input_gradient"] == pytest.approx(
+      sum(l["median_ms"]["jax_input_gradient"] for l in layers[1:]))
