@@ -14,10 +14,10 @@ the same ratio of the process' CPU time, steadier on a loaded machine):
 * ``project_flat``: `basis.project` of a one-leaf tree (a flat vector);
 * ``project_tree``: `basis.project` of a ~60-leaf ResNet-like tree of the
   same D (flatten and unflatten included);
-* ``mulsum_flat``: the two products written as multiply-and-reduce
-  (`sum(P * g, axis=1)`, `sum(beta[:, None] * P, axis=0)`), a candidate
-  formulation for storage dtypes the CPU dot handles slowly (float dtypes
-  only);
+* ``xla_flat`` (bfloat16, int8, int4): the flat product with XLA's blocks
+  (`kernels.block_matvec`, `block_vecmat`), which run where the compiled
+  kernels of `twa_jax.native` do not (no C++ compiler, TWA_JAX_NATIVE=0, or
+  not on CPU); on CPU ``project_flat`` and ``project_tree`` use the kernels;
 * the bandwidth probes ``reduce``, ``copy``, ``numpy_reduce``.
 
   python benchmarks/projection.py                  # D = 1e6, n in 10,100,300
@@ -39,6 +39,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from twa_jax import basis as basis_lib  # pylint: disable=wrong-import-position
+from twa_jax import kernels  # pylint: disable=wrong-import-position
 from twa_jax import quantization  # pylint: disable=wrong-import-position
 from twa_jax.basis import Basis  # pylint: disable=wrong-import-position
 from twa_jax.tree import ParamSpec  # pylint: disable=wrong-import-position
@@ -73,12 +75,10 @@ def _project(basis: Basis, tree):
 
 
 @jax.jit
-def _mulsum(ref: jax.Ref, flat: jax.Array) -> jax.Array:
-  vectors = ref[...]
-  beta = jnp.sum(vectors * flat.astype(vectors.dtype)[None, :], axis=1,
-                 dtype=jnp.float32)
-  return jnp.sum(beta.astype(vectors.dtype)[:, None] * vectors, axis=0,
-                 dtype=jnp.float32)
+def _block_project(basis: Basis, flat: jax.Array) -> jax.Array:
+  vectors = basis_lib.read(basis.vectors)
+  flat = jnp.pad(flat, (0, vectors.shape[1] - flat.size))
+  return kernels.block_vecmat(kernels.block_matvec(vectors, flat), vectors)
 
 
 _reduce = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
@@ -100,13 +100,13 @@ def measure(d: int, n: int, dtypes: list, repeats: int) -> list[dict]:
         _project, flat_basis, flat_tree)
     sides[f"{name}/project_tree"] = functools.partial(
         _project, tree_basis, tree)
-    if dtype not in quantization.BITS:  # the candidate computes the same thing
-      sides[f"{name}/mulsum_flat"] = functools.partial(
-          _mulsum, flat_basis.vectors, flat_tree["w"])
+    if name != "float32":
+      sides[f"{name}/xla_flat"] = functools.partial(
+          _block_project, flat_basis, flat_tree["w"])
       np.testing.assert_allclose(
-          np.asarray(sides[f"{name}/mulsum_flat"]()),
-          np.asarray(sides[f"{name}/project_flat"]()["w"]),
-          rtol=2e-2 if dtype == jnp.bfloat16 else 1e-4, atol=1e-3)
+          np.asarray(sides[f"{name}/xla_flat"]())[:d],
+          np.asarray(sides[f"{name}/project_flat"]()["w"]), rtol=1e-4,
+          atol=1e-4)
   # Bandwidth probes on an array of float32 P's size (n x D floats).
   probe_bytes = 4 * n * d
   probe = jnp.ones((probe_bytes // 4,), jnp.float32)
@@ -137,7 +137,7 @@ def measure(d: int, n: int, dtypes: list, repeats: int) -> list[dict]:
     row = {"dtype": name, "n": n, "D": d, "P_MB": basis.nbytes / 2**20,
            "floor_ms": 1e3 * common.median(floor),
            **{f"bw_{k}_GBs": common.median(v) / 1e9 for k, v in bw.items()}}
-    for s in ("project_flat", "project_tree", "mulsum_flat"):
+    for s in ("project_flat", "project_tree", "xla_flat"):
       if f"{name}/{s}" in times:
         row[f"{s}_ms"] = 1e3 * common.median(times[f"{name}/{s}"])
         row[f"{s}_x_floor"] = common.ratio(times[f"{name}/{s}"], floor)
@@ -149,6 +149,9 @@ def measure(d: int, n: int, dtypes: list, repeats: int) -> list[dict]:
       ratios = [a / b for a, b in zip(times[f"{name}/{s}"],
                                       times[f"{base}/{s}"])]
       row[f"{s}_x_{base}_range"] = [min(ratios), max(ratios)]
+    if f"{name}/xla_flat" in times:
+      row[f"xla_flat_x_{base}"] = common.ratio(times[f"{name}/xla_flat"],
+                                               times[f"{base}/project_flat"])
     rows.append(row)
   return rows
 
@@ -174,8 +177,8 @@ def main(argv=None) -> None:
       "dtype", "n", "P_MB", "floor_ms", "project_flat_ms",
       "project_flat_x_floor", f"project_flat_x_{base}",
       f"project_flat_cpu_x_{base}", "project_tree_ms", "project_tree_x_floor",
-      f"project_tree_x_{base}", f"project_tree_cpu_x_{base}", "mulsum_flat_ms",
-      "mulsum_flat_x_floor", "bw_reduce_GBs", "bw_copy_GBs",
+      f"project_tree_x_{base}", f"project_tree_cpu_x_{base}", "xla_flat_ms",
+      f"xla_flat_x_{base}", "bw_reduce_GBs", "bw_copy_GBs",
       "bw_numpy_reduce_GBs"]))
   common.write_json(args.out, {"D": args.d, "repeats": args.repeats,
                                "rows": rows})

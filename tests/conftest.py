@@ -9,7 +9,9 @@ Strategies for random parameter trees and snapshot sets live in
 The xdist workers and every subprocess they start (train.py, the benchmarks'
 smoke runs, simulated devices) compile the same steps again and again, so
 the run shares one persistent XLA compilation cache: a fresh directory,
-removed when pytest exits, unless JAX_COMPILATION_CACHE_DIR names one.
+removed when pytest exits, unless JAX_COMPILATION_CACHE_DIR names one. The
+compiled low-bit products (twa_jax/native.py) are built once per run into
+another such directory, unless TWA_JAX_CACHE_DIR names one.
 """
 
 import atexit
@@ -25,6 +27,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
       prefix="twa_jax_xla_cache_")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"],
+                  ignore_errors=True)
+if "TWA_JAX_CACHE_DIR" not in os.environ:
+  os.environ["TWA_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="twa_jax_native_")
+  atexit.register(shutil.rmtree, os.environ["TWA_JAX_CACHE_DIR"],
                   ignore_errors=True)
 
 settings.register_profile(

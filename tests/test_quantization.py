@@ -89,14 +89,19 @@ def test_bad_low_bit_arguments():
     quantization.quantize(jnp.ones((2, 4)), "int8", group=3)
 
 
-@settings(max_examples=6, deadline=None)
+@pytest.mark.parametrize("products", [
+    (kernels.matvec, kernels.vecmat),  # compiled on CPU (twa_jax.native)
+    (kernels.block_matvec, kernels.block_vecmat)], ids=["default", "xla"])
+@settings(max_examples=8, deadline=None)
 @given(st.sampled_from(["bfloat16", "int8", "int4"]),
-       st.sampled_from([(3, 900), (64, 70_001)]), st.sampled_from([256, 250]),
-       st.integers(0, 2**31))
-def test_block_products_match_the_stored_values(dtype, shape, group, seed):
-  """P^T g and P beta over column blocks equal float64 products of the stored
-  values: bfloat16 widened exactly, int8/int4 entries code * scale + offset
-  read from the raw codes (k = 64, D = 70001 runs the loop over blocks)."""
+       st.sampled_from([(3, 900), (13, 4_130), (64, 70_001)]),
+       st.sampled_from([256, 250, 2]), st.integers(0, 2**31))
+def test_low_bit_products_match_the_stored_values(products, dtype, shape,
+                                                  group, seed):
+  """P^T g and P beta equal float64 products of the stored values: bfloat16
+  widened exactly, int8/int4 entries code * scale + offset read from the raw
+  codes. Both the default products and XLA's blocks (k = 64, D = 70001 runs
+  the loop over blocks; k = 13 leaves rows after whole sets of 4 and 8)."""
   k, d = shape
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=(k, d)).astype(np.float32))
@@ -121,8 +126,8 @@ def test_block_products_match_the_stored_values(dtype, shape, group, seed):
   beta = rng.normal(size=k).astype(np.float32)
   # float32 rounding and accumulation: well under 1e-5 of the sum of the
   # terms' magnitudes.
-  err = np.abs(np.asarray(jax.jit(kernels.matvec)(vectors, g)) - stored @ g)
+  matvec, vecmat = products
+  err = np.abs(np.asarray(jax.jit(matvec)(vectors, g)) - stored @ g)
   assert np.all(err <= 1e-5 * (size @ np.abs(g)))
-  err = np.abs(np.asarray(jax.jit(kernels.vecmat)(beta, vectors))
-               - beta @ stored)
+  err = np.abs(np.asarray(jax.jit(vecmat)(beta, vectors)) - beta @ stored)
   assert np.all(err <= 1e-5 * (np.abs(beta) @ size))

@@ -3,8 +3,10 @@
 Both the orthonormalizer (float64 Gram matrices and combinations of rows) and
 the basis products (P^T g and P beta in float32 whatever the storage) walk
 the columns in blocks, so that no full-width float64 or float32 copy of a
-matrix is ever made. Under `jax.shard_map` the same kernels run on each
-device's columns; `axis_name` then sums the n x n Grams with one psum.
+matrix is ever made. On CPU, products with bfloat16, int8 or int4 rows run
+the compiled kernels of `twa_jax.native` where they are available. Under
+`jax.shard_map` the same kernels run on each device's columns; `axis_name`
+then sums the n x n Grams with one psum.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from twa_jax import native
 from twa_jax import quantization
 
 AxisName = str | tuple[str, ...]
@@ -184,7 +187,18 @@ def zeros(vectors: Vectors, size: int) -> jax.Array:
 
 
 def matvec(vectors: Vectors, flat: jax.Array) -> jax.Array:
-  """P^T g in float32 whatever the storage; never a float32 copy of P."""
+  """P^T g in float32 whatever the storage; never a float32 copy of P.
+
+  Low-bit rows on CPU go to the compiled kernel where it is built
+  (`twa_jax.native`), everything else to `block_matvec`.
+  """
+  if native.supports(vectors):
+    return native.matvec(vectors, flat)
+  return block_matvec(vectors, flat)
+
+
+def block_matvec(vectors: Vectors, flat: jax.Array) -> jax.Array:
+  """P^T g in XLA: one product, or a loop over `column_blocks`."""
   blocks = column_blocks(vectors)
   if blocks is None:
     return jnp.dot(vectors, flat.astype(vectors.dtype),
@@ -199,7 +213,18 @@ def matvec(vectors: Vectors, flat: jax.Array) -> jax.Array:
 
 
 def vecmat(beta: jax.Array, vectors: Vectors) -> jax.Array:
-  """P beta in float32 whatever the storage; never a float32 copy of P."""
+  """P beta in float32 whatever the storage; never a float32 copy of P.
+
+  Low-bit rows on CPU go to the compiled kernel where it is built
+  (`twa_jax.native`), everything else to `block_vecmat`.
+  """
+  if native.supports(vectors):
+    return native.vecmat(beta, vectors)
+  return block_vecmat(beta, vectors)
+
+
+def block_vecmat(beta: jax.Array, vectors: Vectors) -> jax.Array:
+  """P beta in XLA: one product, or a loop over `column_blocks`."""
   blocks = column_blocks(vectors)
   if blocks is None:
     return jnp.dot(beta.astype(vectors.dtype), vectors,

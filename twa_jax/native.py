@@ -1,0 +1,191 @@
+"""Compiled CPU kernels for the low-bit basis products (`products.cc`).
+
+XLA:CPU widens a bfloat16, int8 or int4 block of P to float32 in memory
+before it multiplies it, which costs about what reading float32 P does. The
+kernels in `products.cc` widen 16 values at a time in registers, so the
+products' time follows the bytes of P they read. They are XLA FFI handlers,
+compiled at first use with the machine's C++ compiler (`$CXX`, else `c++`,
+`g++` or `clang++`) for this CPU, cached in `$TWA_JAX_CACHE_DIR` (default
+`~/.cache/twa_jax`) and called through `jax.ffi.ffi_call`.
+
+Without a working compiler (a warning says why, once) or with
+`TWA_JAX_NATIVE=0`, `library()` is None and `twa_jax.kernels` runs its XLA
+blocks instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from twa_jax import quantization
+
+SOURCE = pathlib.Path(__file__).with_name("products.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread",
+         "-w")
+# FFI handlers in products.cc: (storage, product) -> symbol.
+TARGETS = {(storage, product): f"Twa{product.capitalize()}{suffix}"
+           for storage, suffix in (("bfloat16", "Bf16"), ("int8", "Int8"),
+                                   ("int4", "Int4"))
+           for product in ("matvec", "vecmat")}
+
+
+def cache_dir() -> pathlib.Path:
+  """Where compiled kernels are kept: $TWA_JAX_CACHE_DIR or ~/.cache/twa_jax."""
+  default = pathlib.Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "twa_jax"
+  return pathlib.Path(os.environ.get("TWA_JAX_CACHE_DIR", default)).expanduser()
+
+
+def compiler() -> str | None:
+  """The C++ compiler to build with: $CXX, else the first found on PATH."""
+  return os.environ.get("CXX") or next(
+      filter(None, map(shutil.which, ("c++", "g++", "clang++"))), None)
+
+
+def _cpu() -> str:
+  """This CPU's features (the kernels are built with -march=native)."""
+  try:
+    info = pathlib.Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return platform.processor()
+  return next((line for line in info.splitlines()
+               if line.startswith(("flags", "Features"))), platform.processor())
+
+
+def build(cxx: str, directory: pathlib.Path) -> pathlib.Path:
+  """Compiles products.cc into `directory` (once per source, flags, jaxlib
+  and CPU) and returns the shared library's path.
+
+  The library is written under a temporary name and renamed into place, so
+  processes building at once never load a partial file.
+
+  Raises:
+    OSError: the directory cannot be written.
+    subprocess.CalledProcessError: the compiler failed.
+  """
+  command = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE)]
+  key = hashlib.sha256("\0".join(
+      [SOURCE.read_text(), *command, jax.__version__, platform.machine(),
+       _cpu()]).encode()).hexdigest()[:16]
+  path = directory / f"products-{key}.so"
+  if not path.exists():
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=directory, suffix=".so.partial")
+    os.close(fd)
+    try:
+      subprocess.run([*command, "-o", partial], check=True,
+                     capture_output=True, text=True)
+      os.replace(partial, path)
+    finally:
+      if os.path.exists(partial):
+        os.remove(partial)
+  return path
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+  """The compiled kernels, registered with XLA for CPU; None if unavailable."""
+  if os.environ.get("TWA_JAX_NATIVE", "1") == "0":
+    return None
+  cxx = compiler()
+  if cxx is None:
+    why = "no C++ compiler found (set CXX)"
+  else:
+    try:
+      lib = ctypes.CDLL(str(build(cxx, cache_dir())))
+    except subprocess.CalledProcessError as e:
+      why = f"{cxx} failed on {SOURCE.name}:\n{e.stderr[-2000:]}"
+    except OSError as e:
+      why = f"could not build or load it in {cache_dir()}: {e}"
+    else:
+      for symbol in TARGETS.values():
+        jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(
+            getattr(lib, symbol)), platform="cpu")
+      return lib
+  warnings.warn(
+      f"twa_jax: the compiled low-bit products are unavailable, {why}. "
+      "bfloat16/int8/int4 bases use XLA's slower blocks on CPU.",
+      RuntimeWarning, stacklevel=2)
+  return None
+
+
+def supports(vectors: jax.Array | quantization.QuantizedVectors) -> bool:
+  """Whether the products with these stored rows run compiled here: a
+  bfloat16 or quantized basis on CPU, with the library built."""
+  low_bit = (isinstance(vectors, quantization.QuantizedVectors)
+             or vectors.dtype == jnp.bfloat16)
+  return low_bit and jax.default_backend() == "cpu" and library() is not None
+
+
+def _operands(vectors) -> tuple[str, tuple[jax.Array, ...]]:
+  if isinstance(vectors, quantization.QuantizedVectors):
+    return vectors.dtype, (vectors.codes, vectors.scale, vectors.offset)
+  return "bfloat16", (vectors,)
+
+
+def _call(product: str, vectors, vector: jax.Array) -> jax.Array:
+  if library() is None:
+    raise RuntimeError(f"twa_jax.native.{product}: the compiled kernels are "
+                       "unavailable (see the warning); use twa_jax.kernels.")
+  storage, operands = _operands(vectors)
+  rows, cols = vectors.shape
+  call = jax.ffi.ffi_call(
+      TARGETS[storage, product],
+      jax.ShapeDtypeStruct((rows if product == "matvec" else cols,),
+                           jnp.float32),
+      vmap_method="sequential")
+  if product == "matvec":
+    return call(*operands, vector)
+  return call(vector, *operands)
+
+
+@jax.custom_vjp
+def _matvec(vectors, flat: jax.Array) -> jax.Array:
+  return _call("matvec", vectors, flat)
+
+
+@jax.custom_vjp
+def _vecmat(beta: jax.Array, vectors) -> jax.Array:
+  return _call("vecmat", vectors, beta)
+
+
+def _constant(vectors):
+  """A zero cotangent for the stored rows (integer codes: float0)."""
+  return jax.tree.map(
+      lambda x: np.zeros(x.shape, jax.dtypes.float0)
+      if jnp.issubdtype(x.dtype, jnp.integer) else jnp.zeros_like(x), vectors)
+
+
+# Each product is linear in its vector and the other one is its transpose.
+_matvec.defvjp(lambda vectors, flat: (_matvec(vectors, flat), vectors),
+               lambda vectors, ct: (_constant(vectors), _vecmat(ct, vectors)))
+_vecmat.defvjp(lambda beta, vectors: (_vecmat(beta, vectors), vectors),
+               lambda vectors, ct: (_matvec(vectors, ct), _constant(vectors)))
+
+
+def matvec(vectors, flat: jax.Array) -> jax.Array:
+  """P^T g (float32) with the compiled kernel; see `supports`.
+
+  Differentiable in g in reverse mode (P is a constant).
+  """
+  return _matvec(vectors, flat.astype(jnp.float32))
+
+
+def vecmat(beta: jax.Array, vectors) -> jax.Array:
+  """P beta (float32) with the compiled kernel; see `supports`.
+
+  Differentiable in beta in reverse mode (P is a constant).
+  """
+  return _vecmat(beta.astype(jnp.float32), vectors)
