@@ -79,7 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--max-basis-gb", type=float, default=12.0,
                  help="skip (model, n) whose P needs more memory than this")
   p.add_argument("--basis-dtype", default="float32",
-                 choices=("float32", "bfloat16", "int8", "int4"))
+                 choices=("float32", "bfloat16", "int8", "int4"),
+                 help="storage of P on the JAX side (with --loops too; the "
+                      "PyTorch reference keeps P in float32)")
   p.add_argument("--torch", default="auto", choices=("auto", "on", "off"),
                  help="the PyTorch side: auto runs it when torch imports")
   p.add_argument("--warmup", type=int, default=3,
@@ -442,7 +444,7 @@ def loop_sides(args: argparse.Namespace, n: int
   params = jax.jit(model.init)(jax.random.PRNGKey(args.seed), x)["params"]
   loss = lambda p: _xent(model.apply({"params": p}, x), y)
   spec = twa_jax.ParamSpec.of(params)
-  basis = common.random_basis(spec, n, "float32", args.seed)
+  basis = common.random_basis(spec, n, args.basis_dtype, args.seed)
   nnx_spec = twa_jax.ParamSpec.of(nnx.to_pure_dict(nnx.state(
       NNXMLP(widths, nnx.Rngs(args.seed)), nnx.Param)))
   nnx_basis = twa_jax.Basis(basis.vectors, nnx_spec, n)  # the same P
