@@ -5,9 +5,11 @@ For each model, the distinct convolutions of its forward pass are read from
 the jaxpr of `model.apply` (input and kernel shapes, strides, padding) and
 counted. Each runs alone in its three roles, on the same random values:
 
-  jax_*    jitted with `models.compiler_options()` (as train.py's step); the
-           gradients are the convolution's transposes (`jax.linear_transpose`,
-           what `jax.grad` builds)
+  jax_*    `models.conv_general_dilated` (the models' convs: on CPU, the
+           kernel gradient of 16-64 output channels from the compiled kernel,
+           `twa_jax.native.conv_kernel_gradient`), jitted with
+           `models.compiler_options()` as train.py's step is; the gradients
+           from `jax.vjp`, as `jax.grad` builds them
   torch_*  `F.conv2d`, `torch.nn.grad.conv2d_input` and `conv2d_weight`
            (autograd's `convolution_backward`) in NCHW
 
@@ -116,20 +118,18 @@ def model_layers(name: str, batch: int) -> list[tuple[Layer, int]]:
 
 def jax_sides(layer: Layer, x, w, dy) -> dict[str, Callable[[], jax.Array]]:
   """The three roles of the conv in JAX, jitted as train.py's step is."""
-  conv = functools.partial(jax.lax.conv_general_dilated,
+  conv = functools.partial(models.conv_general_dilated,
                            window_strides=layer.strides, padding=layer.padding,
                            dimension_numbers=NHWC)
   jit = functools.partial(jax.jit, compiler_options=models.compiler_options())
-  lhs = jax.ShapeDtypeStruct(x.shape, x.dtype)
-  kernel = jax.ShapeDtypeStruct(w.shape, w.dtype)
   forward = jit(conv)
-  input_gradient = jit(lambda w, dy: jax.linear_transpose(
-      lambda x: conv(x, w), lhs)(dy)[0])
-  kernel_gradient = jit(lambda x, dy: jax.linear_transpose(
-      lambda w: conv(x, w), kernel)(dy)[0])
+  input_gradient = jit(lambda x, w, dy: jax.vjp(
+      lambda x: conv(x, w), x)[1](dy)[0])
+  kernel_gradient = jit(lambda x, w, dy: jax.vjp(
+      lambda w: conv(x, w), w)[1](dy)[0])
   return {"jax_forward": lambda: forward(x, w),
-          "jax_input_gradient": lambda: input_gradient(w, dy),
-          "jax_kernel_gradient": lambda: kernel_gradient(x, dy)}
+          "jax_input_gradient": lambda: input_gradient(x, w, dy),
+          "jax_kernel_gradient": lambda: kernel_gradient(x, w, dy)}
 
 
 def torch_sides(layer: Layer, x, w, dy, device: str

@@ -27,6 +27,7 @@ import optax
 from jax.profiler import ProfileData
 
 import common
+from twa_jax import native
 from twa_jax.training import models
 
 NUM_CLASSES = 10
@@ -36,6 +37,7 @@ _INSTRUCTION = re.compile(
     r"^\s*(?:ROOT )?%([\w.-]+) = (\w+\[[\d,]*\])\S* (fusion|convolution)\("
     r"([^)]*)\)(?:.*calls=%([\w.-]+))?")
 _COMPUTATION = re.compile(r"^%([\w.-]+) .*\{$")
+_NAME = re.compile(r"^\s*(?:ROOT )?%([\w.-]+) = ")
 _CONV = re.compile(r"(\w+\[[\d,]*\])\S* convolution\(")
 
 
@@ -89,7 +91,9 @@ def conv_roles(hlo_text: str, params) -> dict[str, str]:
       bodies[current].append(line)
   roles = {}
   for line in hlo_text.splitlines():
-    if match := _INSTRUCTION.match(line):
+    if f'custom_call_target="{native.CONV_KERNEL_GRADIENT}"' in line:
+      roles[_NAME.match(line).group(1)] = "kernel_gradient"
+    elif match := _INSTRUCTION.match(line):
       name, _, op, operands, calls = match.groups()
       convs = [line] if op == "convolution" else bodies.get(calls, [])
       if convs:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from twa_jax import native
 from twa_jax.training import models
 
 # (name, num_classes, input shape, nominal parameter count from the papers)
@@ -170,6 +171,15 @@ def test_unknown_model_and_bad_arguments():
     _abstract_init(model, (8, 8, 3))
 
 
+def _equations(jaxpr):
+  """The equations of a jaxpr and of the jaxprs inside them (custom VJPs)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      if hasattr(value, "eqns"):
+        yield from _equations(value)
+
+
 def _conv_paddings(name: str, shape: tuple[int, ...], **kwargs):
   """(kernel size, strides, padding) of every convolution in a forward pass."""
   model = models.create_model(name, 10, **kwargs)
@@ -178,7 +188,8 @@ def _conv_paddings(name: str, shape: tuple[int, ...], **kwargs):
       variables, jax.ShapeDtypeStruct((2, *shape), jnp.float32))
   return [(eqn.invars[1].aval.shape[0], eqn.params["window_strides"],
            eqn.params["padding"])
-          for eqn in jaxpr.eqns if eqn.primitive.name == "conv_general_dilated"]
+          for eqn in _equations(jaxpr)
+          if eqn.primitive.name == "conv_general_dilated"]
 
 
 @pytest.mark.parametrize("name,kwargs,shape", [
@@ -299,10 +310,18 @@ def test_initializers_match_the_reference_models(name, module, shape):
 @hypothesis.given(size=st.integers(1, 4), kernel=st.sampled_from([1, 3]),
                   stride=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
 def test_conv_on_small_maps_matches_lax(size, kernel, stride, seed):
+  _assert_conv_matches_lax(seed, (2, size, size + 1, 3), (kernel, kernel, 3, 4),
+                           stride, tolerance=1e-5)
+
+
+def _assert_conv_matches_lax(seed: int, lhs: tuple[int, ...],
+                             kernel: tuple[int, ...], stride: int,
+                             tolerance: float) -> None:
+  """`models.conv_general_dilated`'s value and gradients are lax's."""
   keys = jax.random.split(jax.random.key(seed), 3)
-  x = jax.random.normal(keys[0], (2, size, size + 1, 3))
-  w = jax.random.normal(keys[1], (kernel, kernel, 3, 4))
-  pad = ((kernel // 2,) * 2,) * 2
+  x = jax.random.normal(keys[0], lhs)
+  w = jax.random.normal(keys[1], kernel)
+  pad = ((kernel[0] // 2,) * 2,) * 2
   numbers = ("NHWC", "HWIO", "NHWC")
   def loss(conv, x, w):
     y = conv(x, w, (stride, stride), pad, dimension_numbers=numbers)
@@ -311,8 +330,8 @@ def test_conv_on_small_maps_matches_lax(size, kernel, stride, seed):
                             (0, 1))(x, w)
   got = jax.value_and_grad(functools.partial(loss, models.conv_general_dilated),
                            (0, 1))(x, w)
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5,
-                                 atol=1e-5), got, want)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=tolerance,
+                                 atol=tolerance), got, want)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU path")
@@ -326,6 +345,35 @@ def test_conv_takes_the_patches_path_only_for_maps_up_to_the_kernel():
     return "convolution" in text, "dot_general" in text
   assert ops(2) == (False, True) and ops(3) == (False, True)
   assert ops(4) == (True, False)
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(size=st.integers(4, 9), c_in=st.integers(1, 20),
+                  c_out=st.sampled_from([8, 16, 48, 64, 80]),
+                  kernel=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]),
+                  seed=st.integers(0, 2**16))
+def test_conv_with_compiled_kernel_gradient_matches_lax(size, c_in, c_out,
+                                                        kernel, stride, seed):
+  """The models' convs on larger maps: lax's values; gradients up to float32
+  summation order, whichever path computes the kernel gradient."""
+  _assert_conv_matches_lax(seed, (3, size, size + 1, c_in),
+                           (kernel, kernel, c_in, c_out), stride,
+                           tolerance=1e-4)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU path")
+def test_convs_up_to_64_channels_take_the_compiled_kernel_gradient():
+  if native.library() is None:
+    pytest.skip("the compiled kernels are unavailable here")
+  numbers = ("NHWC", "HWIO", "NHWC")
+  def compiled(c_out, dtype=jnp.float32):
+    x, w = jnp.zeros((2, 8, 8, 3), dtype), jnp.zeros((3, 3, 3, c_out), dtype)
+    grad = jax.grad(lambda w: jnp.sum(models.conv_general_dilated(
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=numbers)))
+    return native.CONV_KERNEL_GRADIENT in jax.jit(grad).lower(w).as_text()
+  assert compiled(16) and compiled(64)
+  assert not compiled(8) and not compiled(24) and not compiled(128)
+  assert not compiled(16, jnp.bfloat16)
 
 
 @hypothesis.settings(max_examples=25, deadline=None)

@@ -1,14 +1,19 @@
-"""The compiled low-bit products (twa_jax/native.py, products.cc): used on CPU,
-checked arguments, an atomic build cache, and XLA's blocks without them.
+"""The compiled CPU kernels (twa_jax/native.py, products.cc): used on CPU,
+checked arguments, an atomic build cache, and XLA without them.
 
-Their results against the stored values are property-tested with XLA's in
-test_quantization.py (`test_low_bit_products_match_the_stored_values`).
+The low-bit products' results against the stored values are property-tested
+with XLA's in test_quantization.py
+(`test_low_bit_products_match_the_stored_values`); the conv kernel gradient is
+property-tested here against XLA's, alone and on a batch split over devices,
+and through the models' convs in test_models.py.
 """
 
 import os
 import subprocess
 import sys
 
+import hypothesis
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,6 +119,17 @@ with warnings.catch_warnings(record=True) as caught:
   assert not native.supports(q)
   assert "custom_call" not in jax.jit(kernels.matvec).lower(q, g).as_text()
   np.testing.assert_allclose(kernels.matvec(q, g), kernels.block_matvec(q, g))
+  from twa_jax.training import models
+  conv = lambda x, w: models.conv_general_dilated(
+      x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  grad = jax.grad(lambda w, x: jnp.sum(conv(x, w) ** 2))
+  x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 16))
+  assert "custom_call" not in jax.jit(grad).lower(w, x).as_text()
+  # Without the compiled kernel gradient, block outputs are materialized.
+  y = jnp.asarray(np.random.default_rng(2).normal(size=(2, 3, 3, 16)) * 1e3,
+                  jnp.float32)
+  assert "dot_general" in jax.jit(models.materialize).lower(y).as_text()
+  np.testing.assert_array_equal(models.materialize(y), y)
 print([str(w.message) for w in caught])
 """
 
@@ -123,12 +139,105 @@ print([str(w.message) for w in caught])
     ({"CXX": "false"}, "false failed on products.cc"),
     ({"CXX": "", "PATH": ""}, "no C++ compiler found")])
 def test_without_the_kernels_products_run_in_xla(tmp_path, env, warning):
-  """Switched off, not compiling or without a compiler: XLA's blocks, and a
-  warning that says why (none when switched off)."""
+  """Switched off, not compiling or without a compiler: XLA's blocks and
+  XLA's conv gradients, and a warning that says why (none when switched
+  off)."""
   env = {**os.environ, "TWA_JAX_CACHE_DIR": str(tmp_path), **env}
   out = subprocess.run([sys.executable, "-c", _FALLBACK], env=env, check=True,
                        capture_output=True, text=True).stdout
   if warning is None:
     assert "unavailable" not in out
   else:
-    assert "compiled low-bit products are unavailable" in out and warning in out
+    assert "compiled CPU kernels are unavailable" in out and warning in out
+
+
+def _conv_operands(seed, n, size, c_in, c_out, kernel, stride, pad):
+  """x, dy and XLA's kernel gradient of a random NHWC/HWIO conv."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(n, size, size + 1, c_in)), jnp.float32)
+  def conv(w):
+    return jax.lax.conv_general_dilated(
+        x, w, (stride, stride), ((pad, pad),) * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  w = jnp.zeros((kernel, kernel, c_in, c_out))
+  y, vjp = jax.vjp(conv, w)
+  dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  return x, dy, vjp(dy)[0]
+
+
+@needs_compiler
+@hypothesis.given(
+    seed=st.integers(0, 2**16), n=st.integers(1, 3), size=st.integers(3, 9),
+    c_in=st.integers(1, 40), c_out=st.sampled_from([16, 32, 48, 64, 80, 128]),
+    kernel=st.sampled_from([1, 3, 5]), stride=st.sampled_from([1, 2]),
+    pad=st.integers(0, 2))
+def test_conv_kernel_gradient_matches_xla(seed, n, size, c_in, c_out, kernel,
+                                          stride, pad):
+  hypothesis.assume(size + 2 * pad >= kernel)
+  x, dy, want = _conv_operands(seed, n, size, c_in, c_out, kernel, stride, pad)
+  got = native.conv_kernel_gradient(x, dy, (kernel, kernel), (stride, stride),
+                                    (pad, pad))
+  scale = float(jnp.sqrt(n * dy.shape[1] * dy.shape[2]))  # a sum's spread
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+@needs_compiler
+def test_conv_kernel_gradient_rejects_what_it_does_not_take():
+  x, dy = jnp.ones((2, 8, 8, 3)), jnp.ones((2, 8, 8, 16))
+  with pytest.raises(ValueError, match="not a multiple of 16"):
+    native.conv_kernel_gradient(x, dy[..., :8], (3, 3), (1, 1), (1, 1))
+  with pytest.raises(ValueError, match="one batch"):
+    native.conv_kernel_gradient(x[:1], dy, (3, 3), (1, 1), (1, 1))
+  with pytest.raises(ValueError, match="float32"):
+    native.conv_kernel_gradient(x.astype(jnp.bfloat16), dy, (3, 3), (1, 1),
+                                (1, 1))
+  with pytest.raises(ValueError, match="non-negative"):
+    native.conv_kernel_gradient(x, dy, (3, 3), (1, 1), (-1, 1))
+
+
+_SHARDED = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from twa_jax import native
+from twa_jax.training import models
+assert jax.device_count() == 4
+mesh = jax.make_mesh((2, 2), ("data", "model"))
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.normal(size=(8, 10, 10, 5)), jnp.float32)
+dy = jnp.asarray(rng.normal(size=(8, 5, 5, 32)), jnp.float32)
+split = NamedSharding(mesh, P(("data", "model")))
+gradient = jax.jit(lambda x, dy: native.conv_kernel_gradient(
+    x, dy, (3, 3), (2, 2), (1, 1)))
+text = gradient.lower(jax.device_put(x, split), jax.device_put(dy, split)
+                      ).compile().as_text()
+assert "all-gather" not in text and "all-reduce" in text, text
+np.testing.assert_allclose(
+    gradient(jax.device_put(x, split), jax.device_put(dy, split)),
+    native.conv_kernel_gradient(x, dy, (3, 3), (2, 2), (1, 1)),
+    rtol=1e-5, atol=1e-5)
+# A model conv's gradient on a batch split over "data" only.
+w = jnp.asarray(rng.normal(size=(3, 3, 5, 32)), jnp.float32)
+def loss(w, x):
+  y = models.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jnp.sum(jnp.sin(y))
+step = jax.jit(jax.grad(loss))
+split = NamedSharding(mesh, P("data"))
+assert "TwaConvKernelGrad" in step.lower(
+    w, jax.device_put(x, split)).compile().as_text()
+np.testing.assert_allclose(step(w, jax.device_put(x, split)),
+                           jax.grad(loss)(w, x), rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+
+
+@needs_compiler
+def test_conv_kernel_gradient_on_a_split_batch_sums_each_device_s_images():
+  """4 simulated devices: each sums its own images and one all-reduce adds
+  them; x is never gathered. Same values as on one device."""
+  env = {**os.environ,
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", _SHARDED], env=env,
+                       check=True, capture_output=True, text=True)
+  assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]

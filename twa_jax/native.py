@@ -1,16 +1,19 @@
-"""Compiled CPU kernels for the low-bit basis products (`products.cc`).
+"""Compiled CPU kernels: the low-bit basis products and the kernel gradient
+of a convolution (`products.cc`).
 
 XLA:CPU widens a bfloat16, int8 or int4 block of P to float32 in memory
 before it multiplies it, which costs about what reading float32 P does. The
 kernels in `products.cc` widen 16 values at a time in registers, so the
-products' time follows the bytes of P they read. They are XLA FFI handlers,
+products' time follows the bytes of P they read. For a conv's kernel
+gradient XLA:CPU transposes the activations and the output gradient into
+one large convolution; the kernel reads them in place. They are XLA FFI handlers,
 compiled at first use with the machine's C++ compiler (`$CXX`, else `c++`,
 `g++` or `clang++`) for this CPU, cached in `$TWA_JAX_CACHE_DIR` (default
 `~/.cache/twa_jax`) and called through `jax.ffi.ffi_call`.
 
 Without a working compiler (a warning says why, once) or with
 `TWA_JAX_NATIVE=0`, `library()` is None and `twa_jax.kernels` runs its XLA
-blocks instead.
+blocks instead, and `conv_kernel_gradient` is not used.
 """
 
 from __future__ import annotations
@@ -28,18 +31,20 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import custom_partitioning
 import numpy as np
 
 from twa_jax import quantization
 
 SOURCE = pathlib.Path(__file__).with_name("products.cc")
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread",
-         "-w")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-ffp-contract=fast", "-shared",
+         "-fPIC", "-pthread", "-w")
 # FFI handlers in products.cc: (storage, product) -> symbol.
 TARGETS = {(storage, product): f"Twa{product.capitalize()}{suffix}"
            for storage, suffix in (("bfloat16", "Bf16"), ("int8", "Int8"),
                                    ("int4", "Int4"))
            for product in ("matvec", "vecmat")}
+CONV_KERNEL_GRADIENT = "TwaConvKernelGrad"
 
 
 def cache_dir() -> pathlib.Path:
@@ -110,13 +115,14 @@ def library() -> ctypes.CDLL | None:
     except OSError as e:
       why = f"could not build or load it in {cache_dir()}: {e}"
     else:
-      for symbol in TARGETS.values():
+      for symbol in (*TARGETS.values(), CONV_KERNEL_GRADIENT):
         jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(
             getattr(lib, symbol)), platform="cpu")
       return lib
   warnings.warn(
-      f"twa_jax: the compiled low-bit products are unavailable, {why}. "
-      "bfloat16/int8/int4 bases use XLA's slower blocks on CPU.",
+      f"twa_jax: the compiled CPU kernels are unavailable, {why}. "
+      "bfloat16/int8/int4 bases use XLA's slower blocks on CPU, and convs "
+      "XLA's kernel gradients.",
       RuntimeWarning, stacklevel=2)
   return None
 
@@ -189,3 +195,96 @@ def vecmat(beta: jax.Array, vectors) -> jax.Array:
   Differentiable in beta in reverse mode (P is a constant).
   """
   return _vecmat(beta.astype(jnp.float32), vectors)
+
+
+def _check_conv(x: jax.Array, dy: jax.Array, kernel: tuple[int, int],
+                strides: tuple[int, int], padding: tuple[int, int]) -> None:
+  if x.ndim != 4 or dy.ndim != 4 or x.shape[0] != dy.shape[0]:
+    raise ValueError(f"conv_kernel_gradient: x {x.shape} and dy {dy.shape} "
+                     "are not NHWC with one batch")
+  if x.dtype != jnp.float32 or dy.dtype != jnp.float32:
+    raise ValueError(f"conv_kernel_gradient: x and dy must be float32, got "
+                     f"{x.dtype} and {dy.dtype}")
+  if dy.shape[-1] % 16:
+    raise ValueError(f"conv_kernel_gradient: dy's {dy.shape[-1]} channels "
+                     "are not a multiple of 16")
+  if (len(kernel) != 2 or min(kernel) < 1 or len(strides) != 2
+      or min(strides) < 1 or len(padding) != 2 or min(padding) < 0):
+    raise ValueError(f"conv_kernel_gradient: kernel {kernel}, strides "
+                     f"{strides} and padding {padding} must be pairs of "
+                     "positive (padding: non-negative) integers")
+
+
+def _kernel_gradient(x, dy, kernel, strides, padding):
+  """The FFI call on this device's arrays."""
+  if library() is None:
+    raise RuntimeError("twa_jax.native.conv_kernel_gradient: the compiled "
+                       "kernels are unavailable (see the warning).")
+  return jax.ffi.ffi_call(
+      CONV_KERNEL_GRADIENT,
+      jax.ShapeDtypeStruct((*kernel, x.shape[-1], dy.shape[-1]), jnp.float32))(
+          x, dy, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+          pad_h=np.int64(padding[0]), pad_w=np.int64(padding[1]))
+
+
+def _batch_spec(mesh, arg_shapes):
+  """x's and dy's sharding: the batch split as x's is, all else whole."""
+  spec = arg_shapes[0].sharding.spec
+  return jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(spec[0] if spec else None))
+
+
+def _partition(kernel, strides, padding, mesh, arg_shapes, result_shape):
+  """Each device sums its images; a psum over the batch's axes adds them."""
+  del result_shape
+  operands = _batch_spec(mesh, arg_shapes)
+  axes = operands.spec[0]
+
+  def lower(x, dy):
+    dw = _kernel_gradient(x, dy, kernel, strides, padding)
+    return jax.lax.psum(dw, axes) if axes else dw
+  return (mesh, lower, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()), (operands, operands))
+
+
+def _replicated(kernel, strides, padding, mesh, arg_shapes, result_shape):
+  del kernel, strides, padding, arg_shapes, result_shape
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+_partitioned_kernel_gradient = custom_partitioning.custom_partitioning(
+    _kernel_gradient, static_argnums=(2, 3, 4))
+_partitioned_kernel_gradient.def_partition(
+    partition=_partition, infer_sharding_from_operands=_replicated,
+    sharding_rule="n h w c, n i j o -> k l c o")
+
+
+def conv_kernel_gradient(x: jax.Array, dy: jax.Array,
+                         kernel: tuple[int, int], strides: tuple[int, int],
+                         padding: tuple[int, int]) -> jax.Array:
+  """The gradient of an NHWC conv's HWIO kernel, with the compiled kernel.
+
+  dw[i, j, c, o] = sum over n, h, w of
+  x[n, h s_0 + i - p_0, w s_1 + j - p_1, c] dy[n, h, w, o], x being zero
+  outside its image (no dilation, no groups). Under a jit that splits the
+  batch over devices, each device sums its own images and a psum over the
+  batch's mesh axes adds them.
+
+  Args:
+    x: the conv's input, float32 (N, H, W, C_in).
+    dy: the gradient of its output, float32 (N, H_out, W_out, C_out), C_out a
+      multiple of 16.
+    kernel: the kernel's height and width.
+    strides: the conv's strides.
+    padding: the zeros before the first row and column (those after follow
+      from dy's size).
+
+  Returns:
+    float32 (kernel[0], kernel[1], C_in, C_out).
+
+  Raises:
+    ValueError: shapes, dtypes or geometry the kernel does not take.
+  """
+  kernel, strides, padding = tuple(kernel), tuple(strides), tuple(padding)
+  _check_conv(x, dy, kernel, strides, padding)
+  return _partitioned_kernel_gradient(x, dy, kernel, strides, padding)

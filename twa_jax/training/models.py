@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from twa_jax import native
+
 # He initialization (fan_out), as in the PyTorch reference models' init
 # loops (VGG16BN, PreResNet) and torchvision's ResNets.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -46,13 +48,16 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides,
                          padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1,
                          precision=None, **kwargs) -> jax.Array:
-  """`jax.lax.conv_general_dilated`, or on CPU, for a map no larger than the
-  kernel, the same conv as patches times kernel.
+  """`jax.lax.conv_general_dilated`, or on CPU the same conv in a form
+  XLA:CPU runs faster.
 
-  XLA:CPU runs a 3x3 conv on a 2x2 map (VGG16's last block on CIFAR) about
-  60x slower than the matrix product of its patches (BENCHMARKS.md, "The
-  training step on CPU"). Only NHWC/HWIO convs without dilation or groups
-  take that path; the parameters are the same either way.
+  Only NHWC/HWIO convs without dilation or groups change, and the parameters
+  are the same either way (BENCHMARKS.md, "The training step on CPU"):
+  - a map no larger than the kernel (VGG16's last block on CIFAR): patches
+    times kernel, about 60x faster than XLA:CPU's conv;
+  - float32 with 16 to `COMPILED_MAX_CHANNELS` output channels (a multiple
+    of 16): XLA's conv, with its kernel gradient from the compiled kernel
+    `twa_jax.native.conv_kernel_gradient` where it is built.
   """
   args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
           dimension_numbers, feature_group_count)
@@ -60,10 +65,65 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides,
   if (jax.default_backend() != "cpu" or feature_group_count != 1
       or not _is_nhwc(dimension_numbers, lhs.ndim)
       or any(d not in (None, 1) for d in (*(lhs_dilation or ()),
-                                          *(rhs_dilation or ())))
-      or any(size > k for size, k in zip(lhs.shape[1:-1], kernel))):
+                                          *(rhs_dilation or ())))):
     return jax.lax.conv_general_dilated(*args, precision=precision, **kwargs)
-  return _patches_conv(lhs, rhs, window_strides, padding, precision)
+  if all(size <= k for size, k in zip(lhs.shape[1:-1], kernel)):
+    return _patches_conv(lhs, rhs, window_strides, padding, precision)
+  pads = _pads(lhs, kernel, window_strides, padding)
+  if (lhs.ndim == 4 and lhs.dtype == rhs.dtype == jnp.float32 and not kwargs
+      and min(pads[0] + pads[1]) >= 0
+      and compiled_kernel_gradient(rhs.shape[-1])):
+    return _conv_compiled_kernel_gradient(lhs, rhs, tuple(window_strides),
+                                          pads)
+  return jax.lax.conv_general_dilated(*args, precision=precision, **kwargs)
+
+
+# Output channels up to which the compiled kernel gradient beats XLA:CPU's
+# (BENCHMARKS.md, "The training step on CPU").
+COMPILED_MAX_CHANNELS = 64
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def compiled_kernel_gradient(channels: int) -> bool:
+  """Whether float32 convs with this many output channels take their kernel
+  gradient from `twa_jax.native.conv_kernel_gradient` here: on CPU, a
+  multiple of 16 up to `COMPILED_MAX_CHANNELS`, with the kernels built."""
+  return (jax.default_backend() == "cpu" and channels % 16 == 0
+          and channels <= COMPILED_MAX_CHANNELS
+          and native.library() is not None)
+
+
+def _pads(lhs: jax.Array, kernel, strides, padding
+          ) -> tuple[tuple[int, int], ...]:
+  """The conv's padding as (before, after) per spatial dimension."""
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(lhs.shape[1:-1], kernel, strides,
+                                      padding)
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_compiled_kernel_gradient(lhs: jax.Array, rhs: jax.Array, strides,
+                                   pads) -> jax.Array:
+  """An NHWC/HWIO conv whose kernel gradient is the compiled kernel's."""
+  return jax.lax.conv_general_dilated(lhs, rhs, strides, pads,
+                                      dimension_numbers=_NHWC)
+
+
+def _conv_forward(lhs, rhs, strides, pads):
+  return _conv_compiled_kernel_gradient(lhs, rhs, strides, pads), (lhs, rhs)
+
+
+def _conv_backward(strides, pads, residuals, dy):
+  lhs, rhs = residuals
+  _, input_gradient = jax.vjp(
+      lambda x: jax.lax.conv_general_dilated(x, rhs, strides, pads,
+                                             dimension_numbers=_NHWC), lhs)
+  return input_gradient(dy)[0], native.conv_kernel_gradient(
+      lhs, dy, rhs.shape[:2], strides, tuple(lo for lo, _ in pads))
+
+
+_conv_compiled_kernel_gradient.defvjp(_conv_forward, _conv_backward)
 
 
 def _is_nhwc(dimension_numbers, ndim: int) -> bool:
@@ -80,10 +140,7 @@ def _patches_conv(lhs: jax.Array, rhs: jax.Array, strides, padding,
                   precision) -> jax.Array:
   """An NHWC/HWIO conv as (patches of lhs) @ (rhs as a matrix)."""
   kernel = rhs.shape[:-2]
-  if isinstance(padding, str):
-    padding = jax.lax.padtype_to_pads(lhs.shape[1:-1], kernel, strides,
-                                      padding)
-  lhs = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
+  lhs = jnp.pad(lhs, ((0, 0), *_pads(lhs, kernel, strides, padding), (0, 0)))
   out = [(size - k) // s + 1
          for size, k, s in zip(lhs.shape[1:-1], kernel, strides)]
   patches = jnp.concatenate([
@@ -133,10 +190,14 @@ def materialize(x: jax.Array) -> jax.Array:
   norm, residual add, ReLU, block after block) into those transposes and
   recomputes them there: about 40% of ResNet-20's step (BENCHMARKS.md,
   "The training step on CPU"). A matrix product is not fused into its
-  consumers, so the transposes read `x` from memory.
+  consumers, so the transposes read `x` from memory. Where the compiled
+  kernel gradient runs (`compiled_kernel_gradient`) nothing is transposed
+  and `x` is returned as it is (the next convs have the same or twice its
+  channels).
   """
   if (jax.default_backend() != "cpu"
-      or x.shape[-1] > MATERIALIZE_MAX_CHANNELS):
+      or x.shape[-1] > MATERIALIZE_MAX_CHANNELS
+      or compiled_kernel_gradient(x.shape[-1])):
     return x
   return jnp.einsum("...c,cd->...d", x, jnp.eye(x.shape[-1], dtype=x.dtype))
 
