@@ -5,9 +5,9 @@ For each model, the distinct convolutions of its forward pass are read from
 the jaxpr of `model.apply` (input and kernel shapes, strides, padding) and
 counted. Each runs alone in its three roles, on the same random values:
 
-  jax_*    `models.conv_general_dilated` (the models' convs: on CPU, the
-           kernel gradient of 16-64 output channels from the compiled kernel,
-           `twa_jax.native.conv_kernel_gradient`), jitted with
+  jax_*    `models.conv_general_dilated` (the models' convs: on CPU with
+           16-64 output channels, the compiled kernels of `twa_jax.native`
+           where that function takes them), jitted with
            `models.compiler_options()` as train.py's step is; the gradients
            from `jax.vjp`, as `jax.grad` builds them
   torch_*  `F.conv2d`, `torch.nn.grad.conv2d_input` and `conv2d_weight`
@@ -44,6 +44,7 @@ from jax.extend import core
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from twa_jax import native  # pylint: disable=wrong-import-position
 from twa_jax.training import models  # pylint: disable=wrong-import-position
 
 NUM_CLASSES = 10
@@ -104,6 +105,10 @@ def model_layers(name: str, batch: int) -> list[tuple[Layer, int]]:
   nhwc = jax.lax.conv_dimension_numbers(
       (1, 1, 1, 1), (1, 1, 1, 1), NHWC)
   for eqn in _equations(jaxpr):
+    if (eqn.primitive.name == "ffi_call"
+        and eqn.params["target_name"] == native.CONV):
+      counts[_compiled_layer(eqn)] += 1
+      continue
     if eqn.primitive.name != "conv_general_dilated":
       continue
     p = eqn.params
@@ -114,6 +119,18 @@ def model_layers(name: str, batch: int) -> list[tuple[Layer, int]]:
                  tuple(eqn.invars[1].aval.shape), tuple(p["window_strides"]),
                  tuple(map(tuple, p["padding"])))] += 1
   return list(counts.items())
+
+
+def _compiled_layer(eqn: core.JaxprEqn) -> Layer:
+  """The conv of a call of the compiled conv (`twa_jax.native.conv`)."""
+  attributes = dict(eqn.params["attributes"])
+  lhs, kernel = (tuple(v.aval.shape) for v in eqn.invars)
+  out = eqn.params["result_avals"][0].shape
+  strides = (int(attributes["stride_h"]), int(attributes["stride_w"]))
+  lows = (int(attributes["pad_h"]), int(attributes["pad_w"]))
+  padding = tuple((lo, (o - 1) * s + k - lo - size) for lo, o, s, k, size in
+                  zip(lows, out[1:3], strides, kernel[:2], lhs[1:3]))
+  return Layer(lhs, kernel, strides, padding)
 
 
 def jax_sides(layer: Layer, x, w, dy) -> dict[str, Callable[[], jax.Array]]:

@@ -6,7 +6,7 @@ does) under `jax.profiler`, and sums the time of the compiled program's ops
 from the trace, per kind of op (the HLO instruction's name without its
 number: `transpose_copy_fusion`, `ynn_fusion`, ...) and per role of the
 convolutions: forward, input gradient and kernel gradient (whose output has
-the kernel's shape). Times are summed over the threads that ran them, per
+the kernel's shape), XLA's or the compiled kernels' (`twa_jax.native`). Times are summed over the threads that ran them, per
 step.
 
   python benchmarks/step_profile.py --models small_cnn,cnn7,resnet20 --batch 128
@@ -73,8 +73,10 @@ def gradient_step(name: str, batch: int):
 def conv_roles(hlo_text: str, params) -> dict[str, str]:
   """Role of each instruction that is or calls a convolution: "forward",
   "input_gradient" or "kernel_gradient" (its output shaped as a kernel, in
-  the kernel's layout or the convolution's (in, h, w, out)); and
-  "kernel_gradient_layout" for the transposes feeding a kernel gradient."""
+  the kernel's layout or the convolution's (in, h, w, out), or the compiled
+  kernel gradient's custom call; the compiled conv's calls by their op name,
+  as XLA's convs); and "kernel_gradient_layout" for the transposes feeding a
+  kernel gradient."""
   shapes = [p.shape for p in jax.tree.leaves(params) if p.ndim == 4]
   kernels = {"f32[" + ",".join(map(str, s)) + "]" for s in shapes} | {
       "f32[" + ",".join(map(str, (s[2], s[0], s[1], s[3]))) + "]"
@@ -93,6 +95,9 @@ def conv_roles(hlo_text: str, params) -> dict[str, str]:
   for line in hlo_text.splitlines():
     if f'custom_call_target="{native.CONV_KERNEL_GRADIENT}"' in line:
       roles[_NAME.match(line).group(1)] = "kernel_gradient"
+    elif f'custom_call_target="{native.CONV}"' in line:
+      roles[_NAME.match(line).group(1)] = (
+          "input_gradient" if "transpose(" in line else "forward")
     elif match := _INSTRUCTION.match(line):
       name, _, op, operands, calls = match.groups()
       convs = [line] if op == "convolution" else bodies.get(calls, [])

@@ -348,32 +348,44 @@ def test_conv_takes_the_patches_path_only_for_maps_up_to_the_kernel():
 
 
 @hypothesis.settings(max_examples=25, deadline=None)
-@hypothesis.given(size=st.integers(4, 9), c_in=st.integers(1, 20),
+@hypothesis.given(size=st.integers(4, 18), c_in=st.integers(1, 20),
                   c_out=st.sampled_from([8, 16, 48, 64, 80]),
                   kernel=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]),
                   seed=st.integers(0, 2**16))
+@hypothesis.example(size=16, c_in=16, c_out=16, kernel=3, stride=1, seed=0)
+@hypothesis.example(size=15, c_in=3, c_out=64, kernel=3, stride=1, seed=1)
 def test_conv_with_compiled_kernel_gradient_matches_lax(size, c_in, c_out,
                                                         kernel, stride, seed):
-  """The models' convs on larger maps: lax's values; gradients up to float32
-  summation order, whichever path computes the kernel gradient."""
+  """The models' convs on larger maps: lax's values and gradients up to
+  float32 summation order, whichever paths compute the conv, its input
+  gradient and its kernel gradient."""
   _assert_conv_matches_lax(seed, (3, size, size + 1, c_in),
                            (kernel, kernel, c_in, c_out), stride,
                            tolerance=1e-4)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU path")
-def test_convs_up_to_64_channels_take_the_compiled_kernel_gradient():
+def test_convs_up_to_64_channels_take_the_compiled_kernels():
+  """The kernel gradient is compiled for 16-64 output channels; the conv and
+  its input gradient too at stride 1 on maps from 16 wide."""
   if native.library() is None:
     pytest.skip("the compiled kernels are unavailable here")
   numbers = ("NHWC", "HWIO", "NHWC")
-  def compiled(c_out, dtype=jnp.float32):
-    x, w = jnp.zeros((2, 8, 8, 3), dtype), jnp.zeros((3, 3, 3, c_out), dtype)
-    grad = jax.grad(lambda w: jnp.sum(models.conv_general_dilated(
-        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=numbers)))
-    return native.CONV_KERNEL_GRADIENT in jax.jit(grad).lower(w).as_text()
-  assert compiled(16) and compiled(64)
-  assert not compiled(8) and not compiled(24) and not compiled(128)
-  assert not compiled(16, jnp.bfloat16)
+  def targets(c_out, size=8, stride=1, c_in=16, dtype=jnp.float32):
+    x = jnp.zeros((2, size, size, c_in), dtype)
+    w = jnp.zeros((3, 3, c_in, c_out), dtype)
+    grad = jax.grad(lambda x, w: jnp.sum(jnp.sin(models.conv_general_dilated(
+        x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=numbers))),
+                    (0, 1))
+    text = jax.jit(grad).lower(x, w).as_text()
+    return (text.count(native.CONV), native.CONV_KERNEL_GRADIENT in text)
+  assert targets(16) == targets(64) == (0, True)
+  assert targets(8) == targets(24) == targets(128) == (0, False)
+  assert targets(16, dtype=jnp.bfloat16) == (0, False)
+  # The conv and its input gradient (16 input channels: a multiple of 16).
+  assert targets(32, size=16) == (2, True)
+  assert targets(32, size=16, c_in=3) == (1, True)
+  assert targets(32, size=32, stride=2) == (0, True)
 
 
 @hypothesis.settings(max_examples=25, deadline=None)

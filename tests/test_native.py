@@ -182,7 +182,25 @@ def test_conv_kernel_gradient_matches_xla(seed, n, size, c_in, c_out, kernel,
 
 
 @needs_compiler
-def test_conv_kernel_gradient_rejects_what_it_does_not_take():
+@hypothesis.given(
+    seed=st.integers(0, 2**16), n=st.integers(1, 3), size=st.integers(3, 20),
+    c_in=st.integers(1, 40), c_out=st.sampled_from([16, 32, 48, 64, 80, 128]),
+    kernel=st.sampled_from([1, 3, 5]), stride=st.sampled_from([1, 2]),
+    pad=st.integers(0, 2))
+def test_conv_matches_xla(seed, n, size, c_in, c_out, kernel, stride, pad):
+  hypothesis.assume(size + 2 * pad >= kernel)
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(n, size, size + 1, c_in)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, c_in, c_out)), jnp.float32)
+  want = jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad),) * 2,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  got = native.conv(x, w, (stride, stride), (pad, pad), want.shape[1:3])
+  scale = float(np.sqrt(kernel * kernel * c_in))  # a sum's spread
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+@needs_compiler
+def test_conv_and_kernel_gradient_reject_what_they_do_not_take():
   x, dy = jnp.ones((2, 8, 8, 3)), jnp.ones((2, 8, 8, 16))
   with pytest.raises(ValueError, match="not a multiple of 16"):
     native.conv_kernel_gradient(x, dy[..., :8], (3, 3), (1, 1), (1, 1))
@@ -193,6 +211,11 @@ def test_conv_kernel_gradient_rejects_what_it_does_not_take():
                                 (1, 1))
   with pytest.raises(ValueError, match="non-negative"):
     native.conv_kernel_gradient(x, dy, (3, 3), (1, 1), (-1, 1))
+  w = jnp.ones((3, 3, 3, 16))
+  with pytest.raises(ValueError, match="does not take x"):
+    native.conv(x, w[:, :, :2], (1, 1), (1, 1), (8, 8))
+  with pytest.raises(ValueError, match="not a multiple of 16"):
+    native.conv(x, w[..., :8], (1, 1), (1, 1), (8, 8))
 
 
 _SHARDED = """
@@ -215,26 +238,37 @@ np.testing.assert_allclose(
     gradient(jax.device_put(x, split), jax.device_put(dy, split)),
     native.conv_kernel_gradient(x, dy, (3, 3), (2, 2), (1, 1)),
     rtol=1e-5, atol=1e-5)
-# A model conv's gradient on a batch split over "data" only.
+# The conv: each device its own images, no collective, split as x is.
 w = jnp.asarray(rng.normal(size=(3, 3, 5, 32)), jnp.float32)
+conv = jax.jit(lambda x, w: native.conv(x, w, (1, 1), (1, 1), (10, 10)))
+text = conv.lower(jax.device_put(x, split), w).compile().as_text()
+assert "all-" not in text and "collective" not in text, text
+y = conv(jax.device_put(x, split), w)
+assert y.sharding.spec[0] == ("data", "model"), y.sharding
+np.testing.assert_allclose(y, native.conv(x, w, (1, 1), (1, 1), (10, 10)),
+                           rtol=1e-6, atol=1e-6)
+# A model conv's gradients on a batch split over "data" only.
 def loss(w, x):
   y = models.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
   return jnp.sum(jnp.sin(y))
-step = jax.jit(jax.grad(loss))
+x = jnp.asarray(rng.normal(size=(8, 16, 16, 16)), jnp.float32)
+w = jnp.asarray(rng.normal(size=(3, 3, 16, 32)), jnp.float32)
+step = jax.jit(jax.grad(loss, (0, 1)))
 split = NamedSharding(mesh, P("data"))
-assert "TwaConvKernelGrad" in step.lower(
-    w, jax.device_put(x, split)).compile().as_text()
-np.testing.assert_allclose(step(w, jax.device_put(x, split)),
-                           jax.grad(loss)(w, x), rtol=1e-4, atol=1e-4)
+text = step.lower(w, jax.device_put(x, split)).compile().as_text()
+assert "TwaConvKernelGrad" in text and "TwaConvForward" in text
+jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+             step(w, jax.device_put(x, split)), jax.grad(loss, (0, 1))(w, x))
 print("ok")
 """
 
 
 @needs_compiler
-def test_conv_kernel_gradient_on_a_split_batch_sums_each_device_s_images():
-  """4 simulated devices: each sums its own images and one all-reduce adds
-  them; x is never gathered. Same values as on one device."""
+def test_convs_on_a_split_batch_keep_each_device_s_images():
+  """4 simulated devices: for the kernel gradient each sums its own images
+  and one all-reduce adds them, x never gathered; the conv runs on each
+  device's images with no collective. Same values as on one device."""
   env = {**os.environ,
          "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu"}

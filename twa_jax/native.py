@@ -1,19 +1,21 @@
-"""Compiled CPU kernels: the low-bit basis products and the kernel gradient
-of a convolution (`products.cc`).
+"""Compiled CPU kernels: the low-bit basis products, and a convolution and
+its kernel gradient (`products.cc`).
 
 XLA:CPU widens a bfloat16, int8 or int4 block of P to float32 in memory
 before it multiplies it, which costs about what reading float32 P does. The
 kernels in `products.cc` widen 16 values at a time in registers, so the
 products' time follows the bytes of P they read. For a conv's kernel
 gradient XLA:CPU transposes the activations and the output gradient into
-one large convolution; the kernel reads them in place. They are XLA FFI handlers,
+one large convolution; the kernel reads them in place. The conv itself
+(used by the models at stride 1 with few channels, where it beats XLA:CPU's)
+keeps blocks of output pixels in registers. They are XLA FFI handlers,
 compiled at first use with the machine's C++ compiler (`$CXX`, else `c++`,
 `g++` or `clang++`) for this CPU, cached in `$TWA_JAX_CACHE_DIR` (default
 `~/.cache/twa_jax`) and called through `jax.ffi.ffi_call`.
 
 Without a working compiler (a warning says why, once) or with
 `TWA_JAX_NATIVE=0`, `library()` is None and `twa_jax.kernels` runs its XLA
-blocks instead, and `conv_kernel_gradient` is not used.
+blocks instead, and the models use XLA's convs.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ TARGETS = {(storage, product): f"Twa{product.capitalize()}{suffix}"
            for storage, suffix in (("bfloat16", "Bf16"), ("int8", "Int8"),
                                    ("int4", "Int4"))
            for product in ("matvec", "vecmat")}
+CONV = "TwaConvForward"
 CONV_KERNEL_GRADIENT = "TwaConvKernelGrad"
 
 
@@ -115,7 +118,7 @@ def library() -> ctypes.CDLL | None:
     except OSError as e:
       why = f"could not build or load it in {cache_dir()}: {e}"
     else:
-      for symbol in (*TARGETS.values(), CONV_KERNEL_GRADIENT):
+      for symbol in (*TARGETS.values(), CONV, CONV_KERNEL_GRADIENT):
         jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(
             getattr(lib, symbol)), platform="cpu")
       return lib
@@ -197,22 +200,24 @@ def vecmat(beta: jax.Array, vectors) -> jax.Array:
   return _vecmat(beta.astype(jnp.float32), vectors)
 
 
-def _check_conv(x: jax.Array, dy: jax.Array, kernel: tuple[int, int],
+def _check_conv(name: str, x: jax.Array, out, kernel: tuple[int, int],
                 strides: tuple[int, int], padding: tuple[int, int]) -> None:
-  if x.ndim != 4 or dy.ndim != 4 or x.shape[0] != dy.shape[0]:
-    raise ValueError(f"conv_kernel_gradient: x {x.shape} and dy {dy.shape} "
-                     "are not NHWC with one batch")
-  if x.dtype != jnp.float32 or dy.dtype != jnp.float32:
-    raise ValueError(f"conv_kernel_gradient: x and dy must be float32, got "
-                     f"{x.dtype} and {dy.dtype}")
-  if dy.shape[-1] % 16:
-    raise ValueError(f"conv_kernel_gradient: dy's {dy.shape[-1]} channels "
-                     "are not a multiple of 16")
+  """Raises ValueError naming `name` unless x (the conv's input) and out (its
+  output, or the output's gradient) fit the compiled kernels."""
+  if x.ndim != 4 or out.ndim != 4 or x.shape[0] != out.shape[0]:
+    raise ValueError(f"{name}: x {x.shape} and the output {out.shape} are "
+                     "not NHWC with one batch")
+  if x.dtype != jnp.float32 or out.dtype != jnp.float32:
+    raise ValueError(f"{name}: x and the output must be float32, got "
+                     f"{x.dtype} and {out.dtype}")
+  if out.shape[-1] % 16:
+    raise ValueError(f"{name}: the output's {out.shape[-1]} channels are "
+                     "not a multiple of 16")
   if (len(kernel) != 2 or min(kernel) < 1 or len(strides) != 2
       or min(strides) < 1 or len(padding) != 2 or min(padding) < 0):
-    raise ValueError(f"conv_kernel_gradient: kernel {kernel}, strides "
-                     f"{strides} and padding {padding} must be pairs of "
-                     "positive (padding: non-negative) integers")
+    raise ValueError(f"{name}: kernel {kernel}, strides {strides} and "
+                     f"padding {padding} must be pairs of positive (padding: "
+                     "non-negative) integers")
 
 
 def _kernel_gradient(x, dy, kernel, strides, padding):
@@ -286,5 +291,74 @@ def conv_kernel_gradient(x: jax.Array, dy: jax.Array,
     ValueError: shapes, dtypes or geometry the kernel does not take.
   """
   kernel, strides, padding = tuple(kernel), tuple(strides), tuple(padding)
-  _check_conv(x, dy, kernel, strides, padding)
+  _check_conv("conv_kernel_gradient", x, dy, kernel, strides, padding)
   return _partitioned_kernel_gradient(x, dy, kernel, strides, padding)
+
+
+def _conv(x, w, strides, padding, out_size):
+  """The FFI call on this device's arrays."""
+  if library() is None:
+    raise RuntimeError("twa_jax.native.conv: the compiled kernels are "
+                       "unavailable (see the warning).")
+  return jax.ffi.ffi_call(
+      CONV, jax.ShapeDtypeStruct((x.shape[0], *out_size, w.shape[-1]),
+                                 jnp.float32))(
+          x, w, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+          pad_h=np.int64(padding[0]), pad_w=np.int64(padding[1]))
+
+
+def _conv_partition(strides, padding, out_size, mesh, arg_shapes,
+                    result_shape):
+  """Each device convolves its own images."""
+  del result_shape
+  images = _batch_spec(mesh, arg_shapes)
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def lower(x, w):
+    return _conv(x, w, strides, padding, out_size)
+  return mesh, lower, images, (images, whole)
+
+
+def _split_like_x(strides, padding, out_size, mesh, arg_shapes, result_shape):
+  del strides, padding, out_size, result_shape
+  return _batch_spec(mesh, arg_shapes)
+
+
+_partitioned_conv = custom_partitioning.custom_partitioning(
+    _conv, static_argnums=(2, 3, 4))
+_partitioned_conv.def_partition(
+    partition=_conv_partition, infer_sharding_from_operands=_split_like_x,
+    sharding_rule="n h w c, k l c o -> n i j o")
+
+
+def conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+         padding: tuple[int, int], out_size: tuple[int, int]) -> jax.Array:
+  """An NHWC conv with an HWIO kernel, with the compiled kernel.
+
+  y[n, h, w, o] = sum over i, j, c of
+  x[n, h s_0 + i - p_0, w s_1 + j - p_1, c] w[i, j, c, o], x being zero
+  outside its image (no dilation, no groups). Under a jit that splits the
+  batch over devices, each device convolves its own images.
+
+  Args:
+    x: float32 (N, H, W, C_in).
+    w: float32 (KH, KW, C_in, C_out), C_out a multiple of 16.
+    strides: the conv's strides.
+    padding: the zeros before the first row and column.
+    out_size: (H_out, W_out); the zeros after the last row and column
+      follow from it.
+
+  Returns:
+    float32 (N, H_out, W_out, C_out).
+
+  Raises:
+    ValueError: shapes, dtypes or geometry the kernel does not take.
+  """
+  strides, padding, out_size = tuple(strides), tuple(padding), tuple(out_size)
+  _check_conv("conv", x, jax.ShapeDtypeStruct(
+      (x.shape[0], *out_size, w.shape[-1]), w.dtype), w.shape[:2], strides,
+              padding)
+  if w.ndim != 4 or w.shape[2] != x.shape[-1] or min(out_size) < 1:
+    raise ValueError(f"conv: kernel {w.shape} does not take x {x.shape}, or "
+                     f"output size {out_size} is empty")
+  return _partitioned_conv(x, w, strides, padding, out_size)

@@ -1,5 +1,5 @@
 // Compiled CPU products: P^T g and P beta for basis rows stored in
-// bfloat16, int8 or int4, and the kernel gradient of a 2-D convolution.
+// bfloat16, int8 or int4, and a 2-D convolution and its kernel gradient.
 //
 // XLA:CPU widens a low-bit block to float32 in memory before it multiplies
 // it, which costs about what reading float32 P does. These loops widen 16
@@ -11,7 +11,8 @@
 // The kernel gradient of an NHWC conv with an HWIO kernel is (patches of
 // x)^T dy, summed over the batch's output pixels: XLA:CPU transposes x and
 // dy to lay it out as one convolution (1.2-2.6x PyTorch's time with up to
-// 64 channels); here it is read in place.
+// 64 channels); here it is read in place. The conv keeps R output pixels x
+// 16 J output channels in registers; with few channels it beats XLA:CPU's.
 // The column blocks (images) are dealt to a fixed number of slots, run on XLA's CPU
 // thread pool, and the slots' sums are added in order: results do not depend
 // on timing.
@@ -458,6 +459,124 @@ void KernelRow(const ConvShape& c, const float* x, const float* dy,
   }
 }
 
+// The conv itself: R output pixels of one output row (from ow) x output
+// channels [col, col + 16 J), kept in R x J registers over the kernel rows
+// and each row's entries (kw, ci); each entry reads J vectors of the kernel
+// and R values of x. x is the zero-padded image.
+template <int J, int R>
+void OutputPixels(const ConvShape& c, int64_t kh, int64_t entries,
+                  const float* x, const float* w, int64_t oh, int64_t ow,
+                  int64_t col, float* y) {
+  F32x16 acc[R][J] = {};
+  for (int64_t r = 0; r < kh; ++r) {
+    const float* xr = x + ((oh * c.sh + r) * c.wp + ow * c.sw) * c.ci;
+    const float* wr = w + r * entries * c.co + col;
+    for (int64_t e = 0; e < entries; ++e) {
+      F32x16 k[J];
+#pragma GCC unroll 4
+      for (int j = 0; j < J; ++j) k[j] = Load<F32x16>(wr + e * c.co + j * kLanes);
+#pragma GCC unroll 32
+      for (int p = 0; p < R; ++p) {
+        const float v = xr[p * c.sw * c.ci + e];
+#pragma GCC unroll 4
+        for (int j = 0; j < J; ++j) acc[p][j] += v * k[j];
+      }
+    }
+  }
+  for (int p = 0; p < R; ++p) {
+    for (int j = 0; j < J; ++j) {
+      Store(y + ((oh * c.wo) + ow + p) * c.co + col + j * kLanes, acc[p][j]);
+    }
+  }
+}
+
+using OutputPixelsFn = void (*)(const ConvShape&, int64_t, int64_t,
+                                const float*, const float*, int64_t, int64_t,
+                                int64_t, float*);
+
+template <int J, int... R>
+constexpr std::array<OutputPixelsFn, sizeof...(R)> OutputPixelsTable(
+    std::integer_sequence<int, R...>) {
+  return {&OutputPixels<J, R + 1>...};
+}
+
+// One output row of one image, kKernelRows<J> pixels at a time.
+template <int J>
+void OutputRow(const ConvShape& c, int64_t kh, int64_t entries,
+               const float* x, const float* w, int64_t oh, int64_t col,
+               float* y) {
+  static constexpr auto table = OutputPixelsTable<J>(
+      std::make_integer_sequence<int, kKernelRows<J>>());
+  for (int64_t ow = 0; ow < c.wo; ow += kKernelRows<J>) {
+    const int64_t r = std::min<int64_t>(kKernelRows<J>, c.wo - ow);
+    table[r - 1](c, kh, entries, x, w, oh, ow, col, y);
+  }
+}
+
+// x zero-padded: rows and columns [pad, pad + size) of a (hp, wp) image
+// hold image b of x (N, h, w, ci).
+void PadImage(const float* x, int64_t b, int64_t h, int64_t w, int64_t ci,
+              int64_t hp, int64_t wp, int64_t ph, int64_t pw, float* padded) {
+  std::fill(padded, padded + hp * wp * ci, 0.f);
+  const int64_t j0 = std::min(pw, wp), j1 = std::min(wp, w + pw);
+  for (int64_t i = 0; i < hp && j0 < j1; ++i) {
+    const int64_t ih = i - ph;
+    if (ih < 0 || ih >= h) continue;
+    std::memcpy(padded + (i * wp + j0) * ci,
+                x + ((b * h + ih) * w + j0 - pw) * ci,
+                (j1 - j0) * ci * sizeof(float));
+  }
+}
+
+// y[n, oh, ow, co] = sum over kh, kw, ci of
+// x[n, oh sh + kh - ph, ow sw + kw - pw, ci] w[kh, kw, ci, co] (zero
+// outside x): an NHWC conv with an HWIO kernel, images dealt to slots.
+ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                       ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
+                       int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || yd[0] != xd[0] ||
+      wd[2] != xd[3] || wd[3] != yd[3]) {
+    return ffi::Error::InvalidArgument(
+        "conv: x, w and y are not NHWC, HWIO, NHWC of one conv");
+  }
+  const int64_t n = xd[0], h = xd[1], wi = xd[2], ci = xd[3];
+  const int64_t ho = yd[1], wo = yd[2], co = yd[3], kh = wd[0], kw = wd[1];
+  if (co % kLanes || sh < 1 || sw < 1 || ph < 0 || pw < 0) {
+    return ffi::Error::InvalidArgument(
+        "conv: output channels not a multiple of 16, or a stride below 1, "
+        "or a negative padding");
+  }
+  const int64_t hp = (ho - 1) * sh + kh, wp = (wo - 1) * sw + kw;
+  const ConvShape c{ho, wo, sh, sw, wp, ci, co};
+  const int64_t slots = std::min<int64_t>(
+      {n, std::max<int64_t>(1, std::thread::hardware_concurrency()),
+       kMaxThreads});
+  const float* xs = x.typed_data();
+  const float* ws = w.typed_data();
+  float* ys = y->typed_data();
+  OverBlocks(pool, n, 1, slots, [&](int64_t, int64_t b, int64_t) {
+    std::vector<float> padded(hp * wp * ci);
+    PadImage(xs, b, h, wi, ci, hp, wp, ph, pw, padded.data());
+    float* out = ys + b * ho * wo * co;
+    for (int64_t oh = 0; oh < ho; ++oh) {
+      for (int64_t col = 0; col < co;) {
+        const int64_t left = co - col;
+        if (left >= 4 * kLanes) {
+          OutputRow<4>(c, kh, kw * ci, padded.data(), ws, oh, col, out);
+        } else if (left >= 2 * kLanes) {
+          OutputRow<2>(c, kh, kw * ci, padded.data(), ws, oh, col, out);
+        } else {
+          OutputRow<1>(c, kh, kw * ci, padded.data(), ws, oh, col, out);
+        }
+        col += left >= 4 * kLanes ? 4 * kLanes
+               : left >= 2 * kLanes ? 2 * kLanes : kLanes;
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // dw[kh, kw, ci, co] = sum over n, oh, ow of
 // x[n, oh sh + kh - ph, ow sw + kw - pw, ci] dy[n, oh, ow, co] (zero outside
 // x). Each slot sums its images into its own dw; the slots are added in
@@ -491,15 +610,8 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* ds = dy.typed_data();
   OverBlocks(pool, n, 1, slots, [&](int64_t slot, int64_t b, int64_t) {
     // The image, zero-padded to the windows the output pixels read.
-    std::vector<float> padded(hp * wp * ci, 0.f);
-    const int64_t j0 = std::min(pw, wp), j1 = std::min(wp, w + pw);
-    for (int64_t i = 0; i < hp && j0 < j1; ++i) {
-      const int64_t ih = i - ph;
-      if (ih < 0 || ih >= h) continue;
-      std::memcpy(padded.data() + (i * wp + j0) * ci,
-                  xs + ((b * h + ih) * w + j0 - pw) * ci,
-                  (j1 - j0) * ci * sizeof(float));
-    }
+    std::vector<float> padded(hp * wp * ci);
+    PadImage(xs, b, h, w, ci, hp, wp, ph, pw, padded.data());
     float* acc = partial.data() + slot * size;
     const float* d = ds + b * ho * wo * co;
     for (int64_t col = 0; col < co;) {
@@ -550,6 +662,12 @@ TWA_QUANTIZED(8)
 TWA_QUANTIZED(4)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     TwaConvKernelGrad, ConvKernelGrad,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
+        .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w")
+        .Attr<int64_t>("pad_h").Attr<int64_t>("pad_w"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    TwaConvForward, ConvForward,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
         .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
         .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w")

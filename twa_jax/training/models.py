@@ -56,8 +56,11 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides,
   - a map no larger than the kernel (VGG16's last block on CIFAR): patches
     times kernel, about 60x faster than XLA:CPU's conv;
   - float32 with 16 to `COMPILED_MAX_CHANNELS` output channels (a multiple
-    of 16): XLA's conv, with its kernel gradient from the compiled kernel
-    `twa_jax.native.conv_kernel_gradient` where it is built.
+    of 16), where the compiled kernels are built: the kernel gradient from
+    `twa_jax.native.conv_kernel_gradient`; at stride 1 on output maps at
+    least `COMPILED_MIN_WIDTH` wide with at most `COMPILED_MAX_CHANNELS`
+    input channels, the conv from `twa_jax.native.conv`, and its input
+    gradient too where the input channels are also a multiple of 16.
   """
   args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
           dimension_numbers, feature_group_count)
@@ -78,7 +81,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides,
   return jax.lax.conv_general_dilated(*args, precision=precision, **kwargs)
 
 
-# Output channels up to which the compiled kernel gradient beats XLA:CPU's
+# Channels up to which the compiled kernels beat XLA:CPU's convs
 # (BENCHMARKS.md, "The training step on CPU").
 COMPILED_MAX_CHANNELS = 64
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -102,12 +105,32 @@ def _pads(lhs: jax.Array, kernel, strides, padding
   return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
+# Output widths from which the compiled conv beats XLA:CPU's (stride 1; on
+# 8x8 maps and at stride 2 XLA's is faster).
+COMPILED_MIN_WIDTH = 16
+
+
+def _cpu_conv(lhs: jax.Array, rhs: jax.Array, strides, pads) -> jax.Array:
+  """An NHWC/HWIO float32 conv: compiled (`twa_jax.native.conv`) where it
+  beats XLA:CPU's (stride 1, 16-64 output channels, at most 64 input
+  channels, output maps at least `COMPILED_MIN_WIDTH` wide), else XLA's."""
+  out = tuple(size + lo + hi - k + 1 for size, (lo, hi), k in
+              zip(lhs.shape[1:-1], pads, rhs.shape[:2]))
+  if (tuple(strides) == (1, 1) and compiled_kernel_gradient(rhs.shape[-1])
+      and rhs.shape[-2] <= COMPILED_MAX_CHANNELS
+      and out[1] >= COMPILED_MIN_WIDTH and min(lo for lo, _ in pads) >= 0):
+    return native.conv(lhs, rhs, strides, tuple(lo for lo, _ in pads), out)
+  return jax.lax.conv_general_dilated(lhs, rhs, strides, pads,
+                                      dimension_numbers=_NHWC)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_compiled_kernel_gradient(lhs: jax.Array, rhs: jax.Array, strides,
                                    pads) -> jax.Array:
-  """An NHWC/HWIO conv whose kernel gradient is the compiled kernel's."""
-  return jax.lax.conv_general_dilated(lhs, rhs, strides, pads,
-                                      dimension_numbers=_NHWC)
+  """An NHWC/HWIO conv whose kernel gradient is the compiled kernel's (and
+  whose forward pass and input gradient are compiled where `_cpu_conv`
+  compiles them)."""
+  return _cpu_conv(lhs, rhs, strides, pads)
 
 
 def _conv_forward(lhs, rhs, strides, pads):
@@ -116,10 +139,19 @@ def _conv_forward(lhs, rhs, strides, pads):
 
 def _conv_backward(strides, pads, residuals, dy):
   lhs, rhs = residuals
-  _, input_gradient = jax.vjp(
-      lambda x: jax.lax.conv_general_dilated(x, rhs, strides, pads,
-                                             dimension_numbers=_NHWC), lhs)
-  return input_gradient(dy)[0], native.conv_kernel_gradient(
+  if tuple(strides) == (1, 1):
+    # The conv of dy with the kernel flipped and its channels swapped.
+    kernel = rhs.shape[:2]
+    input_gradient = _cpu_conv(
+        dy, jnp.flip(rhs, (0, 1)).swapaxes(2, 3), strides,
+        tuple((k - 1 - lo, size - out + lo) for k, (lo, _), size, out in
+              zip(kernel, pads, lhs.shape[1:-1], dy.shape[1:-1])))
+  else:
+    input_gradient = jax.vjp(
+        lambda x: jax.lax.conv_general_dilated(x, rhs, strides, pads,
+                                               dimension_numbers=_NHWC),
+        lhs)[1](dy)[0]
+  return input_gradient, native.conv_kernel_gradient(
       lhs, dy, rhs.shape[:2], strides, tuple(lo for lo, _ in pads))
 
 
