@@ -24,6 +24,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -404,7 +405,37 @@ ffi::Error VecmatQuantized(ffi::ThreadPool pool,
 // image's output pixels and then added to dw (rows of Co).
 struct ConvShape {
   int64_t ho, wo, sh, sw, wp, ci, co;  // wp: the padded image's width
+  int64_t n, h, w, kh, kw, ph, pw, hp;  // hp: the padded image's height
 };
+
+// The conv of x (NHWC) with an (HWIO) kernel into out (NHWC), or an error
+// naming `what` if the dimensions do not make one the kernels take.
+template <typename Dims>
+ffi::ErrorOr<ConvShape> MakeConvShape(const char* what, Dims x, Dims kernel,
+                                      Dims out, int64_t sh, int64_t sw,
+                                      int64_t ph, int64_t pw) {
+  if (x.size() != 4 || kernel.size() != 4 || out.size() != 4 ||
+      out[0] != x[0] || kernel[2] != x[3] || kernel[3] != out[3]) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        std::string(what) + ": the input, kernel and output are not NHWC, "
+        "HWIO, NHWC of one conv"));
+  }
+  if (out[3] % kLanes || sh < 1 || sw < 1 || ph < 0 || pw < 0) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        std::string(what) + ": output channels not a multiple of 16, or a "
+        "stride below 1, or a negative padding"));
+  }
+  return ConvShape{out[1], out[2], sh, sw, (out[2] - 1) * sw + kernel[1], x[3],
+                   out[3], x[0], x[1], x[2], kernel[0], kernel[1], ph, pw,
+                   (out[1] - 1) * sh + kernel[0]};
+}
+
+// Slots for a conv: one per image, per core and kMaxThreads.
+int64_t ImageSlots(int64_t n) {
+  return std::min<int64_t>(
+      {n, std::max<int64_t>(1, std::thread::hardware_concurrency()),
+       kMaxThreads});
+}
 
 template <int J, int R>
 void KernelRows(const ConvShape& c, const float* x, const float* dy,
@@ -464,11 +495,11 @@ void KernelRow(const ConvShape& c, const float* x, const float* dy,
 // and each row's entries (kw, ci); each entry reads J vectors of the kernel
 // and R values of x. x is the zero-padded image.
 template <int J, int R>
-void OutputPixels(const ConvShape& c, int64_t kh, int64_t entries,
-                  const float* x, const float* w, int64_t oh, int64_t ow,
-                  int64_t col, float* y) {
+void OutputPixels(const ConvShape& c, const float* x, const float* w,
+                  int64_t oh, int64_t ow, int64_t col, float* y) {
+  const int64_t entries = c.kw * c.ci;
   F32x16 acc[R][J] = {};
-  for (int64_t r = 0; r < kh; ++r) {
+  for (int64_t r = 0; r < c.kh; ++r) {
     const float* xr = x + ((oh * c.sh + r) * c.wp + ow * c.sw) * c.ci;
     const float* wr = w + r * entries * c.co + col;
     for (int64_t e = 0; e < entries; ++e) {
@@ -490,9 +521,8 @@ void OutputPixels(const ConvShape& c, int64_t kh, int64_t entries,
   }
 }
 
-using OutputPixelsFn = void (*)(const ConvShape&, int64_t, int64_t,
-                                const float*, const float*, int64_t, int64_t,
-                                int64_t, float*);
+using OutputPixelsFn = void (*)(const ConvShape&, const float*, const float*,
+                                int64_t, int64_t, int64_t, float*);
 
 template <int J, int... R>
 constexpr std::array<OutputPixelsFn, sizeof...(R)> OutputPixelsTable(
@@ -502,30 +532,29 @@ constexpr std::array<OutputPixelsFn, sizeof...(R)> OutputPixelsTable(
 
 // One output row of one image, kKernelRows<J> pixels at a time.
 template <int J>
-void OutputRow(const ConvShape& c, int64_t kh, int64_t entries,
-               const float* x, const float* w, int64_t oh, int64_t col,
-               float* y) {
+void OutputRow(const ConvShape& c, const float* x, const float* w, int64_t oh,
+               int64_t col, float* y) {
   static constexpr auto table = OutputPixelsTable<J>(
       std::make_integer_sequence<int, kKernelRows<J>>());
   for (int64_t ow = 0; ow < c.wo; ow += kKernelRows<J>) {
     const int64_t r = std::min<int64_t>(kKernelRows<J>, c.wo - ow);
-    table[r - 1](c, kh, entries, x, w, oh, ow, col, y);
+    table[r - 1](c, x, w, oh, ow, col, y);
   }
 }
 
-// x zero-padded: rows and columns [pad, pad + size) of a (hp, wp) image
-// hold image b of x (N, h, w, ci).
-void PadImage(const float* x, int64_t b, int64_t h, int64_t w, int64_t ci,
-              int64_t hp, int64_t wp, int64_t ph, int64_t pw, float* padded) {
-  std::fill(padded, padded + hp * wp * ci, 0.f);
-  const int64_t j0 = std::min(pw, wp), j1 = std::min(wp, w + pw);
-  for (int64_t i = 0; i < hp && j0 < j1; ++i) {
-    const int64_t ih = i - ph;
-    if (ih < 0 || ih >= h) continue;
-    std::memcpy(padded + (i * wp + j0) * ci,
-                x + ((b * h + ih) * w + j0 - pw) * ci,
-                (j1 - j0) * ci * sizeof(float));
+// Image b of x (n, h, w, ci), zero-padded to the (hp, wp) windows the
+// output pixels read: ph rows and pw columns before it.
+std::vector<float> PaddedImage(const ConvShape& c, const float* x, int64_t b) {
+  std::vector<float> padded(c.hp * c.wp * c.ci, 0.f);
+  const int64_t j0 = std::min(c.pw, c.wp), j1 = std::min(c.wp, c.w + c.pw);
+  for (int64_t i = 0; i < c.hp && j0 < j1; ++i) {
+    const int64_t ih = i - c.ph;
+    if (ih < 0 || ih >= c.h) continue;
+    std::memcpy(padded.data() + (i * c.wp + j0) * c.ci,
+                x + ((b * c.h + ih) * c.w + j0 - c.pw) * c.ci,
+                (j1 - j0) * c.ci * sizeof(float));
   }
+  return padded;
 }
 
 // y[n, oh, ow, co] = sum over kh, kw, ci of
@@ -534,40 +563,23 @@ void PadImage(const float* x, int64_t b, int64_t h, int64_t w, int64_t ci,
 ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                        ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
                        int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || yd[0] != xd[0] ||
-      wd[2] != xd[3] || wd[3] != yd[3]) {
-    return ffi::Error::InvalidArgument(
-        "conv: x, w and y are not NHWC, HWIO, NHWC of one conv");
-  }
-  const int64_t n = xd[0], h = xd[1], wi = xd[2], ci = xd[3];
-  const int64_t ho = yd[1], wo = yd[2], co = yd[3], kh = wd[0], kw = wd[1];
-  if (co % kLanes || sh < 1 || sw < 1 || ph < 0 || pw < 0) {
-    return ffi::Error::InvalidArgument(
-        "conv: output channels not a multiple of 16, or a stride below 1, "
-        "or a negative padding");
-  }
-  const int64_t hp = (ho - 1) * sh + kh, wp = (wo - 1) * sw + kw;
-  const ConvShape c{ho, wo, sh, sw, wp, ci, co};
-  const int64_t slots = std::min<int64_t>(
-      {n, std::max<int64_t>(1, std::thread::hardware_concurrency()),
-       kMaxThreads});
-  const float* xs = x.typed_data();
+  const auto shape = MakeConvShape("conv", x.dimensions(), w.dimensions(),
+                                   y->dimensions(), sh, sw, ph, pw);
+  if (shape.has_error()) return shape.error();
+  const ConvShape& c = shape.value();
   const float* ws = w.typed_data();
-  float* ys = y->typed_data();
-  OverBlocks(pool, n, 1, slots, [&](int64_t, int64_t b, int64_t) {
-    std::vector<float> padded(hp * wp * ci);
-    PadImage(xs, b, h, wi, ci, hp, wp, ph, pw, padded.data());
-    float* out = ys + b * ho * wo * co;
-    for (int64_t oh = 0; oh < ho; ++oh) {
-      for (int64_t col = 0; col < co;) {
-        const int64_t left = co - col;
+  OverBlocks(pool, c.n, 1, ImageSlots(c.n), [&](int64_t, int64_t b, int64_t) {
+    const std::vector<float> padded = PaddedImage(c, x.typed_data(), b);
+    float* out = y->typed_data() + b * c.ho * c.wo * c.co;
+    for (int64_t oh = 0; oh < c.ho; ++oh) {
+      for (int64_t col = 0; col < c.co;) {
+        const int64_t left = c.co - col;
         if (left >= 4 * kLanes) {
-          OutputRow<4>(c, kh, kw * ci, padded.data(), ws, oh, col, out);
+          OutputRow<4>(c, padded.data(), ws, oh, col, out);
         } else if (left >= 2 * kLanes) {
-          OutputRow<2>(c, kh, kw * ci, padded.data(), ws, oh, col, out);
+          OutputRow<2>(c, padded.data(), ws, oh, col, out);
         } else {
-          OutputRow<1>(c, kh, kw * ci, padded.data(), ws, oh, col, out);
+          OutputRow<1>(c, padded.data(), ws, oh, col, out);
         }
         col += left >= 4 * kLanes ? 4 * kLanes
                : left >= 2 * kLanes ? 2 * kLanes : kLanes;
@@ -585,43 +597,26 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::F32> dy,
                           ffi::ResultBuffer<ffi::F32> dw, int64_t sh,
                           int64_t sw, int64_t ph, int64_t pw) {
-  const auto xd = x.dimensions(), dd = dy.dimensions(), wd = dw->dimensions();
-  if (xd.size() != 4 || dd.size() != 4 || wd.size() != 4 || dd[0] != xd[0] ||
-      wd[2] != xd[3] || wd[3] != dd[3]) {
-    return ffi::Error::InvalidArgument(
-        "conv kernel gradient: x, dy and dw are not NHWC, NHWC, HWIO of one "
-        "conv");
-  }
-  const int64_t n = xd[0], h = xd[1], w = xd[2], ci = xd[3];
-  const int64_t ho = dd[1], wo = dd[2], co = dd[3], kh = wd[0], kw = wd[1];
-  if (co % kLanes || sh < 1 || sw < 1 || ph < 0 || pw < 0) {
-    return ffi::Error::InvalidArgument(
-        "conv kernel gradient: output channels not a multiple of 16, or a "
-        "stride below 1, or a negative padding");
-  }
-  const int64_t hp = (ho - 1) * sh + kh, wp = (wo - 1) * sw + kw;
-  const ConvShape c{ho, wo, sh, sw, wp, ci, co};
-  const int64_t size = kh * kw * ci * co;
-  const int64_t slots = std::min<int64_t>(
-      {n, std::max<int64_t>(1, std::thread::hardware_concurrency()),
-       kMaxThreads});
-  std::vector<float> partial(std::max<int64_t>(1, slots) * size, 0.f);
-  const float* xs = x.typed_data();
-  const float* ds = dy.typed_data();
-  OverBlocks(pool, n, 1, slots, [&](int64_t slot, int64_t b, int64_t) {
-    // The image, zero-padded to the windows the output pixels read.
-    std::vector<float> padded(hp * wp * ci);
-    PadImage(xs, b, h, w, ci, hp, wp, ph, pw, padded.data());
+  const auto shape = MakeConvShape("conv kernel gradient", x.dimensions(),
+                                   dw->dimensions(), dy.dimensions(), sh, sw,
+                                   ph, pw);
+  if (shape.has_error()) return shape.error();
+  const ConvShape& c = shape.value();
+  const int64_t entries = c.kw * c.ci, size = c.kh * entries * c.co;
+  const int64_t slots = ImageSlots(c.n);
+  std::vector<float> partial(slots * size, 0.f);
+  OverBlocks(pool, c.n, 1, slots, [&](int64_t slot, int64_t b, int64_t) {
+    const std::vector<float> padded = PaddedImage(c, x.typed_data(), b);
     float* acc = partial.data() + slot * size;
-    const float* d = ds + b * ho * wo * co;
-    for (int64_t col = 0; col < co;) {
-      const int64_t left = co - col;
-      for (int64_t r = 0; r < kh; ++r) {
-        const float* xr = padded.data() + r * wp * ci;
-        float* out = acc + r * kw * ci * co;
-        if (left >= 4 * kLanes) KernelRow<4>(c, xr, d, col, kw * ci, out);
-        else if (left >= 2 * kLanes) KernelRow<2>(c, xr, d, col, kw * ci, out);
-        else KernelRow<1>(c, xr, d, col, kw * ci, out);
+    const float* d = dy.typed_data() + b * c.ho * c.wo * c.co;
+    for (int64_t col = 0; col < c.co;) {
+      const int64_t left = c.co - col;
+      for (int64_t r = 0; r < c.kh; ++r) {
+        const float* xr = padded.data() + r * c.wp * c.ci;
+        float* out = acc + r * entries * c.co;
+        if (left >= 4 * kLanes) KernelRow<4>(c, xr, d, col, entries, out);
+        else if (left >= 2 * kLanes) KernelRow<2>(c, xr, d, col, entries, out);
+        else KernelRow<1>(c, xr, d, col, entries, out);
       }
       col += left >= 4 * kLanes ? 4 * kLanes
              : left >= 2 * kLanes ? 2 * kLanes : kLanes;
