@@ -165,12 +165,16 @@ def _conv_operands(seed, n, size, c_in, c_out, kernel, stride, pad):
   return x, dy, vjp(dy)[0]
 
 
-@needs_compiler
-@hypothesis.given(
-    seed=st.integers(0, 2**16), n=st.integers(1, 3), size=st.integers(3, 9),
-    c_in=st.integers(1, 40), c_out=st.sampled_from([16, 32, 48, 64, 80, 128]),
+# Random conv geometries the compiled kernels take (and the map size apart).
+_CONVS = dict(
+    seed=st.integers(0, 2**16), n=st.integers(1, 3), c_in=st.integers(1, 40),
+    c_out=st.sampled_from([16, 32, 48, 64, 80, 128]),
     kernel=st.sampled_from([1, 3, 5]), stride=st.sampled_from([1, 2]),
     pad=st.integers(0, 2))
+
+
+@needs_compiler
+@hypothesis.given(size=st.integers(3, 9), **_CONVS)
 def test_conv_kernel_gradient_matches_xla(seed, n, size, c_in, c_out, kernel,
                                           stride, pad):
   hypothesis.assume(size + 2 * pad >= kernel)
@@ -182,11 +186,7 @@ def test_conv_kernel_gradient_matches_xla(seed, n, size, c_in, c_out, kernel,
 
 
 @needs_compiler
-@hypothesis.given(
-    seed=st.integers(0, 2**16), n=st.integers(1, 3), size=st.integers(3, 20),
-    c_in=st.integers(1, 40), c_out=st.sampled_from([16, 32, 48, 64, 80, 128]),
-    kernel=st.sampled_from([1, 3, 5]), stride=st.sampled_from([1, 2]),
-    pad=st.integers(0, 2))
+@hypothesis.given(size=st.integers(3, 20), **_CONVS)
 def test_conv_matches_xla(seed, n, size, c_in, c_out, kernel, stride, pad):
   hypothesis.assume(size + 2 * pad >= kernel)
   rng = np.random.default_rng(seed)
