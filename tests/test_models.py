@@ -369,7 +369,9 @@ def test_conv_with_compiled_kernel_gradient_matches_lax(size, c_in, c_out,
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU path")
 def test_convs_up_to_64_channels_take_the_compiled_kernels():
   """The kernel gradient is compiled for 16-64 output channels; the conv and
-  its input gradient too at stride 1 on maps from 16 wide."""
+  its input gradient too at stride 1 on maps from 16 wide. Every float32
+  conv's input gradient at stride 1 convolves with the compiled flip of its
+  kernel."""
   if native.library() is None:
     pytest.skip("the compiled kernels are unavailable here")
   numbers = ("NHWC", "HWIO", "NHWC")
@@ -380,14 +382,15 @@ def test_convs_up_to_64_channels_take_the_compiled_kernels():
         x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=numbers))),
                     (0, 1))
     text = jax.jit(grad).lower(x, w).as_text()
-    return (text.count(native.CONV), native.CONV_KERNEL_GRADIENT in text)
-  assert targets(16) == targets(64) == (0, True)
-  assert targets(8) == targets(24) == targets(128) == (0, False)
-  assert targets(16, dtype=jnp.bfloat16) == (0, False)
+    return (text.count(native.CONV),
+            native.CONV_KERNEL_GRADIENT in text, native.FLIP_KERNEL in text)
+  assert targets(16) == targets(64) == (0, True, True)
+  assert targets(8) == targets(24) == targets(128) == (0, False, True)
+  assert targets(16, dtype=jnp.bfloat16) == (0, False, False)
   # The conv and its input gradient (16 input channels: a multiple of 16).
-  assert targets(32, size=16) == (2, True)
-  assert targets(32, size=16, c_in=3) == (1, True)
-  assert targets(32, size=32, stride=2) == (0, True)
+  assert targets(32, size=16) == (2, True, True)
+  assert targets(32, size=16, c_in=3) == (1, True, True)
+  assert targets(32, size=32, stride=2) == (0, True, False)
 
 
 @hypothesis.settings(max_examples=25, deadline=None)

@@ -200,6 +200,20 @@ def test_conv_matches_xla(seed, n, size, c_in, c_out, kernel, stride, pad):
 
 
 @needs_compiler
+@hypothesis.given(seed=st.integers(0, 2**16), kh=st.integers(1, 5),
+                  kw=st.integers(1, 5), c_in=st.integers(1, 40),
+                  c_out=st.sampled_from([1, 7, 16, 17, 32, 48]))
+def test_flip_kernel_is_the_flipped_transposed_kernel(seed, kh, kw, c_in,
+                                                      c_out):
+  """Exactly `jnp.flip(w, (0, 1)).swapaxes(2, 3)`, whole 16 x 16 tiles and
+  the partial ones at the edges."""
+  w = jnp.asarray(np.random.default_rng(seed).normal(
+      size=(kh, kw, c_in, c_out)), jnp.float32)
+  np.testing.assert_array_equal(native.flip_kernel(w),
+                                jnp.flip(w, (0, 1)).swapaxes(2, 3))
+
+
+@needs_compiler
 def test_conv_and_kernel_gradient_reject_what_they_do_not_take():
   x, dy = jnp.ones((2, 8, 8, 3)), jnp.ones((2, 8, 8, 16))
   with pytest.raises(ValueError, match="not a multiple of 16"):
@@ -216,6 +230,10 @@ def test_conv_and_kernel_gradient_reject_what_they_do_not_take():
     native.conv(x, w[:, :, :2], (1, 1), (1, 1), (8, 8))
   with pytest.raises(ValueError, match="not a multiple of 16"):
     native.conv(x, w[..., :8], (1, 1), (1, 1), (8, 8))
+  with pytest.raises(ValueError, match="float32 HWIO kernel"):
+    native.flip_kernel(w[0])
+  with pytest.raises(ValueError, match="float32 HWIO kernel"):
+    native.flip_kernel(w.astype(jnp.bfloat16))
 
 
 _SHARDED = """

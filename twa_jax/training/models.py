@@ -55,12 +55,15 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides,
   are the same either way (BENCHMARKS.md, "The training step on CPU"):
   - a map no larger than the kernel (VGG16's last block on CIFAR): patches
     times kernel, about 60x faster than XLA:CPU's conv;
-  - float32 with 16 to `COMPILED_MAX_CHANNELS` output channels (a multiple
-    of 16), where the compiled kernels are built: the kernel gradient from
-    `twa_jax.native.conv_kernel_gradient`; at stride 1 on output maps at
-    least `COMPILED_MIN_WIDTH` wide with at most `COMPILED_MAX_CHANNELS`
-    input channels, the conv from `twa_jax.native.conv`, and its input
-    gradient too where the input channels are also a multiple of 16.
+  - float32, where the compiled kernels are built (`_compiled_conv`): at
+    stride 1 the input gradient convolves the output gradient with the
+    kernel flipped by `twa_jax.native.flip_kernel`; with 16 to
+    `COMPILED_MAX_CHANNELS` output channels (a multiple of 16) the kernel
+    gradient is `twa_jax.native.conv_kernel_gradient`'s; at stride 1 on
+    output maps at least `COMPILED_MIN_WIDTH` wide with at most
+    `COMPILED_MAX_CHANNELS` input channels, the conv is `twa_jax.native.conv`,
+    and its input gradient too where the input channels are also a
+    multiple of 16.
   """
   args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
           dimension_numbers, feature_group_count)
@@ -74,10 +77,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides,
     return _patches_conv(lhs, rhs, window_strides, padding, precision)
   pads = _pads(lhs, kernel, window_strides, padding)
   if (lhs.ndim == 4 and lhs.dtype == rhs.dtype == jnp.float32 and not kwargs
-      and min(pads[0] + pads[1]) >= 0
-      and compiled_kernel_gradient(rhs.shape[-1])):
-    return _conv_compiled_kernel_gradient(lhs, rhs, tuple(window_strides),
-                                          pads)
+      and min(pads[0] + pads[1]) >= 0 and native.library() is not None):
+    return _compiled_conv(lhs, rhs, tuple(window_strides), pads)
   return jax.lax.conv_general_dilated(*args, precision=precision, **kwargs)
 
 
@@ -125,25 +126,27 @@ def _cpu_conv(lhs: jax.Array, rhs: jax.Array, strides, pads) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_compiled_kernel_gradient(lhs: jax.Array, rhs: jax.Array, strides,
-                                   pads) -> jax.Array:
-  """An NHWC/HWIO conv whose kernel gradient is the compiled kernel's (and
-  whose forward pass and input gradient are compiled where `_cpu_conv`
-  compiles them)."""
+def _compiled_conv(lhs: jax.Array, rhs: jax.Array, strides, pads
+                   ) -> jax.Array:
+  """An NHWC/HWIO float32 conv (`_cpu_conv`) whose gradients take the
+  compiled kernels where they beat XLA:CPU's: the kernel gradient with
+  `compiled_kernel_gradient` output channels, and at stride 1 the input
+  gradient as `_cpu_conv` of dy with `twa_jax.native.flip_kernel` of the
+  kernel (XLA:CPU's fused flip and transpose of a 3x3x512x512 kernel takes
+  about 5x as long). Elsewhere the gradients are XLA's."""
   return _cpu_conv(lhs, rhs, strides, pads)
 
 
 def _conv_forward(lhs, rhs, strides, pads):
-  return _conv_compiled_kernel_gradient(lhs, rhs, strides, pads), (lhs, rhs)
+  return _compiled_conv(lhs, rhs, strides, pads), (lhs, rhs)
 
 
 def _conv_backward(strides, pads, residuals, dy):
   lhs, rhs = residuals
   if tuple(strides) == (1, 1):
-    # The conv of dy with the kernel flipped and its channels swapped.
     kernel = rhs.shape[:2]
     input_gradient = _cpu_conv(
-        dy, jnp.flip(rhs, (0, 1)).swapaxes(2, 3), strides,
+        dy, native.flip_kernel(rhs), strides,
         tuple((k - 1 - lo, size - out + lo) for k, (lo, _), size, out in
               zip(kernel, pads, lhs.shape[1:-1], dy.shape[1:-1])))
   else:
@@ -151,11 +154,18 @@ def _conv_backward(strides, pads, residuals, dy):
         lambda x: jax.lax.conv_general_dilated(x, rhs, strides, pads,
                                                dimension_numbers=_NHWC),
         lhs)[1](dy)[0]
-  return input_gradient, native.conv_kernel_gradient(
-      lhs, dy, rhs.shape[:2], strides, tuple(lo for lo, _ in pads))
+  if compiled_kernel_gradient(rhs.shape[-1]):
+    kernel_gradient = native.conv_kernel_gradient(
+        lhs, dy, rhs.shape[:2], strides, tuple(lo for lo, _ in pads))
+  else:
+    kernel_gradient = jax.vjp(
+        lambda w: jax.lax.conv_general_dilated(lhs, w, strides, pads,
+                                               dimension_numbers=_NHWC),
+        rhs)[1](dy)[0]
+  return input_gradient, kernel_gradient
 
 
-_conv_compiled_kernel_gradient.defvjp(_conv_forward, _conv_backward)
+_compiled_conv.defvjp(_conv_forward, _conv_backward)
 
 
 def _is_nhwc(dimension_numbers, ndim: int) -> bool:
