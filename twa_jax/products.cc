@@ -675,7 +675,7 @@ inline void Transpose16(const float* src, int64_t src_stride, float* dst,
 // out[i, j, o, c] = w[kh - 1 - i, kw - 1 - j, c, o]: the kernel of a conv's
 // input gradient (HWIO in, HWIO out with the channels swapped), each tap's
 // ci x co matrix transposed in 16 x 16 tiles, one tap per slot. XLA:CPU's
-// fused reverse and transpose of a 3x3x512x512 kernel took about 5x as long.
+// fused reverse and transpose of a 3x3x512x512 kernel took about 8x as long.
 ffi::Error FlipKernel(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w,
                       ffi::ResultBuffer<ffi::F32> out) {
   const auto d = w.dimensions();

@@ -133,7 +133,7 @@ def _compiled_conv(lhs: jax.Array, rhs: jax.Array, strides, pads
   `compiled_kernel_gradient` output channels, and at stride 1 the input
   gradient as `_cpu_conv` of dy with `twa_jax.native.flip_kernel` of the
   kernel (XLA:CPU's fused flip and transpose of a 3x3x512x512 kernel takes
-  about 5x as long). Elsewhere the gradients are XLA's."""
+  about 8x as long). Elsewhere the gradients are XLA's."""
   return _cpu_conv(lhs, rhs, strides, pads)
 
 
