@@ -121,6 +121,11 @@ def _cpu_conv(lhs: jax.Array, rhs: jax.Array, strides, pads) -> jax.Array:
       and rhs.shape[-2] <= COMPILED_MAX_CHANNELS
       and out[1] >= COMPILED_MIN_WIDTH and min(lo for lo, _ in pads) >= 0):
     return native.conv(lhs, rhs, strides, tuple(lo for lo, _ in pads), out)
+  return _xla_conv(lhs, rhs, strides, pads)
+
+
+def _xla_conv(lhs: jax.Array, rhs: jax.Array, strides, pads) -> jax.Array:
+  """XLA's NHWC/HWIO conv."""
   return jax.lax.conv_general_dilated(lhs, rhs, strides, pads,
                                       dimension_numbers=_NHWC)
 
@@ -143,6 +148,8 @@ def _conv_forward(lhs, rhs, strides, pads):
 
 def _conv_backward(strides, pads, residuals, dy):
   lhs, rhs = residuals
+  # Only the gradients used are traced: under sharding in types XLA's conv
+  # transposes need output shardings that the compiled kernels do not.
   if tuple(strides) == (1, 1):
     kernel = rhs.shape[:2]
     input_gradient = _cpu_conv(
@@ -150,18 +157,14 @@ def _conv_backward(strides, pads, residuals, dy):
         tuple((k - 1 - lo, size - out + lo) for k, (lo, _), size, out in
               zip(kernel, pads, lhs.shape[1:-1], dy.shape[1:-1])))
   else:
-    input_gradient = jax.vjp(
-        lambda x: jax.lax.conv_general_dilated(x, rhs, strides, pads,
-                                               dimension_numbers=_NHWC),
-        lhs)[1](dy)[0]
+    input_gradient = jax.vjp(lambda x: _xla_conv(x, rhs, strides, pads),
+                             lhs)[1](dy)[0]
   if compiled_kernel_gradient(rhs.shape[-1]):
     kernel_gradient = native.conv_kernel_gradient(
         lhs, dy, rhs.shape[:2], strides, tuple(lo for lo, _ in pads))
   else:
-    kernel_gradient = jax.vjp(
-        lambda w: jax.lax.conv_general_dilated(lhs, w, strides, pads,
-                                               dimension_numbers=_NHWC),
-        rhs)[1](dy)[0]
+    kernel_gradient = jax.vjp(lambda w: _xla_conv(lhs, w, strides, pads),
+                              rhs)[1](dy)[0]
   return input_gradient, kernel_gradient
 
 
