@@ -5,8 +5,8 @@ For each model, the distinct convolutions of its forward pass are read from
 the jaxpr of `model.apply` (input and kernel shapes, strides, padding) and
 counted. Each runs alone in its three roles, on the same random values:
 
-  jax_*    `models.conv_general_dilated` (the models' convs: on CPU with
-           16-64 output channels, the compiled kernels of `twa_jax.native`
+  jax_*    `models.conv_general_dilated` (the models' convs: on CPU the
+           compiled kernels of `twa_jax.native`, direct or by Winograd,
            where that function takes them), jitted with
            `models.compiler_options()` as train.py's step is; the gradients
            from `jax.vjp`, as `jax.grad` builds them
@@ -106,7 +106,7 @@ def model_layers(name: str, batch: int) -> list[tuple[Layer, int]]:
       (1, 1, 1, 1), (1, 1, 1, 1), NHWC)
   for eqn in _equations(jaxpr):
     if (eqn.primitive.name == "ffi_call"
-        and eqn.params["target_name"] == native.CONV):
+        and eqn.params["target_name"] in (native.CONV, native.WINOGRAD_CONV)):
       counts[_compiled_layer(eqn)] += 1
       continue
     if eqn.primitive.name != "conv_general_dilated":
@@ -122,11 +122,13 @@ def model_layers(name: str, batch: int) -> list[tuple[Layer, int]]:
 
 
 def _compiled_layer(eqn: core.JaxprEqn) -> Layer:
-  """The conv of a call of the compiled conv (`twa_jax.native.conv`)."""
+  """The conv of a call of the compiled conv (`twa_jax.native.conv`, direct
+  or by Winograd, which is at stride 1)."""
   attributes = dict(eqn.params["attributes"])
   lhs, kernel = (tuple(v.aval.shape) for v in eqn.invars)
   out = eqn.params["result_avals"][0].shape
-  strides = (int(attributes["stride_h"]), int(attributes["stride_w"]))
+  strides = (int(attributes.get("stride_h", 1)),
+             int(attributes.get("stride_w", 1)))
   lows = (int(attributes["pad_h"]), int(attributes["pad_w"]))
   padding = tuple((lo, (o - 1) * s + k - lo - size) for lo, o, s, k, size in
                   zip(lows, out[1:3], strides, kernel[:2], lhs[1:3]))

@@ -317,7 +317,10 @@ def test_conv_on_small_maps_matches_lax(size, kernel, stride, seed):
 def _assert_conv_matches_lax(seed: int, lhs: tuple[int, ...],
                              kernel: tuple[int, ...], stride: int,
                              tolerance: float) -> None:
-  """`models.conv_general_dilated`'s value and gradients are lax's."""
+  """`models.conv_general_dilated`'s value and gradients are lax's, to
+  `tolerance` relative and `tolerance` times a sum's spread (the square
+  root of its terms) absolute: float32 errors of y pass through the sine to
+  the gradients' sums."""
   keys = jax.random.split(jax.random.key(seed), 3)
   x = jax.random.normal(keys[0], lhs)
   w = jax.random.normal(keys[1], kernel)
@@ -330,8 +333,9 @@ def _assert_conv_matches_lax(seed: int, lhs: tuple[int, ...],
                             (0, 1))(x, w)
   got = jax.value_and_grad(functools.partial(loss, models.conv_general_dilated),
                            (0, 1))(x, w)
+  spread = math.sqrt(kernel[0] * kernel[1] * max(kernel[2:]))
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=tolerance,
-                                 atol=tolerance), got, want)
+                                 atol=tolerance * spread), got, want)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU path")
@@ -355,23 +359,24 @@ def test_conv_takes_the_patches_path_only_for_maps_up_to_the_kernel():
 @hypothesis.example(size=16, c_in=16, c_out=16, kernel=3, stride=1, seed=0)
 @hypothesis.example(size=15, c_in=3, c_out=64, kernel=3, stride=1, seed=1)
 @hypothesis.example(size=17, c_in=20, c_out=48, kernel=1, stride=1, seed=2)
+@hypothesis.example(size=9, c_in=32, c_out=48, kernel=3, stride=1, seed=3)
 def test_conv_with_compiled_kernel_gradient_matches_lax(size, c_in, c_out,
                                                         kernel, stride, seed):
   """The models' convs on larger maps: lax's values and gradients up to
   float32 summation order, whichever paths compute the conv, its input
-  gradient and its kernel gradient (the compiled conv from 16 wide: the
-  explicit examples)."""
+  gradient and its kernel gradient (the compiled conv from 16 wide and by
+  Winograd from 32 input channels: the explicit examples)."""
   _assert_conv_matches_lax(seed, (3, size, size + 1, c_in),
                            (kernel, kernel, c_in, c_out), stride,
                            tolerance=1e-4)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU path")
-def test_convs_up_to_64_channels_take_the_compiled_kernels():
-  """The kernel gradient is compiled for 16-64 output channels; the conv and
-  its input gradient too at stride 1 on maps from 16 wide. Every float32
-  conv's input gradient at stride 1 convolves with the compiled flip of its
-  kernel."""
+def test_convs_take_the_compiled_kernels_where_they_are_faster():
+  """The kernel gradient is compiled for 16-64 output channels. At stride 1
+  a 3x3 conv from 32 input channels runs by Winograd, else directly with at
+  most 64 channels on maps from 16 wide; the input gradient is such a conv
+  of the output gradient with the compiled flip of the kernel."""
   if native.library() is None:
     pytest.skip("the compiled kernels are unavailable here")
   numbers = ("NHWC", "HWIO", "NHWC")
@@ -382,15 +387,20 @@ def test_convs_up_to_64_channels_take_the_compiled_kernels():
         x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=numbers))),
                     (0, 1))
     text = jax.jit(grad).lower(x, w).as_text()
-    return (text.count(native.CONV),
+    return (text.count(native.CONV), text.count(native.WINOGRAD_CONV),
             native.CONV_KERNEL_GRADIENT in text, native.FLIP_KERNEL in text)
-  assert targets(16) == targets(64) == (0, True, True)
-  assert targets(8) == targets(24) == targets(128) == (0, False, True)
-  assert targets(16, dtype=jnp.bfloat16) == (0, False, False)
-  # The conv and its input gradient (16 input channels: a multiple of 16).
-  assert targets(32, size=16) == (2, True, True)
-  assert targets(32, size=16, c_in=3) == (1, True, True)
-  assert targets(32, size=32, stride=2) == (0, True, False)
+  assert targets(16) == (0, 0, True, True)
+  # The input gradient by Winograd: 32 or more input channels (its c_out).
+  assert targets(64) == (0, 1, True, True)
+  assert targets(8) == targets(24) == (0, 0, False, True)
+  assert targets(128) == (0, 1, False, True)
+  assert targets(16, dtype=jnp.bfloat16) == (0, 0, False, False)
+  # The conv directly (16 input channels), its input gradient by Winograd.
+  assert targets(32, size=16) == (1, 1, True, True)
+  assert targets(32, size=16, c_in=3) == (1, 0, True, True)
+  assert targets(32, size=32, stride=2) == (0, 0, True, False)
+  # Both by Winograd.
+  assert targets(64, c_in=32) == (0, 2, True, True)
 
 
 @hypothesis.settings(max_examples=25, deadline=None)

@@ -200,6 +200,26 @@ def test_conv_matches_xla(seed, n, size, c_in, c_out, kernel, stride, pad):
 
 
 @needs_compiler
+@hypothesis.given(seed=st.integers(0, 2**16), n=st.integers(1, 3),
+                  size=st.integers(1, 12), c_in=st.sampled_from([16, 32, 48]),
+                  c_out=st.sampled_from([16, 32, 80]), pad=st.integers(0, 2))
+@hypothesis.example(seed=0, n=3, size=12, c_in=16, c_out=16, pad=1)
+def test_winograd_conv_matches_xla(seed, n, size, c_in, c_out, pad):
+  """A 3x3 stride-1 conv by Winograd F(2x2, 3x3): XLA's direct conv's
+  values, on odd sizes (tiles cut at the edge), every padding, and batches
+  of more tiles than one slot holds (the explicit example: 126 tiles)."""
+  hypothesis.assume(size + 2 * pad >= 3)
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(n, size, size + 1, c_in)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, c_in, c_out)), jnp.float32)
+  want = jax.lax.conv_general_dilated(x, w, (1, 1), ((pad, pad),) * 2,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  got = native.conv(x, w, (1, 1), (pad, pad), want.shape[1:3], winograd=True)
+  scale = float(np.sqrt(9 * c_in))  # a sum's spread
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+@needs_compiler
 @hypothesis.given(seed=st.integers(0, 2**16), kh=st.integers(1, 5),
                   kw=st.integers(1, 5), c_in=st.integers(1, 40),
                   c_out=st.sampled_from([1, 7, 16, 17, 32, 48]))
@@ -230,6 +250,12 @@ def test_conv_and_kernel_gradient_reject_what_they_do_not_take():
     native.conv(x, w[:, :, :2], (1, 1), (1, 1), (8, 8))
   with pytest.raises(ValueError, match="not a multiple of 16"):
     native.conv(x, w[..., :8], (1, 1), (1, 1), (8, 8))
+  x16, w16 = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 16))
+  for args in ((x, w, (1, 1), (1, 1), (8, 8)),  # 3 input channels
+               (x16, w16[:1], (1, 1), (1, 1), (10, 8)),
+               (x16, w16, (2, 2), (1, 1), (4, 4))):
+    with pytest.raises(ValueError, match="winograd needs a 3x3 kernel"):
+      native.conv(*args, winograd=True)
   with pytest.raises(ValueError, match="float32 HWIO kernel"):
     native.flip_kernel(w[0])
   with pytest.raises(ValueError, match="float32 HWIO kernel"):
@@ -265,6 +291,16 @@ y = conv(jax.device_put(x, split), w)
 assert y.sharding.spec[0] == ("data", "model"), y.sharding
 np.testing.assert_allclose(y, native.conv(x, w, (1, 1), (1, 1), (10, 10)),
                            rtol=1e-6, atol=1e-6)
+x16 = jnp.asarray(rng.normal(size=(8, 10, 10, 16)), jnp.float32)
+w16 = jnp.asarray(rng.normal(size=(3, 3, 16, 32)), jnp.float32)
+winograd = jax.jit(lambda x, w: native.conv(x, w, (1, 1), (1, 1), (10, 10),
+                                            winograd=True))
+text = winograd.lower(jax.device_put(x16, split), w16).compile().as_text()
+assert "all-" not in text and "collective" not in text, text
+np.testing.assert_allclose(
+    winograd(jax.device_put(x16, split), w16),
+    native.conv(x16, w16, (1, 1), (1, 1), (10, 10), winograd=True),
+    rtol=1e-6, atol=1e-6)
 # A model conv's gradients on a batch split over "data" only.
 def loss(w, x):
   y = models.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
@@ -275,7 +311,8 @@ w = jnp.asarray(rng.normal(size=(3, 3, 16, 32)), jnp.float32)
 step = jax.jit(jax.grad(loss, (0, 1)))
 split = NamedSharding(mesh, P("data"))
 text = step.lower(w, jax.device_put(x, split)).compile().as_text()
-assert "TwaConvKernelGrad" in text and "TwaConvForward" in text
+assert all(target in text for target in (
+    "TwaConvKernelGrad", "TwaConvForward", "TwaWinogradConv")), text
 jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
              step(w, jax.device_put(x, split)), jax.grad(loss, (0, 1))(w, x))
 print("ok")
@@ -285,8 +322,9 @@ print("ok")
 @needs_compiler
 def test_convs_on_a_split_batch_keep_each_device_s_images():
   """4 simulated devices: for the kernel gradient each sums its own images
-  and one all-reduce adds them, x never gathered; the conv runs on each
-  device's images with no collective. Same values as on one device."""
+  and one all-reduce adds them, x never gathered; the conv (direct and by
+  Winograd) runs on each device's images with no collective. Same values as
+  on one device."""
   env = {**os.environ,
          "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu"}

@@ -547,6 +547,23 @@ void OutputRow(const ConvShape& c, const float* x, const float* w, int64_t oh,
   }
 }
 
+// Output row oh of one image, all output channels: 64, 32, then 16 at a time.
+void OutputChannels(const ConvShape& c, const float* x, const float* w,
+                    int64_t oh, float* y) {
+  for (int64_t col = 0; col < c.co;) {
+    const int64_t left = c.co - col;
+    if (left >= 4 * kLanes) {
+      OutputRow<4>(c, x, w, oh, col, y);
+    } else if (left >= 2 * kLanes) {
+      OutputRow<2>(c, x, w, oh, col, y);
+    } else {
+      OutputRow<1>(c, x, w, oh, col, y);
+    }
+    col += left >= 4 * kLanes ? 4 * kLanes
+           : left >= 2 * kLanes ? 2 * kLanes : kLanes;
+  }
+}
+
 // Image b of x (n, h, w, ci), zero-padded to the (hp, wp) windows the
 // output pixels read: ph rows and pw columns before it.
 std::vector<float> PaddedImage(const ConvShape& c, const float* x, int64_t b) {
@@ -576,20 +593,167 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   OverBlocks(pool, c.n, 1, c.n, [&](int64_t, int64_t b, int64_t) {
     const std::vector<float> padded = PaddedImage(c, x.typed_data(), b);
     float* out = y->typed_data() + b * c.ho * c.wo * c.co;
-    for (int64_t oh = 0; oh < c.ho; ++oh) {
-      for (int64_t col = 0; col < c.co;) {
-        const int64_t left = c.co - col;
-        if (left >= 4 * kLanes) {
-          OutputRow<4>(c, padded.data(), ws, oh, col, out);
-        } else if (left >= 2 * kLanes) {
-          OutputRow<2>(c, padded.data(), ws, oh, col, out);
-        } else {
-          OutputRow<1>(c, padded.data(), ws, oh, col, out);
+    for (int64_t oh = 0; oh < c.ho; ++oh) OutputChannels(c, padded.data(), ws, oh, out);
+  });
+  return ffi::Error::Success();
+}
+
+// Winograd F(2x2, 3x3) (Lavin and Gray, 2016): a 3x3 stride-1 conv's 2x2
+// block of output pixels (a tile) is A^T [(G g G^T) . (B^T d B)] A for its
+// 4x4 window d of the padded input and the kernel g; each of the 16
+// positions of (G g G^T) . (B^T d B), summed over input channels, is one
+// matrix product of the tiles' transformed windows (tiles x ci) with the
+// transformed kernel (ci x co): 16 multiplications per tile and channel
+// pair against a direct conv's 36.
+constexpr int kWindow = 4;  // a tile's window is kWindow x kWindow
+constexpr int kPositions = kWindow * kWindow;
+// Tiles per slot: their transformed windows and products (16 x tiles x
+// channels each) stay in the core's cache.
+constexpr int64_t kWinogradTiles = 32;
+
+// G v for a kernel row or column v (3 taps): the window's 4 positions.
+inline void KernelTransform(const F32x16 (&v)[3], F32x16 (&u)[kWindow]) {
+  u[0] = v[0];
+  u[1] = 0.5f * (v[0] + v[1] + v[2]);
+  u[2] = 0.5f * (v[0] - v[1] + v[2]);
+  u[3] = v[2];
+}
+
+// B^T v for a window's row or column v.
+inline void InputTransform(const F32x16 (&v)[kWindow], F32x16 (&u)[kWindow]) {
+  u[0] = v[0] - v[2];
+  u[1] = v[1] + v[2];
+  u[2] = v[2] - v[1];
+  u[3] = v[1] - v[3];
+}
+
+// A^T v for a position row or column v: the tile's 2 pixels.
+inline void OutputTransform(const F32x16 (&v)[kWindow], F32x16 (&u)[2]) {
+  u[0] = v[0] + v[1] + v[2];
+  u[1] = v[1] - v[2] - v[3];
+}
+
+// u[p][ci][co] = (G g G^T)[p] for the kernel g = w[:, :, ci, co], 16 output
+// channels at a time, input channels dealt to slots.
+void TransformKernel(ffi::ThreadPool& pool, const ConvShape& c,
+                     const float* w, float* u) {
+  OverBlocks(pool, c.ci, kLanes, (c.ci + kLanes - 1) / kLanes,
+             [&](int64_t, int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      for (int64_t o = 0; o < c.co; o += kLanes) {
+        F32x16 rows[3][kWindow];  // G g, for each kernel column
+        for (int kw = 0; kw < 3; ++kw) {
+          F32x16 taps[3];
+          for (int kh = 0; kh < 3; ++kh) {
+            taps[kh] = Load<F32x16>(w + ((kh * 3 + kw) * c.ci + i) * c.co + o);
+          }
+          KernelTransform(taps, rows[kw]);
         }
-        col += left >= 4 * kLanes ? 4 * kLanes
-               : left >= 2 * kLanes ? 2 * kLanes : kLanes;
+        for (int a = 0; a < kWindow; ++a) {
+          F32x16 u4[kWindow];
+          KernelTransform({rows[0][a], rows[1][a], rows[2][a]}, u4);
+          for (int b = 0; b < kWindow; ++b) {
+            Store(u + ((a * kWindow + b) * c.ci + i) * c.co + o, u4[b]);
+          }
+        }
       }
     }
+  });
+}
+
+// v[p][t][ci] = (B^T d B)[p] for tiles [first, last) (t counts from first)
+// of the images' tile grids, 16 input channels at a time; the window
+// reads zeros outside the image.
+void TransformWindows(const ConvShape& c, const float* x, int64_t first,
+                      int64_t last, float* v) {
+  const int64_t th = (c.ho + 1) / 2, tw = (c.wo + 1) / 2, tiles = last - first;
+  for (int64_t t = first; t < last; ++t) {
+    const int64_t b = t / (th * tw), r0 = t / tw % th * 2 - c.ph,
+                  c0 = t % tw * 2 - c.pw;
+    for (int64_t i = 0; i < c.ci; i += kLanes) {
+      F32x16 cols[kWindow][kWindow];  // B^T d, for each window column
+      for (int q = 0; q < kWindow; ++q) {
+        F32x16 d[kWindow];
+        for (int r = 0; r < kWindow; ++r) {
+          const int64_t ih = r0 + r, iw = c0 + q;
+          d[r] = ih < 0 || ih >= c.h || iw < 0 || iw >= c.w
+                     ? F32x16{}
+                     : Load<F32x16>(x + ((b * c.h + ih) * c.w + iw) * c.ci + i);
+        }
+        InputTransform(d, cols[q]);
+      }
+      for (int a = 0; a < kWindow; ++a) {
+        F32x16 u4[kWindow];
+        InputTransform({cols[0][a], cols[1][a], cols[2][a], cols[3][a]}, u4);
+        for (int q = 0; q < kWindow; ++q) {
+          Store(v + ((a * kWindow + q) * tiles + t - first) * c.ci + i, u4[q]);
+        }
+      }
+    }
+  }
+}
+
+// y's pixels of tiles [first, last) = A^T m A for their products m
+// (m[p][t][co], t counting from first), 16 output channels at a time.
+void TransformProducts(const ConvShape& c, const float* m, int64_t first,
+                       int64_t last, float* y) {
+  const int64_t th = (c.ho + 1) / 2, tw = (c.wo + 1) / 2, tiles = last - first;
+  for (int64_t t = first; t < last; ++t) {
+    const int64_t b = t / (th * tw), r0 = t / tw % th * 2, c0 = t % tw * 2;
+    for (int64_t o = 0; o < c.co; o += kLanes) {
+      F32x16 rows[kWindow][2];  // m A, for each position row
+      for (int a = 0; a < kWindow; ++a) {
+        F32x16 p[kWindow];
+        for (int q = 0; q < kWindow; ++q) {
+          p[q] = Load<F32x16>(m + ((a * kWindow + q) * tiles + t - first) * c.co + o);
+        }
+        OutputTransform(p, rows[a]);
+      }
+      for (int q = 0; q < 2 && c0 + q < c.wo; ++q) {
+        F32x16 pixels[2];
+        OutputTransform({rows[0][q], rows[1][q], rows[2][q], rows[3][q]}, pixels);
+        for (int r = 0; r < 2 && r0 + r < c.ho; ++r) {
+          Store(y + ((b * c.ho + r0 + r) * c.wo + c0 + q) * c.co + o, pixels[r]);
+        }
+      }
+    }
+  }
+}
+
+// The conv of ConvForward for a 3x3 kernel at stride 1, by Winograd
+// F(2x2, 3x3): the kernel transformed once, then kWinogradTiles tiles per
+// slot (windows transformed, 16 products, pixels transformed back). Each
+// pixel's sums run in the same order whatever the slots.
+ffi::Error WinogradConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                        ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
+                        int64_t ph, int64_t pw) {
+  const auto shape = MakeConvShape("winograd conv", x.dimensions(),
+                                   w.dimensions(), y->dimensions(), 1, 1, ph,
+                                   pw);
+  if (shape.has_error()) return shape.error();
+  const ConvShape& c = shape.value();
+  if (c.kh != 3 || c.kw != 3 || c.ci % kLanes) {
+    return ffi::Error::InvalidArgument(
+        "winograd conv: the kernel is not 3x3, or the input channels not a "
+        "multiple of 16");
+  }
+  std::vector<float> u(kPositions * c.ci * c.co);
+  TransformKernel(pool, c, w.typed_data(), u.data());
+  const int64_t tiles = c.n * ((c.ho + 1) / 2) * ((c.wo + 1) / 2);
+  const int64_t slots = (tiles + kWinogradTiles - 1) / kWinogradTiles;
+  const int64_t block = (tiles + slots - 1) / slots;
+  OverBlocks(pool, tiles, block, slots,
+             [&](int64_t, int64_t first, int64_t last) {
+    const int64_t n = last - first;
+    std::vector<float> v(kPositions * n * c.ci), m(kPositions * n * c.co);
+    TransformWindows(c, x.typed_data(), first, last, v.data());
+    // Each position's product is a 1x1 conv of a 1 x n image.
+    const ConvShape product{1, n, 1, 1, n, c.ci, c.co, 1, 1, n, 1, 1, 0, 0, 1};
+    for (int p = 0; p < kPositions; ++p) {
+      OutputChannels(product, v.data() + p * n * c.ci, u.data() + p * c.ci * c.co,
+                     0, m.data() + p * n * c.co);
+    }
+    TransformProducts(c, m.data(), first, last, y->typed_data());
   });
   return ffi::Error::Success();
 }
@@ -750,3 +914,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     TwaFlipKernel, FlipKernel,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
         .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    TwaWinogradConv, WinogradConv,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
+        .Attr<int64_t>("pad_h").Attr<int64_t>("pad_w"));

@@ -59,11 +59,12 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides,
     stride 1 the input gradient convolves the output gradient with the
     kernel flipped by `twa_jax.native.flip_kernel`; with 16 to
     `COMPILED_MAX_CHANNELS` output channels (a multiple of 16) the kernel
-    gradient is `twa_jax.native.conv_kernel_gradient`'s; at stride 1 on
-    output maps at least `COMPILED_MIN_WIDTH` wide with at most
-    `COMPILED_MAX_CHANNELS` input channels, the conv is `twa_jax.native.conv`,
-    and its input gradient too where the input channels are also a
-    multiple of 16.
+    gradient is `twa_jax.native.conv_kernel_gradient`'s; the conv (and so
+    the input gradient) is `twa_jax.native.conv`'s by Winograd F(2x2, 3x3)
+    for 3x3 kernels at stride 1 with at least `WINOGRAD_MIN_CHANNELS`
+    input channels (`winograd`), else its direct one at stride 1 on output
+    maps at least `COMPILED_MIN_WIDTH` wide with at most
+    `COMPILED_MAX_CHANNELS` input channels.
   """
   args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
           dimension_numbers, feature_group_count)
@@ -109,18 +110,40 @@ def _pads(lhs: jax.Array, kernel, strides, padding
 # Output widths from which the compiled conv beats XLA:CPU's (stride 1; on
 # 8x8 maps and at stride 2 XLA's is faster).
 COMPILED_MIN_WIDTH = 16
+# Input channels from which a 3x3 stride-1 conv is fastest by Winograd
+# (`twa_jax.native.conv(..., winograd=True)`), on every map size measured;
+# with 16 the direct compiled conv is.
+WINOGRAD_MIN_CHANNELS = 32
+
+
+def winograd(kernel: tuple[int, ...], strides, channels: tuple[int, int]
+             ) -> bool:
+  """Whether a float32 conv with this kernel (KH, KW), strides and (input,
+  output) channels runs by Winograd F(2x2, 3x3) here: on CPU with the
+  kernels built, 3x3 at stride 1, at least `WINOGRAD_MIN_CHANNELS` input
+  channels, both channel counts multiples of 16."""
+  return (tuple(kernel) == (3, 3) and tuple(strides) == (1, 1)
+          and channels[0] >= WINOGRAD_MIN_CHANNELS
+          and channels[0] % 16 == 0 and channels[1] % 16 == 0
+          and jax.default_backend() == "cpu" and native.library() is not None)
 
 
 def _cpu_conv(lhs: jax.Array, rhs: jax.Array, strides, pads) -> jax.Array:
   """An NHWC/HWIO float32 conv: compiled (`twa_jax.native.conv`) where it
-  beats XLA:CPU's (stride 1, 16-64 output channels, at most 64 input
-  channels, output maps at least `COMPILED_MIN_WIDTH` wide), else XLA's."""
+  beats XLA:CPU's, else XLA's. Compiled: by Winograd where `winograd` says
+  so; directly at stride 1 with 16-64 output channels, at most 64 input
+  channels and output maps at least `COMPILED_MIN_WIDTH` wide."""
   out = tuple(size + lo + hi - k + 1 for size, (lo, hi), k in
               zip(lhs.shape[1:-1], pads, rhs.shape[:2]))
+  padding = tuple(lo for lo, _ in pads)
+  if min(padding) < 0:
+    return _xla_conv(lhs, rhs, strides, pads)
+  if winograd(rhs.shape[:2], strides, rhs.shape[2:]):
+    return native.conv(lhs, rhs, strides, padding, out, winograd=True)
   if (tuple(strides) == (1, 1) and compiled_kernel_gradient(rhs.shape[-1])
       and rhs.shape[-2] <= COMPILED_MAX_CHANNELS
-      and out[1] >= COMPILED_MIN_WIDTH and min(lo for lo, _ in pads) >= 0):
-    return native.conv(lhs, rhs, strides, tuple(lo for lo, _ in pads), out)
+      and out[1] >= COMPILED_MIN_WIDTH):
+    return native.conv(lhs, rhs, strides, padding, out)
   return _xla_conv(lhs, rhs, strides, pads)
 
 
