@@ -360,12 +360,14 @@ def test_conv_takes_the_patches_path_only_for_maps_up_to_the_kernel():
 @hypothesis.example(size=15, c_in=3, c_out=64, kernel=3, stride=1, seed=1)
 @hypothesis.example(size=17, c_in=20, c_out=48, kernel=1, stride=1, seed=2)
 @hypothesis.example(size=9, c_in=32, c_out=48, kernel=3, stride=1, seed=3)
+@hypothesis.example(size=6, c_in=64, c_out=80, kernel=3, stride=1, seed=4)
 def test_conv_with_compiled_kernel_gradient_matches_lax(size, c_in, c_out,
                                                         kernel, stride, seed):
   """The models' convs on larger maps: lax's values and gradients up to
   float32 summation order, whichever paths compute the conv, its input
-  gradient and its kernel gradient (the compiled conv from 16 wide and by
-  Winograd from 32 input channels: the explicit examples)."""
+  gradient and its kernel gradient (the compiled conv from 16 wide, by
+  Winograd from 32 input channels and its kernel gradient from 64: the
+  explicit examples)."""
   _assert_conv_matches_lax(seed, (3, size, size + 1, c_in),
                            (kernel, kernel, c_in, c_out), stride,
                            tolerance=1e-4)
@@ -373,10 +375,11 @@ def test_conv_with_compiled_kernel_gradient_matches_lax(size, c_in, c_out,
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU path")
 def test_convs_take_the_compiled_kernels_where_they_are_faster():
-  """The kernel gradient is compiled for 16-64 output channels. At stride 1
-  a 3x3 conv from 32 input channels runs by Winograd, else directly with at
-  most 64 channels on maps from 16 wide; the input gradient is such a conv
-  of the output gradient with the compiled flip of the kernel."""
+  """At stride 1 a 3x3 conv from 32 input channels runs by Winograd, else
+  directly with at most 64 channels on maps from 16 wide; the input
+  gradient is such a conv of the output gradient with the compiled flip of
+  the kernel. The kernel gradient is by Winograd from 64 input channels,
+  else compiled directly for 16-64 output channels."""
   if native.library() is None:
     pytest.skip("the compiled kernels are unavailable here")
   numbers = ("NHWC", "HWIO", "NHWC")
@@ -388,19 +391,21 @@ def test_convs_take_the_compiled_kernels_where_they_are_faster():
                     (0, 1))
     text = jax.jit(grad).lower(x, w).as_text()
     return (text.count(native.CONV), text.count(native.WINOGRAD_CONV),
-            native.CONV_KERNEL_GRADIENT in text, native.FLIP_KERNEL in text)
-  assert targets(16) == (0, 0, True, True)
+            native.CONV_KERNEL_GRADIENT in text,
+            native.WINOGRAD_KERNEL_GRADIENT in text, native.FLIP_KERNEL in text)
+  assert targets(16) == (0, 0, True, False, True)
   # The input gradient by Winograd: 32 or more input channels (its c_out).
-  assert targets(64) == (0, 1, True, True)
-  assert targets(8) == targets(24) == (0, 0, False, True)
-  assert targets(128) == (0, 1, False, True)
-  assert targets(16, dtype=jnp.bfloat16) == (0, 0, False, False)
+  assert targets(64) == (0, 1, True, False, True)
+  assert targets(8) == targets(24) == (0, 0, False, False, True)
+  assert targets(128) == (0, 1, False, False, True)
+  assert targets(16, dtype=jnp.bfloat16) == (0, 0, False, False, False)
   # The conv directly (16 input channels), its input gradient by Winograd.
-  assert targets(32, size=16) == (1, 1, True, True)
-  assert targets(32, size=16, c_in=3) == (1, 0, True, True)
-  assert targets(32, size=32, stride=2) == (0, 0, True, False)
-  # Both by Winograd.
-  assert targets(64, c_in=32) == (0, 2, True, True)
+  assert targets(32, size=16) == (1, 1, True, False, True)
+  assert targets(32, size=16, c_in=3) == (1, 0, True, False, True)
+  assert targets(32, size=32, stride=2) == (0, 0, True, False, False)
+  # Both by Winograd; from 64 input channels the kernel gradient too.
+  assert targets(64, c_in=32) == (0, 2, True, False, True)
+  assert targets(128, c_in=64) == (0, 2, False, True, True)
 
 
 @hypothesis.settings(max_examples=25, deadline=None)

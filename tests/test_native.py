@@ -220,6 +220,23 @@ def test_winograd_conv_matches_xla(seed, n, size, c_in, c_out, pad):
 
 
 @needs_compiler
+@hypothesis.given(seed=st.integers(0, 2**16), n=st.integers(1, 3),
+                  size=st.integers(1, 12), c_in=st.sampled_from([16, 32, 48]),
+                  c_out=st.sampled_from([16, 32, 80]), pad=st.integers(0, 2))
+@hypothesis.example(seed=0, n=3, size=12, c_in=16, c_out=80, pad=1)
+def test_winograd_kernel_gradient_matches_xla(seed, n, size, c_in, c_out,
+                                              pad):
+  """The kernel gradient of a 3x3 stride-1 conv by Winograd: XLA's, on odd
+  sizes, every padding and more tiles than one slot holds."""
+  hypothesis.assume(size + 2 * pad >= 3)
+  x, dy, want = _conv_operands(seed, n, size, c_in, c_out, 3, 1, pad)
+  got = native.conv_kernel_gradient(x, dy, (3, 3), (1, 1), (pad, pad),
+                                    winograd=True)
+  scale = float(jnp.sqrt(n * dy.shape[1] * dy.shape[2]))  # a sum's spread
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+@needs_compiler
 @hypothesis.given(seed=st.integers(0, 2**16), kh=st.integers(1, 5),
                   kw=st.integers(1, 5), c_in=st.integers(1, 40),
                   c_out=st.sampled_from([1, 7, 16, 17, 32, 48]))
@@ -254,8 +271,14 @@ def test_conv_and_kernel_gradient_reject_what_they_do_not_take():
   for args in ((x, w, (1, 1), (1, 1), (8, 8)),  # 3 input channels
                (x16, w16[:1], (1, 1), (1, 1), (10, 8)),
                (x16, w16, (2, 2), (1, 1), (4, 4))):
-    with pytest.raises(ValueError, match="winograd needs a 3x3 kernel"):
+    with pytest.raises(ValueError, match="conv: winograd needs a 3x3 kernel"):
       native.conv(*args, winograd=True)
+    lhs, kernel, strides, padding, out = args
+    with pytest.raises(ValueError,
+                       match="conv_kernel_gradient: winograd needs a 3x3"):
+      native.conv_kernel_gradient(
+          lhs, jnp.ones((2, *out, 16)), kernel.shape[:2], strides, padding,
+          winograd=True)
   with pytest.raises(ValueError, match="float32 HWIO kernel"):
     native.flip_kernel(w[0])
   with pytest.raises(ValueError, match="float32 HWIO kernel"):
@@ -293,6 +316,16 @@ np.testing.assert_allclose(y, native.conv(x, w, (1, 1), (1, 1), (10, 10)),
                            rtol=1e-6, atol=1e-6)
 x16 = jnp.asarray(rng.normal(size=(8, 10, 10, 16)), jnp.float32)
 w16 = jnp.asarray(rng.normal(size=(3, 3, 16, 32)), jnp.float32)
+dy16 = jnp.asarray(rng.normal(size=(8, 10, 10, 32)), jnp.float32)
+gradient = jax.jit(lambda x, dy: native.conv_kernel_gradient(
+    x, dy, (3, 3), (1, 1), (1, 1), winograd=True))
+text = gradient.lower(jax.device_put(x16, split), jax.device_put(dy16, split)
+                      ).compile().as_text()
+assert "all-gather" not in text and "all-reduce" in text, text
+np.testing.assert_allclose(
+    gradient(jax.device_put(x16, split), jax.device_put(dy16, split)),
+    native.conv_kernel_gradient(x16, dy16, (3, 3), (1, 1), (1, 1),
+                                winograd=True), rtol=1e-5, atol=1e-4)
 winograd = jax.jit(lambda x, w: native.conv(x, w, (1, 1), (1, 1), (10, 10),
                                             winograd=True))
 text = winograd.lower(jax.device_put(x16, split), w16).compile().as_text()

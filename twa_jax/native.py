@@ -52,6 +52,7 @@ CONV = "TwaConvForward"
 CONV_KERNEL_GRADIENT = "TwaConvKernelGrad"
 FLIP_KERNEL = "TwaFlipKernel"
 WINOGRAD_CONV = "TwaWinogradConv"
+WINOGRAD_KERNEL_GRADIENT = "TwaWinogradKernelGrad"
 
 
 def cache_dir() -> pathlib.Path:
@@ -123,7 +124,7 @@ def library() -> ctypes.CDLL | None:
       why = f"could not build or load it in {cache_dir()}: {e}"
     else:
       for symbol in (*TARGETS.values(), CONV, CONV_KERNEL_GRADIENT,
-                     FLIP_KERNEL, WINOGRAD_CONV):
+                     FLIP_KERNEL, WINOGRAD_CONV, WINOGRAD_KERNEL_GRADIENT):
         jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(
             getattr(lib, symbol)), platform="cpu")
       return lib
@@ -225,16 +226,28 @@ def _check_conv(name: str, x: jax.Array, out, kernel: tuple[int, int],
                      "non-negative) integers")
 
 
-def _kernel_gradient(x, dy, kernel, strides, padding):
+def _check_winograd(name: str, x: jax.Array, kernel: tuple[int, int],
+                    strides: tuple[int, int]) -> None:
+  """Raises ValueError naming `name` unless Winograd F(2x2, 3x3) takes the
+  conv."""
+  if tuple(kernel) != (3, 3) or tuple(strides) != (1, 1) or x.shape[-1] % 16:
+    raise ValueError(f"{name}: winograd needs a 3x3 kernel, stride 1 and "
+                     f"input channels a multiple of 16, got kernel {kernel}, "
+                     f"strides {strides} and x {x.shape}")
+
+
+def _kernel_gradient(x, dy, kernel, strides, padding, winograd):
   """The FFI call on this device's arrays."""
   if library() is None:
     raise RuntimeError("twa_jax.native.conv_kernel_gradient: the compiled "
                        "kernels are unavailable (see the warning).")
-  return jax.ffi.ffi_call(
-      CONV_KERNEL_GRADIENT,
-      jax.ShapeDtypeStruct((*kernel, x.shape[-1], dy.shape[-1]), jnp.float32))(
-          x, dy, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
-          pad_h=np.int64(padding[0]), pad_w=np.int64(padding[1]))
+  out = jax.ShapeDtypeStruct((*kernel, x.shape[-1], dy.shape[-1]), jnp.float32)
+  pads = {"pad_h": np.int64(padding[0]), "pad_w": np.int64(padding[1])}
+  if winograd:
+    return jax.ffi.ffi_call(WINOGRAD_KERNEL_GRADIENT, out)(x, dy, **pads)
+  return jax.ffi.ffi_call(CONV_KERNEL_GRADIENT, out)(
+      x, dy, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+      **pads)
 
 
 def _batch_spec(mesh, arg_shapes):
@@ -244,26 +257,28 @@ def _batch_spec(mesh, arg_shapes):
       mesh, jax.sharding.PartitionSpec(spec[0] if spec else None))
 
 
-def _partition(kernel, strides, padding, mesh, arg_shapes, result_shape):
+def _partition(kernel, strides, padding, winograd, mesh, arg_shapes,
+               result_shape):
   """Each device sums its images; a psum over the batch's axes adds them."""
   del result_shape
   operands = _batch_spec(mesh, arg_shapes)
   axes = operands.spec[0]
 
   def lower(x, dy):
-    dw = _kernel_gradient(x, dy, kernel, strides, padding)
+    dw = _kernel_gradient(x, dy, kernel, strides, padding, winograd)
     return jax.lax.psum(dw, axes) if axes else dw
   return (mesh, lower, jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec()), (operands, operands))
 
 
-def _replicated(kernel, strides, padding, mesh, arg_shapes, result_shape):
-  del kernel, strides, padding, arg_shapes, result_shape
+def _replicated(kernel, strides, padding, winograd, mesh, arg_shapes,
+                result_shape):
+  del kernel, strides, padding, winograd, arg_shapes, result_shape
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 _partitioned_kernel_gradient = custom_partitioning.custom_partitioning(
-    _kernel_gradient, static_argnums=(2, 3, 4))
+    _kernel_gradient, static_argnums=(2, 3, 4, 5))
 _partitioned_kernel_gradient.def_partition(
     partition=_partition, infer_sharding_from_operands=_replicated,
     sharding_rule="n h w c, n i j o -> k l c o")
@@ -271,7 +286,8 @@ _partitioned_kernel_gradient.def_partition(
 
 def conv_kernel_gradient(x: jax.Array, dy: jax.Array,
                          kernel: tuple[int, int], strides: tuple[int, int],
-                         padding: tuple[int, int]) -> jax.Array:
+                         padding: tuple[int, int], *,
+                         winograd: bool = False) -> jax.Array:
   """The gradient of an NHWC conv's HWIO kernel, with the compiled kernel.
 
   dw[i, j, c, o] = sum over n, h, w of
@@ -288,6 +304,9 @@ def conv_kernel_gradient(x: jax.Array, dy: jax.Array,
     strides: the conv's strides.
     padding: the zeros before the first row and column (those after follow
       from dy's size).
+    winograd: compute it as the gradient of `conv(..., winograd=True)`'s
+      transformed kernel, transformed back: 16 multiplications per tile of
+      2x2 output pixels and channel pair against 36. Same requirements.
 
   Returns:
     float32 (kernel[0], kernel[1], C_in, C_out).
@@ -297,7 +316,10 @@ def conv_kernel_gradient(x: jax.Array, dy: jax.Array,
   """
   kernel, strides, padding = tuple(kernel), tuple(strides), tuple(padding)
   _check_conv("conv_kernel_gradient", x, dy, kernel, strides, padding)
-  return _partitioned_kernel_gradient(x, dy, kernel, strides, padding)
+  if winograd:
+    _check_winograd("conv_kernel_gradient", x, kernel, strides)
+  return _partitioned_kernel_gradient(x, dy, kernel, strides, padding,
+                                      winograd)
 
 
 def _conv(x, w, strides, padding, out_size, winograd):
@@ -379,11 +401,8 @@ def conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
   if w.ndim != 4 or w.shape[2] != x.shape[-1] or min(out_size) < 1:
     raise ValueError(f"conv: kernel {w.shape} does not take x {x.shape}, or "
                      f"output size {out_size} is empty")
-  if winograd and (w.shape[:2] != (3, 3) or strides != (1, 1)
-                   or x.shape[-1] % 16):
-    raise ValueError(f"conv: winograd needs a 3x3 kernel, stride 1 and input "
-                     f"channels a multiple of 16, got kernel {w.shape}, "
-                     f"strides {strides}")
+  if winograd:
+    _check_winograd("conv", x, w.shape[:2], strides)
   return _partitioned_conv(x, w, strides, padding, out_size, winograd)
 
 

@@ -155,6 +155,60 @@ void Reduce(const std::vector<double>& partial, int64_t threads, int64_t k,
   }
 }
 
+// Float buffers reused from call to call. The fresh pages of a large
+// allocation each cost a page fault and a clearing by the OS, which took
+// longer than a Winograd conv's products on them (2-3x its time on
+// VGG16's 16x16x128 maps). A buffer is taken for one call of a kernel (or
+// one slot of it) and given back; the pool keeps at most as many as were
+// ever in use at once.
+class Scratch {
+ public:
+  explicit Scratch(int64_t size) {
+    std::lock_guard<std::mutex> lock(Mutex());
+    std::vector<Buffer>& free = Free();
+    auto best = free.end();
+    for (auto it = free.begin(); it != free.end(); ++it) {
+      if (it->size >= size && (best == free.end() || it->size < best->size)) {
+        best = it;
+      }
+    }
+    if (best != free.end()) {
+      buffer_ = std::move(*best);
+      free.erase(best);
+      return;
+    }
+    if (!free.empty()) {  // all too small: drop the largest
+      free.erase(std::max_element(free.begin(), free.end(),
+                                  [](const Buffer& a, const Buffer& b) {
+                                    return a.size < b.size;
+                                  }));
+    }
+    buffer_ = {size, std::unique_ptr<float[]>(new float[size])};
+  }
+  ~Scratch() {
+    std::lock_guard<std::mutex> lock(Mutex());
+    Free().push_back(std::move(buffer_));
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  float* data() { return buffer_.data.get(); }
+
+ private:
+  struct Buffer {
+    int64_t size = 0;
+    std::unique_ptr<float[]> data;
+  };
+  static std::mutex& Mutex() {
+    static std::mutex mu;
+    return mu;
+  }
+  static std::vector<Buffer>& Free() {
+    static std::vector<Buffer> free;
+    return free;
+  }
+  Buffer buffer_;
+};
+
 ffi::Error MatvecBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> p, ffi::Buffer<ffi::F32> g,
                       ffi::ResultBuffer<ffi::F32> out) {
   const int64_t k = p.dimensions()[0], cols = p.dimensions()[1];
@@ -547,36 +601,43 @@ void OutputRow(const ConvShape& c, const float* x, const float* w, int64_t oh,
   }
 }
 
+// Vectors of output channels that a block of them takes where `left`
+// channels remain: 4, 2 or 1.
+inline int BlockVectors(int64_t left) {
+  return left >= 4 * kLanes ? 4 : left >= 2 * kLanes ? 2 : 1;
+}
+
 // Output row oh of one image, all output channels: 64, 32, then 16 at a time.
 void OutputChannels(const ConvShape& c, const float* x, const float* w,
                     int64_t oh, float* y) {
-  for (int64_t col = 0; col < c.co;) {
-    const int64_t left = c.co - col;
-    if (left >= 4 * kLanes) {
-      OutputRow<4>(c, x, w, oh, col, y);
-    } else if (left >= 2 * kLanes) {
-      OutputRow<2>(c, x, w, oh, col, y);
-    } else {
-      OutputRow<1>(c, x, w, oh, col, y);
-    }
-    col += left >= 4 * kLanes ? 4 * kLanes
-           : left >= 2 * kLanes ? 2 * kLanes : kLanes;
+  for (int64_t col = 0, j; col < c.co; col += j * kLanes) {
+    j = BlockVectors(c.co - col);
+    if (j == 4) OutputRow<4>(c, x, w, oh, col, y);
+    else if (j == 2) OutputRow<2>(c, x, w, oh, col, y);
+    else OutputRow<1>(c, x, w, oh, col, y);
   }
 }
 
-// Image b of x (n, h, w, ci), zero-padded to the (hp, wp) windows the
-// output pixels read: ph rows and pw columns before it.
-std::vector<float> PaddedImage(const ConvShape& c, const float* x, int64_t b) {
-  std::vector<float> padded(c.hp * c.wp * c.ci, 0.f);
+// KernelRow for J = j.
+void KernelRowOf(int j, const ConvShape& c, const float* x, const float* dy,
+                 int64_t col, int64_t entries, float* dw) {
+  if (j == 4) KernelRow<4>(c, x, dy, col, entries, dw);
+  else if (j == 2) KernelRow<2>(c, x, dy, col, entries, dw);
+  else KernelRow<1>(c, x, dy, col, entries, dw);
+}
+
+// padded (hp x wp x ci) = image b of x (n, h, w, ci), zero-padded to the
+// windows the output pixels read: ph rows and pw columns before it.
+void PadImage(const ConvShape& c, const float* x, int64_t b, float* padded) {
+  std::fill(padded, padded + c.hp * c.wp * c.ci, 0.f);
   const int64_t j0 = std::min(c.pw, c.wp), j1 = std::min(c.wp, c.w + c.pw);
   for (int64_t i = 0; i < c.hp && j0 < j1; ++i) {
     const int64_t ih = i - c.ph;
     if (ih < 0 || ih >= c.h) continue;
-    std::memcpy(padded.data() + (i * c.wp + j0) * c.ci,
+    std::memcpy(padded + (i * c.wp + j0) * c.ci,
                 x + ((b * c.h + ih) * c.w + j0 - c.pw) * c.ci,
                 (j1 - j0) * c.ci * sizeof(float));
   }
-  return padded;
 }
 
 // y[n, oh, ow, co] = sum over kh, kw, ci of
@@ -591,7 +652,8 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const ConvShape& c = shape.value();
   const float* ws = w.typed_data();
   OverBlocks(pool, c.n, 1, c.n, [&](int64_t, int64_t b, int64_t) {
-    const std::vector<float> padded = PaddedImage(c, x.typed_data(), b);
+    Scratch padded(c.hp * c.wp * c.ci);
+    PadImage(c, x.typed_data(), b, padded.data());
     float* out = y->typed_data() + b * c.ho * c.wo * c.co;
     for (int64_t oh = 0; oh < c.ho; ++oh) OutputChannels(c, padded.data(), ws, oh, out);
   });
@@ -610,6 +672,10 @@ constexpr int kPositions = kWindow * kWindow;
 // Tiles per slot: their transformed windows and products (16 x tiles x
 // channels each) stay in the core's cache.
 constexpr int64_t kWinogradTiles = 32;
+// Values of the windows whose products a kernel gradient sums at once, and
+// of the windows and gradients it transforms in one pass.
+constexpr int64_t kWinogradChunk = 1 << 16;
+constexpr int64_t kWinogradPass = 1 << 21;
 
 // G v for a kernel row or column v (3 taps): the window's 4 positions.
 inline void KernelTransform(const F32x16 (&v)[3], F32x16 (&u)[kWindow]) {
@@ -661,12 +727,17 @@ void TransformKernel(ffi::ThreadPool& pool, const ConvShape& c,
   });
 }
 
-// v[p][t][ci] = (B^T d B)[p] for tiles [first, last) (t counts from first)
-// of the images' tile grids, 16 input channels at a time; the window
-// reads zeros outside the image.
+// Tiles of the images' 2x2 grids of output pixels.
+int64_t Tiles(const ConvShape& c) {
+  return c.n * ((c.ho + 1) / 2) * ((c.wo + 1) / 2);
+}
+
+// v[p][t][ci] = (B^T d B)[p] for tiles [first, last) (t counts from first;
+// positions `tiles` apart) of the images' tile grids, 16 input channels at
+// a time; the window reads zeros outside the image.
 void TransformWindows(const ConvShape& c, const float* x, int64_t first,
-                      int64_t last, float* v) {
-  const int64_t th = (c.ho + 1) / 2, tw = (c.wo + 1) / 2, tiles = last - first;
+                      int64_t last, int64_t tiles, float* v) {
+  const int64_t th = (c.ho + 1) / 2, tw = (c.wo + 1) / 2;
   for (int64_t t = first; t < last; ++t) {
     const int64_t b = t / (th * tw), r0 = t / tw % th * 2 - c.ph,
                   c0 = t % tw * 2 - c.pw;
@@ -737,16 +808,16 @@ ffi::Error WinogradConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         "winograd conv: the kernel is not 3x3, or the input channels not a "
         "multiple of 16");
   }
-  std::vector<float> u(kPositions * c.ci * c.co);
+  Scratch u(kPositions * c.ci * c.co);
   TransformKernel(pool, c, w.typed_data(), u.data());
-  const int64_t tiles = c.n * ((c.ho + 1) / 2) * ((c.wo + 1) / 2);
+  const int64_t tiles = Tiles(c);
   const int64_t slots = (tiles + kWinogradTiles - 1) / kWinogradTiles;
   const int64_t block = (tiles + slots - 1) / slots;
   OverBlocks(pool, tiles, block, slots,
              [&](int64_t, int64_t first, int64_t last) {
     const int64_t n = last - first;
-    std::vector<float> v(kPositions * n * c.ci), m(kPositions * n * c.co);
-    TransformWindows(c, x.typed_data(), first, last, v.data());
+    Scratch v(kPositions * n * c.ci), m(kPositions * n * c.co);
+    TransformWindows(c, x.typed_data(), first, last, n, v.data());
     // Each position's product is a 1x1 conv of a 1 x n image.
     const ConvShape product{1, n, 1, 1, n, c.ci, c.co, 1, 1, n, 1, 1, 0, 0, 1};
     for (int p = 0; p < kPositions; ++p) {
@@ -754,6 +825,139 @@ ffi::Error WinogradConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                      0, m.data() + p * n * c.co);
     }
     TransformProducts(c, m.data(), first, last, y->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+// A^T v for a tile's row or column of output gradients v (2 pixels): the
+// gradient of the 4 positions that OutputTransform adds up.
+inline void GradientTransform(const F32x16 (&v)[2], F32x16 (&u)[kWindow]) {
+  u[0] = v[0];
+  u[1] = v[0] + v[1];
+  u[2] = v[0] - v[1];
+  u[3] = -v[1];
+}
+
+// G^T v for a position row or column v: the 3 taps' gradients.
+inline void KernelGradientTransform(const F32x16 (&v)[kWindow],
+                                    F32x16 (&u)[3]) {
+  u[0] = v[0] + 0.5f * (v[1] + v[2]);
+  u[1] = 0.5f * (v[1] - v[2]);
+  u[2] = v[3] + 0.5f * (v[1] + v[2]);
+}
+
+// m[p][t][co] = (A dy A^T)[p] for tiles [first, last) of the tile grids
+// (t counts from first; positions `tiles` apart): the gradient of the
+// products m of WinogradConv, zero for pixels past the output's edge.
+void TransformGradients(const ConvShape& c, const float* dy, int64_t first,
+                        int64_t last, int64_t tiles, float* m) {
+  const int64_t th = (c.ho + 1) / 2, tw = (c.wo + 1) / 2;
+  for (int64_t t = first; t < last; ++t) {
+    const int64_t b = t / (th * tw), r0 = t / tw % th * 2, c0 = t % tw * 2;
+    for (int64_t o = 0; o < c.co; o += kLanes) {
+      F32x16 cols[2][kWindow];  // A dy, for each pixel column
+      for (int q = 0; q < 2; ++q) {
+        F32x16 d[2];
+        for (int r = 0; r < 2; ++r) {
+          d[r] = r0 + r < c.ho && c0 + q < c.wo
+                     ? Load<F32x16>(dy + ((b * c.ho + r0 + r) * c.wo + c0 + q) * c.co + o)
+                     : F32x16{};
+        }
+        GradientTransform(d, cols[q]);
+      }
+      for (int a = 0; a < kWindow; ++a) {
+        F32x16 u4[kWindow];
+        GradientTransform({cols[0][a], cols[1][a]}, u4);
+        for (int q = 0; q < kWindow; ++q) {
+          Store(m + ((a * kWindow + q) * tiles + t - first) * c.co + o, u4[q]);
+        }
+      }
+    }
+  }
+}
+
+// The kernel gradient of WinogradConv's conv: with the windows v and the
+// products' gradients m of the tiles, the transformed kernel's gradient at
+// position p is v[p]^T m[p] (ci x co, summed over the tiles in order), and
+// dw = G^T (that) G. Tiles are dealt to slots for the transforms, then
+// (position, 64 output channels) pairs for the products.
+ffi::Error WinogradKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::F32> dy,
+                              ffi::ResultBuffer<ffi::F32> dw, int64_t ph,
+                              int64_t pw) {
+  const auto shape = MakeConvShape("winograd conv kernel gradient",
+                                   x.dimensions(), dw->dimensions(),
+                                   dy.dimensions(), 1, 1, ph, pw);
+  if (shape.has_error()) return shape.error();
+  const ConvShape& c = shape.value();
+  if (c.kh != 3 || c.kw != 3 || c.ci % kLanes) {
+    return ffi::Error::InvalidArgument(
+        "winograd conv kernel gradient: the kernel is not 3x3, or the input "
+        "channels not a multiple of 16");
+  }
+  // Passes over the tiles, each transforming its windows and gradients and
+  // then adding each position's products: a 1x1 conv's kernel gradient
+  // over a 1 x tiles image, summed a chunk of tiles at a time (their
+  // windows stay in the cache).
+  const int64_t tiles = Tiles(c);
+  const int64_t pass = std::max<int64_t>(
+      kWinogradTiles, kWinogradPass / (kPositions * (c.ci + c.co)));
+  const int64_t chunk = std::max<int64_t>(kLanes, kWinogradChunk / c.ci);
+  const int64_t blocks = (c.co + 4 * kLanes - 1) / (4 * kLanes);
+  Scratch v(kPositions * std::min(pass, tiles) * c.ci);
+  Scratch m(kPositions * std::min(pass, tiles) * c.co);
+  Scratch u(kPositions * c.ci * c.co);
+  std::fill(u.data(), u.data() + kPositions * c.ci * c.co, 0.f);
+  for (int64_t t0 = 0; t0 < tiles; t0 += pass) {
+    const int64_t n = std::min(pass, tiles - t0);
+    OverBlocks(pool, n, kWinogradTiles,
+               (n + kWinogradTiles - 1) / kWinogradTiles,
+               [&](int64_t, int64_t first, int64_t last) {
+      TransformWindows(c, x.typed_data(), t0 + first, t0 + last, n,
+                       v.data() + first * c.ci);
+      TransformGradients(c, dy.typed_data(), t0 + first, t0 + last, n,
+                         m.data() + first * c.co);
+    });
+    OverBlocks(pool, kPositions * blocks, 1, kPositions * blocks,
+               [&](int64_t, int64_t job, int64_t) {
+      const int64_t p = job / blocks, col = job % blocks * 4 * kLanes;
+      const int64_t end = std::min(c.co, col + 4 * kLanes);
+      for (int64_t t = 0; t < n; t += chunk) {
+        const int64_t nt = std::min(chunk, n - t);
+        const ConvShape product{1, nt, 1, 1, nt, c.ci, c.co, 1, 1, nt,
+                                1, 1, 0, 0, 1};
+        for (int64_t o = col, j; o < end; o += j * kLanes) {
+          j = BlockVectors(end - o);
+          KernelRowOf(j, product, v.data() + (p * n + t) * c.ci,
+                      m.data() + (p * n + t) * c.co, o, c.ci,
+                      u.data() + p * c.ci * c.co);
+        }
+      }
+    });
+  }
+  float* out = dw->typed_data();
+  OverBlocks(pool, c.ci, kLanes, (c.ci + kLanes - 1) / kLanes,
+             [&](int64_t, int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      for (int64_t o = 0; o < c.co; o += kLanes) {
+        F32x16 rows[kWindow][3];  // (position row) G, for each position row
+        for (int a = 0; a < kWindow; ++a) {
+          F32x16 p[kWindow];
+          for (int b = 0; b < kWindow; ++b) {
+            p[b] = Load<F32x16>(u.data() + ((a * kWindow + b) * c.ci + i) * c.co + o);
+          }
+          KernelGradientTransform(p, rows[a]);
+        }
+        for (int kw = 0; kw < 3; ++kw) {
+          F32x16 taps[3];
+          KernelGradientTransform({rows[0][kw], rows[1][kw], rows[2][kw], rows[3][kw]},
+                                  taps);
+          for (int kh = 0; kh < 3; ++kh) {
+            Store(out + ((kh * 3 + kw) * c.ci + i) * c.co + o, taps[kh]);
+          }
+        }
+      }
+    }
   });
   return ffi::Error::Success();
 }
@@ -773,28 +977,25 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const ConvShape& c = shape.value();
   const int64_t entries = c.kw * c.ci, size = c.kh * entries * c.co;
   const int64_t slots = std::min(c.n, kKernelGradSlots);
-  std::vector<float> partial(slots * size, 0.f);
+  Scratch partial(slots * size);
+  std::fill(partial.data(), partial.data() + slots * size, 0.f);
   OverBlocks(pool, c.n, 1, slots, [&](int64_t slot, int64_t b, int64_t) {
-    const std::vector<float> padded = PaddedImage(c, x.typed_data(), b);
+    Scratch padded(c.hp * c.wp * c.ci);
+    PadImage(c, x.typed_data(), b, padded.data());
     float* acc = partial.data() + slot * size;
     const float* d = dy.typed_data() + b * c.ho * c.wo * c.co;
-    for (int64_t col = 0; col < c.co;) {
-      const int64_t left = c.co - col;
+    for (int64_t col = 0, j; col < c.co; col += j * kLanes) {
+      j = BlockVectors(c.co - col);
       for (int64_t r = 0; r < c.kh; ++r) {
-        const float* xr = padded.data() + r * c.wp * c.ci;
-        float* out = acc + r * entries * c.co;
-        if (left >= 4 * kLanes) KernelRow<4>(c, xr, d, col, entries, out);
-        else if (left >= 2 * kLanes) KernelRow<2>(c, xr, d, col, entries, out);
-        else KernelRow<1>(c, xr, d, col, entries, out);
+        KernelRowOf(j, c, padded.data() + r * c.wp * c.ci, d, col, entries,
+                    acc + r * entries * c.co);
       }
-      col += left >= 4 * kLanes ? 4 * kLanes
-             : left >= 2 * kLanes ? 2 * kLanes : kLanes;
     }
   });
   float* out = dw->typed_data();
   std::fill(out, out + size, 0.f);
   for (int64_t t = 0; t < slots; ++t) {
-    for (int64_t i = 0; i < size; ++i) out[i] += partial[t * size + i];
+    for (int64_t i = 0; i < size; ++i) out[i] += partial.data()[t * size + i];
   }
   return ffi::Error::Success();
 }
@@ -916,6 +1117,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     TwaWinogradConv, WinogradConv,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
+        .Attr<int64_t>("pad_h").Attr<int64_t>("pad_w"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    TwaWinogradKernelGrad, WinogradKernelGrad,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
         .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
         .Attr<int64_t>("pad_h").Attr<int64_t>("pad_w"));

@@ -55,16 +55,17 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides,
   are the same either way (BENCHMARKS.md, "The training step on CPU"):
   - a map no larger than the kernel (VGG16's last block on CIFAR): patches
     times kernel, about 60x faster than XLA:CPU's conv;
-  - float32, where the compiled kernels are built (`_compiled_conv`): at
-    stride 1 the input gradient convolves the output gradient with the
-    kernel flipped by `twa_jax.native.flip_kernel`; with 16 to
-    `COMPILED_MAX_CHANNELS` output channels (a multiple of 16) the kernel
-    gradient is `twa_jax.native.conv_kernel_gradient`'s; the conv (and so
-    the input gradient) is `twa_jax.native.conv`'s by Winograd F(2x2, 3x3)
-    for 3x3 kernels at stride 1 with at least `WINOGRAD_MIN_CHANNELS`
-    input channels (`winograd`), else its direct one at stride 1 on output
-    maps at least `COMPILED_MIN_WIDTH` wide with at most
-    `COMPILED_MAX_CHANNELS` input channels.
+  - float32, where the compiled kernels are built (`_compiled_conv`): the
+    conv is `twa_jax.native.conv`'s, by Winograd F(2x2, 3x3) for 3x3
+    kernels at stride 1 with at least `WINOGRAD_MIN_CHANNELS` input
+    channels (`winograd`), else directly at stride 1 on output maps at
+    least `COMPILED_MIN_WIDTH` wide with at most `COMPILED_MAX_CHANNELS`
+    channels; at stride 1 the input gradient is such a conv of the output
+    gradient with the kernel flipped by `twa_jax.native.flip_kernel`; the
+    kernel gradient is `twa_jax.native.conv_kernel_gradient`'s, by Winograd
+    for those convs with at least `WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS`
+    input channels, else directly with 16 to `COMPILED_MAX_CHANNELS` output
+    channels (a multiple of 16).
   """
   args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
           dimension_numbers, feature_group_count)
@@ -111,9 +112,11 @@ def _pads(lhs: jax.Array, kernel, strides, padding
 # 8x8 maps and at stride 2 XLA's is faster).
 COMPILED_MIN_WIDTH = 16
 # Input channels from which a 3x3 stride-1 conv is fastest by Winograd
-# (`twa_jax.native.conv(..., winograd=True)`), on every map size measured;
-# with 16 the direct compiled conv is.
+# (`twa_jax.native.conv(..., winograd=True)`), on every map size measured
+# (with 16 the direct compiled conv is), and from which its kernel gradient
+# is (with 32 the direct compiled one is).
 WINOGRAD_MIN_CHANNELS = 32
+WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS = 64
 
 
 def winograd(kernel: tuple[int, ...], strides, channels: tuple[int, int]
@@ -157,8 +160,10 @@ def _xla_conv(lhs: jax.Array, rhs: jax.Array, strides, pads) -> jax.Array:
 def _compiled_conv(lhs: jax.Array, rhs: jax.Array, strides, pads
                    ) -> jax.Array:
   """An NHWC/HWIO float32 conv (`_cpu_conv`) whose gradients take the
-  compiled kernels where they beat XLA:CPU's: the kernel gradient with
-  `compiled_kernel_gradient` output channels, and at stride 1 the input
+  compiled kernels where they beat XLA:CPU's: the kernel gradient by
+  Winograd for `winograd` convs with at least
+  `WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS` input channels, else directly
+  with `compiled_kernel_gradient` output channels; and at stride 1 the input
   gradient as `_cpu_conv` of dy with `twa_jax.native.flip_kernel` of the
   kernel (XLA:CPU's fused flip and transpose of a 3x3x512x512 kernel takes
   about 8x as long). Elsewhere the gradients are XLA's."""
@@ -182,9 +187,14 @@ def _conv_backward(strides, pads, residuals, dy):
   else:
     input_gradient = jax.vjp(lambda x: _xla_conv(x, rhs, strides, pads),
                              lhs)[1](dy)[0]
-  if compiled_kernel_gradient(rhs.shape[-1]):
+  padding = tuple(lo for lo, _ in pads)
+  if (winograd(rhs.shape[:2], strides, rhs.shape[2:])
+      and rhs.shape[2] >= WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS):
     kernel_gradient = native.conv_kernel_gradient(
-        lhs, dy, rhs.shape[:2], strides, tuple(lo for lo, _ in pads))
+        lhs, dy, rhs.shape[:2], strides, padding, winograd=True)
+  elif compiled_kernel_gradient(rhs.shape[-1]):
+    kernel_gradient = native.conv_kernel_gradient(
+        lhs, dy, rhs.shape[:2], strides, padding)
   else:
     kernel_gradient = jax.vjp(lambda w: _xla_conv(lhs, w, strides, pads),
                               rhs)[1](dy)[0]
