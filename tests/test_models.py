@@ -364,7 +364,7 @@ def test_conv_takes_the_patches_path_only_for_maps_up_to_the_kernel():
 def test_conv_with_compiled_kernel_gradient_matches_lax(size, c_in, c_out,
                                                         kernel, stride, seed):
   """The models' convs on larger maps: lax's values and gradients up to
-  float32 summation order, whichever paths compute the conv, its input
+  float32 rounding, whichever paths compute the conv, its input
   gradient and its kernel gradient (the compiled conv from 16 wide, by
   Winograd from 32 input channels and its kernel gradient from 64: the
   explicit examples)."""

@@ -7,10 +7,14 @@ kernels in `products.cc` widen 16 values at a time in registers, so the
 products' time follows the bytes of P they read. For a conv's kernel
 gradient XLA:CPU transposes the activations and the output gradient into
 one large convolution; the kernel reads them in place. The conv itself
-(used by the models at stride 1 with few channels, where it beats XLA:CPU's)
-keeps blocks of output pixels in registers, and a conv's input gradient
-takes its kernel flipped and transposed by `flip_kernel`, several times
-faster than XLA:CPU's fused loop. They are XLA FFI handlers,
+keeps blocks of output pixels in registers; for 3x3 kernels at stride 1 it
+and its kernel gradient also run by Winograd F(2x2, 3x3), with 16
+multiplications per 2x2 output pixels and channel pair where a direct conv
+takes 36. A conv's input gradient takes its kernel flipped and transposed
+by `flip_kernel`, several times faster than XLA:CPU's fused loop. The
+kernels keep their scratch buffers for the next call (as many as were in
+use at once; the Winograd kernel gradient's hold at most 8 MB of windows
+plus 16 C_in C_out floats). They are XLA FFI handlers,
 compiled at first use with the machine's C++ compiler (`$CXX`, else `c++`,
 `g++` or `clang++`) for this CPU, cached in `$TWA_JAX_CACHE_DIR` (default
 `~/.cache/twa_jax`) and called through `jax.ffi.ffi_call`.

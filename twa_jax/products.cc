@@ -13,6 +13,8 @@
 // dy to lay it out as one convolution (1.2-2.6x PyTorch's time with up to
 // 64 channels); here it is read in place. The conv keeps R output pixels x
 // 16 J output channels in registers; with few channels it beats XLA:CPU's.
+// 3x3 stride-1 convs and their kernel gradients also run by Winograd
+// F(2x2, 3x3): transforms around one matrix product per window position.
 // A kernel flipped and transposed for an input gradient is transposed in
 // 16 x 16 tiles in registers.
 // The column blocks (images) are dealt to a fixed number of slots, which
