@@ -73,9 +73,9 @@ def gradient_step(name: str, batch: int):
 def conv_roles(hlo_text: str, params) -> dict[str, str]:
   """Role of each instruction that is or calls a convolution: "forward",
   "input_gradient" or "kernel_gradient" (its output shaped as a kernel, in
-  the kernel's layout or the convolution's (in, h, w, out), or the compiled
-  kernel gradient's custom call; the compiled conv's calls by their op name,
-  as XLA's convs); and "kernel_gradient_layout" for the transposes feeding a
+  the kernel's layout or the convolution's (in, h, w, out), or a compiled
+  kernel gradient's custom call, direct or Winograd; the compiled convs'
+  calls by their op name, as XLA's convs); and "kernel_gradient_layout" for the transposes feeding a
   kernel gradient."""
   shapes = [p.shape for p in jax.tree.leaves(params) if p.ndim == 4]
   kernels = {"f32[" + ",".join(map(str, s)) + "]" for s in shapes} | {
@@ -92,10 +92,12 @@ def conv_roles(hlo_text: str, params) -> dict[str, str]:
     elif current and _CONV.search(line):
       bodies[current].append(line)
   roles = {}
+  def calls_one_of(line: str, *names: str) -> bool:
+    return any(f'custom_call_target="{n}"' in line for n in names)
   for line in hlo_text.splitlines():
-    if f'custom_call_target="{native.CONV_KERNEL_GRADIENT}"' in line:
+    if calls_one_of(line, native.CONV_KERNEL_GRADIENT, native.WINOGRAD_KERNEL_GRADIENT):
       roles[_NAME.match(line).group(1)] = "kernel_gradient"
-    elif f'custom_call_target="{native.CONV}"' in line:
+    elif calls_one_of(line, native.CONV, native.WINOGRAD_CONV):
       roles[_NAME.match(line).group(1)] = (
           "input_gradient" if "transpose(" in line else "forward")
     elif match := _INSTRUCTION.match(line):
