@@ -95,7 +95,8 @@ def conv_roles(hlo_text: str, params) -> dict[str, str]:
   def calls_one_of(line: str, *names: str) -> bool:
     return any(f'custom_call_target="{n}"' in line for n in names)
   for line in hlo_text.splitlines():
-    if calls_one_of(line, native.CONV_KERNEL_GRADIENT, native.WINOGRAD_KERNEL_GRADIENT):
+    if calls_one_of(line, native.CONV_KERNEL_GRADIENT,
+                    native.WINOGRAD_KERNEL_GRADIENT):
       roles[_NAME.match(line).group(1)] = "kernel_gradient"
     elif calls_one_of(line, native.CONV, native.WINOGRAD_CONV):
       roles[_NAME.match(line).group(1)] = (
