@@ -173,67 +173,73 @@ _CONVS = dict(
     pad=st.integers(0, 2))
 
 
-@needs_compiler
-@hypothesis.given(size=st.integers(3, 9), **_CONVS)
-def test_conv_kernel_gradient_matches_xla(seed, n, size, c_in, c_out, kernel,
-                                          stride, pad):
+def _assert_kernel_gradient_matches_xla(seed, n, size, c_in, c_out, kernel,
+                                        stride, pad, **options):
   hypothesis.assume(size + 2 * pad >= kernel)
   x, dy, want = _conv_operands(seed, n, size, c_in, c_out, kernel, stride, pad)
   got = native.conv_kernel_gradient(x, dy, (kernel, kernel), (stride, stride),
-                                    (pad, pad))
+                                    (pad, pad), **options)
   scale = float(jnp.sqrt(n * dy.shape[1] * dy.shape[2]))  # a sum's spread
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
 
 
-@needs_compiler
-@hypothesis.given(size=st.integers(3, 20), **_CONVS)
-def test_conv_matches_xla(seed, n, size, c_in, c_out, kernel, stride, pad):
+def _assert_conv_matches_xla(seed, n, size, c_in, c_out, kernel, stride, pad,
+                             **options):
   hypothesis.assume(size + 2 * pad >= kernel)
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=(n, size, size + 1, c_in)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(kernel, kernel, c_in, c_out)), jnp.float32)
   want = jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad),) * 2,
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  got = native.conv(x, w, (stride, stride), (pad, pad), want.shape[1:3])
+  got = native.conv(x, w, (stride, stride), (pad, pad), want.shape[1:3],
+                    **options)
   scale = float(np.sqrt(kernel * kernel * c_in))  # a sum's spread
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
 
 
 @needs_compiler
-@hypothesis.given(seed=st.integers(0, 2**16), n=st.integers(1, 3),
-                  size=st.integers(1, 12), c_in=st.sampled_from([16, 32, 48]),
-                  c_out=st.sampled_from([16, 32, 80]), pad=st.integers(0, 2))
-@hypothesis.example(seed=0, n=3, size=12, c_in=16, c_out=16, pad=1)
-def test_winograd_conv_matches_xla(seed, n, size, c_in, c_out, pad):
-  """A 3x3 stride-1 conv by Winograd F(2x2, 3x3): XLA's direct conv's
-  values, on odd sizes (tiles cut at the edge), every padding, and batches
-  of more tiles than one slot holds (the explicit example: 126 tiles)."""
-  hypothesis.assume(size + 2 * pad >= 3)
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.normal(size=(n, size, size + 1, c_in)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(3, 3, c_in, c_out)), jnp.float32)
-  want = jax.lax.conv_general_dilated(x, w, (1, 1), ((pad, pad),) * 2,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  got = native.conv(x, w, (1, 1), (pad, pad), want.shape[1:3], winograd=True)
-  scale = float(np.sqrt(9 * c_in))  # a sum's spread
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+@hypothesis.given(size=st.integers(3, 9), **_CONVS)
+def test_conv_kernel_gradient_matches_xla(seed, n, size, c_in, c_out, kernel,
+                                          stride, pad):
+  _assert_kernel_gradient_matches_xla(seed, n, size, c_in, c_out, kernel,
+                                      stride, pad)
 
 
 @needs_compiler
-@hypothesis.given(seed=st.integers(0, 2**16), n=st.integers(1, 3),
-                  size=st.integers(1, 12), c_in=st.sampled_from([16, 32, 48]),
-                  c_out=st.sampled_from([16, 32, 80]), pad=st.integers(0, 2))
+@hypothesis.given(size=st.integers(3, 20), **_CONVS)
+def test_conv_matches_xla(seed, n, size, c_in, c_out, kernel, stride, pad):
+  _assert_conv_matches_xla(seed, n, size, c_in, c_out, kernel, stride, pad)
+
+
+# Random geometries of 3x3 stride-1 convs that Winograd F(2x2, 3x3) takes:
+# odd sizes (tiles cut at the edge), every padding.
+_WINOGRAD_CONVS = dict(
+    seed=st.integers(0, 2**16), n=st.integers(1, 3), size=st.integers(1, 12),
+    c_in=st.sampled_from([16, 32, 48]), c_out=st.sampled_from([16, 32, 80]),
+    pad=st.integers(0, 2))
+
+
+@needs_compiler
+@hypothesis.given(**_WINOGRAD_CONVS)
+@hypothesis.example(seed=0, n=3, size=12, c_in=16, c_out=16, pad=1)
+def test_winograd_conv_matches_xla(seed, n, size, c_in, c_out, pad):
+  """XLA's direct conv's values, also on batches of more tiles than one
+  slot holds (the explicit example: 126 tiles)."""
+  _assert_conv_matches_xla(seed, n, size, c_in, c_out, 3, 1, pad,
+                           winograd=True)
+
+
+@needs_compiler
+@hypothesis.given(**_WINOGRAD_CONVS)
 @hypothesis.example(seed=0, n=3, size=12, c_in=16, c_out=80, pad=1)
+@hypothesis.example(seed=1, n=1, size=24, c_in=512, c_out=512, pad=1)
 def test_winograd_kernel_gradient_matches_xla(seed, n, size, c_in, c_out,
                                               pad):
-  """The kernel gradient of a 3x3 stride-1 conv by Winograd: XLA's, on odd
-  sizes, every padding and more tiles than one slot holds."""
-  hypothesis.assume(size + 2 * pad >= 3)
-  x, dy, want = _conv_operands(seed, n, size, c_in, c_out, 3, 1, pad)
-  got = native.conv_kernel_gradient(x, dy, (3, 3), (1, 1), (pad, pad),
-                                    winograd=True)
-  scale = float(jnp.sqrt(n * dy.shape[1] * dy.shape[2]))  # a sum's spread
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+  """XLA's kernel gradient, also with more tiles than one slot transforms
+  (126) and in several passes (156 tiles, in passes of 128 with 512
+  channels)."""
+  _assert_kernel_gradient_matches_xla(seed, n, size, c_in, c_out, 3, 1, pad,
+                                      winograd=True)
 
 
 @needs_compiler

@@ -729,6 +729,21 @@ void TransformKernel(ffi::ThreadPool& pool, const ConvShape& c,
   });
 }
 
+// MakeConvShape at stride 1, or an error naming `what` unless the kernel is
+// 3x3 and the input channels a multiple of 16 (Winograd F(2x2, 3x3)).
+template <typename Dims>
+ffi::ErrorOr<ConvShape> MakeWinogradShape(const char* what, Dims x,
+                                          Dims kernel, Dims out, int64_t ph,
+                                          int64_t pw) {
+  auto shape = MakeConvShape(what, x, kernel, out, 1, 1, ph, pw);
+  if (!shape.has_error() && (kernel[0] != 3 || kernel[1] != 3 || x[3] % kLanes)) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        std::string(what) + ": the kernel is not 3x3, or the input channels "
+        "not a multiple of 16"));
+  }
+  return shape;
+}
+
 // Tiles of the images' 2x2 grids of output pixels.
 int64_t Tiles(const ConvShape& c) {
   return c.n * ((c.ho + 1) / 2) * ((c.wo + 1) / 2);
@@ -800,16 +815,10 @@ void TransformProducts(const ConvShape& c, const float* m, int64_t first,
 ffi::Error WinogradConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                         ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
                         int64_t ph, int64_t pw) {
-  const auto shape = MakeConvShape("winograd conv", x.dimensions(),
-                                   w.dimensions(), y->dimensions(), 1, 1, ph,
-                                   pw);
+  const auto shape = MakeWinogradShape("winograd conv", x.dimensions(),
+                                       w.dimensions(), y->dimensions(), ph, pw);
   if (shape.has_error()) return shape.error();
   const ConvShape& c = shape.value();
-  if (c.kh != 3 || c.kw != 3 || c.ci % kLanes) {
-    return ffi::Error::InvalidArgument(
-        "winograd conv: the kernel is not 3x3, or the input channels not a "
-        "multiple of 16");
-  }
   Scratch u(kPositions * c.ci * c.co);
   TransformKernel(pool, c, w.typed_data(), u.data());
   const int64_t tiles = Tiles(c);
@@ -887,16 +896,11 @@ ffi::Error WinogradKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                               ffi::Buffer<ffi::F32> dy,
                               ffi::ResultBuffer<ffi::F32> dw, int64_t ph,
                               int64_t pw) {
-  const auto shape = MakeConvShape("winograd conv kernel gradient",
-                                   x.dimensions(), dw->dimensions(),
-                                   dy.dimensions(), 1, 1, ph, pw);
+  const auto shape = MakeWinogradShape("winograd conv kernel gradient",
+                                       x.dimensions(), dw->dimensions(),
+                                       dy.dimensions(), ph, pw);
   if (shape.has_error()) return shape.error();
   const ConvShape& c = shape.value();
-  if (c.kh != 3 || c.kw != 3 || c.ci % kLanes) {
-    return ffi::Error::InvalidArgument(
-        "winograd conv kernel gradient: the kernel is not 3x3, or the input "
-        "channels not a multiple of 16");
-  }
   // Passes over the tiles, each transforming its windows and gradients and
   // then adding each position's products: a 1x1 conv's kernel gradient
   // over a 1 x tiles image, summed a chunk of tiles at a time (their
