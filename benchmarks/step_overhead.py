@@ -33,7 +33,8 @@ default D = 4.2M), each with SGD and with TWA, all alternating in one run:
 donation), `donated` (the same with both donated), `train_state` (flax
 `TrainState.apply_gradients` under `jax.jit`), `nnx` (`nnx.Optimizer` under
 `nnx.jit`) and `torch` (the reference style). Each TWA step closes over the
-basis; the report gives each style's TWA/SGD ratio.
+basis; each state starts on the device, as in the README's loops. The report
+gives each style's TWA/SGD ratio.
 
   python benchmarks/step_overhead.py --loops --ns 100 --batch 128
 """
@@ -128,9 +129,16 @@ def num_params(name: str) -> int:
   return sum(leaf.size for leaf in jax.tree.leaves(shapes["params"]))
 
 
+def on_device(tree: PyTree) -> PyTree:
+  """`tree` committed to the default device: a TWA step then compiles once
+  (README, "TWA in your own loop")."""
+  return jax.device_put(tree, jax.devices()[0])
+
+
 class Trainer:
   """Steps of `twa_jax.training.steps.make_train_step` (what train.py runs)
-  on a private copy of the model state; state and metrics are donated."""
+  on a private copy of the model state; state and metrics are donated, and
+  put on the device first, as train.py does (one compile, README)."""
 
   def __init__(self, side: JaxSide, tx: optax.GradientTransformation,
                basis: twa_jax.Basis | None = None):
@@ -138,8 +146,8 @@ class Trainer:
     self._basis = basis
     params, batch_stats = jax.tree.map(jnp.copy, (side.params,
                                                   side.batch_stats))
-    self.state = steps.TrainState.create(params, batch_stats, tx)
-    self.metrics = steps.new_metrics()
+    self.state, self.metrics = on_device(
+        (steps.TrainState.create(params, batch_stats, tx), steps.new_metrics()))
     self.batch = side.batch
 
   def __call__(self) -> steps.TrainState:
@@ -404,7 +412,7 @@ def jit_side(loss, tx, params, donate: bool) -> Callable[[], PyTree]:
   def step(params, opt_state):
     updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
     return optax.apply_updates(params, updates), opt_state
-  state = [jax.tree.map(jnp.copy, params), tx.init(params)]
+  state = list(on_device((jax.tree.map(jnp.copy, params), tx.init(params))))
   def call():
     state[:] = step(*state)
     return state[0]
@@ -412,8 +420,8 @@ def jit_side(loss, tx, params, donate: bool) -> Callable[[], PyTree]:
 
 
 def _train_state_side(model, loss, tx, params) -> Callable[[], PyTree]:
-  ts = [train_state.TrainState.create(
-      apply_fn=model.apply, params=jax.tree.map(jnp.copy, params), tx=tx)]
+  ts = [on_device(train_state.TrainState.create(
+      apply_fn=model.apply, params=jax.tree.map(jnp.copy, params), tx=tx))]
   step = jax.jit(lambda s: s.apply_gradients(grads=jax.grad(loss)(s.params)))
   def call():
     ts[0] = step(ts[0])
@@ -424,6 +432,7 @@ def _train_state_side(model, loss, tx, params) -> Callable[[], PyTree]:
 def _nnx_side(widths, x, y, tx, seed: int) -> Callable[[], PyTree]:
   model = NNXMLP(widths, nnx.Rngs(seed))
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  nnx.update((model, opt), on_device(nnx.state((model, opt))))
   @nnx.jit
   def step(model, opt):
     loss, grads = nnx.value_and_grad(lambda m: _xent(m(x), y))(model)

@@ -8,6 +8,8 @@ iterates stay in the span.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import os
 import pathlib
@@ -210,6 +212,86 @@ def test_nnx_optimizer_with_nnx_jit_and_pure_dict_snapshots():
   sizes = [np.size(x) for x in jax.tree.leaves(nnx.state(opt))]
   assert max(sizes) < basis.dim * basis.num_params
   assert sum(sizes) <= 2 * basis.num_params + 8  # momentum (+ model copy)
+
+
+# The programs jit lowers (a trace and an XLA compile each), by name.
+LOWERING = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+
+@contextlib.contextmanager
+def _lowerings():
+  count = collections.Counter()
+  def listen(event, duration, *, fun_name="", **_):
+    del duration
+    if event == LOWERING:
+      count[fun_name] += 1
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield count
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def _steps_lowered(run, state, commit: bool) -> int:
+  """Lowerings of `step` over three calls from `state`, put on the device
+  first if `commit`."""
+  if commit:
+    state = jax.device_put(state, jax.devices()[0])
+  with _lowerings() as count:
+    for _ in range(3):
+      state = run(state)
+  return count["jit(step)"]
+
+
+def _jit_lowered(tx, commit: bool) -> int:
+  @jax.jit
+  def step(params, opt_state):
+    updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+  params = jax.tree.map(jnp.array, _linen_problem()[1])
+  return _steps_lowered(lambda s: step(*s), (params, tx.init(params)), commit)
+
+
+def _train_state_lowered(tx, commit: bool) -> int:
+  @jax.jit
+  def step(state):
+    return state.apply_gradients(grads=jax.grad(loss)(state.params))
+  state = train_state.TrainState.create(
+      apply_fn=MODEL.apply, params=jax.tree.map(jnp.array, _linen_problem()[1]),
+      tx=tx)
+  return _steps_lowered(step, state, commit)
+
+
+def _nnx_lowered(tx, commit: bool) -> int:
+  @nnx.jit
+  def step(model, opt):
+    opt.update(model, nnx.grad(_nnx_loss)(model))
+  model = helpers.NNXMLP(nnx.Rngs(0))
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  def run(state):
+    nnx.update((model, opt), state)
+    step(model, opt)
+    return nnx.state((model, opt))
+  return _steps_lowered(run, nnx.state((model, opt)), commit)
+
+
+@pytest.mark.parametrize("style", ["jit", "train_state", "nnx"])
+def test_a_state_on_the_device_compiles_the_step_once(style):
+  """jit keys its programs on whether the inputs are committed to a device.
+  The basis' Refs always are, so TWA's first step returns committed arrays:
+  from an uncommitted state the step compiles twice where optax's SGD
+  compiles once; put on the device first (the README's loops), once."""
+  lowered = {"jit": _jit_lowered, "train_state": _train_state_lowered,
+             "nnx": _nnx_lowered}[style]
+  if style == "nnx":
+    params = nnx.to_pure_dict(nnx.state(helpers.NNXMLP(nnx.Rngs(0)), nnx.Param))
+    snaps = [jax.tree.map(lambda w, i=i: w + 0.1 * i * jnp.cos(w + i), params)
+             for i in range(4)]
+  else:
+    snaps = _linen_problem()[0]
+  basis = _build(snaps)
+  assert [lowered(optax.sgd(LR, MOMENTUM), c) for c in (False, True)] == [1, 1]
+  assert [lowered(_tx(basis), c) for c in (False, True)] == [2, 1]
 
 
 def _frozen_reference(basis, start):

@@ -1,15 +1,17 @@
 """The import structure of twa_jax: imports only go down.
 
-Each module imports alone in a fresh interpreter; the module-level import
-graph (read from the source with `ast`) has no cycle, the library never
-imports the training world, no import sits inside a function, and no module
-uses another module's _private names. The library's entry points load
-neither orbax nor TensorStore (the store's backends).
+Each module imports alone (no other twa_jax module loaded); the
+module-level import graph (read from the source with `ast`) has no cycle,
+the library never imports the training world, no import sits inside a
+function, and no module uses another module's _private names. The
+library's entry points load neither orbax nor TensorStore (the store's
+backends).
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import pathlib
 import subprocess
@@ -36,10 +38,12 @@ def _env() -> dict[str, str]:
   return env
 
 
-def _python(code: str) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "-c", code], env=_env(), cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+def _run(code: str, *args: str) -> str:
+  """Runs `python -c code args` in a fresh interpreter; its stdout."""
+  p = subprocess.run([sys.executable, "-c", code, *args], env=_env(), cwd=ROOT,
+                     capture_output=True, text=True, timeout=300, check=False)
+  assert p.returncode == 0, p.stderr[-2000:]
+  return p.stdout
 
 
 def _imports(tree: ast.Module, name: str) -> list[tuple[ast.AST, str, str, str]]:
@@ -76,18 +80,43 @@ def _parsed():
           for name, path in MODULES.items()}
 
 
-def test_each_module_imports_alone_in_a_fresh_interpreter():
-  procs = {}
-  for name in MODULES:  # a few at a time: each is a fresh interpreter
-    procs[name] = _python(f"import {name}")
-    if len(procs) % 4 == 0:
-      for p in procs.values():
-        p.wait()
-  failed = {}
-  for name, p in procs.items():
-    _, err = p.communicate(timeout=300)
-    if p.returncode:
-      failed[name] = err[-2000:]
+# Each module is imported by a fork of one interpreter that has loaded only
+# the third-party packages `import twa_jax` loads; importing any twa_jax
+# module loads them first in a fresh interpreter too, so each child still
+# meets the module alone, without paying for jax again.
+_IMPORT_EACH = """
+import importlib, json, os, sys, traceback
+packages, names = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+for package in packages:
+  importlib.import_module(package)
+assert not [m for m in sys.modules if m.startswith("twa_jax")]
+failed = {}
+for name in names:
+  read, write = os.pipe()
+  if not os.fork():
+    os.close(read)
+    try:
+      importlib.import_module(name)
+    except BaseException:
+      os.write(write, traceback.format_exc()[-2000:].encode())
+      os._exit(1)
+    os._exit(0)
+  os.close(write)
+  with os.fdopen(read) as f:
+    error = f.read()
+  if os.wait()[1]:
+    failed[name] = error or "no traceback"
+print(json.dumps(failed))
+"""
+
+
+def test_each_module_imports_alone():
+  packages = _run(
+      "import json, sys, twa_jax\n"
+      "tops = {m.split('.')[0] for m in sys.modules} - {'twa_jax'}\n"
+      "print(json.dumps(sorted(t for t in tops if t[0] != '_')))")
+  failed = json.loads(_run(_IMPORT_EACH, packages.strip(),
+                           json.dumps(sorted(MODULES))))
   assert not failed, failed
 
 
@@ -157,11 +186,8 @@ def test_the_graph_walk_finds_what_it_forbids():
 
 @pytest.mark.parametrize("module", ["twa_jax", "twa_jax.transform"])
 def test_library_entry_points_load_no_store_backend(module):
-  p = _python(
-      f"import sys, {module}\n"
-      "print(sorted({m.split('.')[0] for m in sys.modules}\n"
-      "             & {'orbax', 'tensorstore', 'tensorflow_datasets',\n"
-      "                'ml_collections'}))")
-  out, err = p.communicate(timeout=300)
-  assert p.returncode == 0, err[-2000:]
+  out = _run(f"import sys, {module}\n"
+             "print(sorted({m.split('.')[0] for m in sys.modules}\n"
+             "             & {'orbax', 'tensorstore', 'tensorflow_datasets',\n"
+             "                'ml_collections'}))")
   assert out.strip() == "[]", out

@@ -4,6 +4,9 @@ The transformations close over the basis: their states hold no P, so a
 checkpoint of the optimizer state is P-free and a jitted step that returns
 the state writes no copy of P. The basis keeps P in `jax.Ref`s, which a
 closure captures by reference (neither embedded as a constant nor copied).
+Refs are committed to their device, so a step's outputs are too: put the
+training state on the device before the first step (`jax.device_put`), or
+jit compiles the step a second time at step 2.
 
 References:
   Li et al., "Trainable Weight Averaging: Efficient Training by Optimizing
