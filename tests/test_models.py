@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from twa_jax import native
 from twa_jax.training import models
 
@@ -321,18 +322,22 @@ def _assert_conv_matches_lax(seed: int, lhs: tuple[int, ...],
   `tolerance` relative and `tolerance` times a sum's spread (the square
   root of its terms) absolute: float32 errors of y pass through the sine to
   the gradients' sums."""
-  keys = jax.random.split(jax.random.key(seed), 3)
-  x = jax.random.normal(keys[0], lhs)
-  w = jax.random.normal(keys[1], kernel)
+  # Random operands from numpy: jax.random would compile anew per shape.
+  rng = np.random.default_rng(seed)
+  x, w = (rng.normal(size=shape).astype(np.float32) for shape in (lhs, kernel))
   pad = ((kernel[0] // 2,) * 2,) * 2
   numbers = ("NHWC", "HWIO", "NHWC")
+  y_shape = jax.eval_shape(functools.partial(
+      jax.lax.conv_general_dilated, window_strides=(stride, stride),
+      padding=pad, dimension_numbers=numbers), x, w).shape
+  c = rng.normal(size=y_shape).astype(np.float32)
   def loss(conv, x, w):
     y = conv(x, w, (stride, stride), pad, dimension_numbers=numbers)
-    return jnp.sum(jnp.sin(y) * jax.random.normal(keys[2], y.shape))
-  want = jax.value_and_grad(functools.partial(loss, jax.lax.conv_general_dilated),
-                            (0, 1))(x, w)
-  got = jax.value_and_grad(functools.partial(loss, models.conv_general_dilated),
-                           (0, 1))(x, w)
+    return jnp.sum(jnp.sin(y) * c)
+  want, got = (helpers.jit_fast_compile(jax.value_and_grad(
+      functools.partial(loss, conv), (0, 1)))(x, w)
+               for conv in (jax.lax.conv_general_dilated,
+                            models.conv_general_dilated))
   spread = math.sqrt(kernel[0] * kernel[1] * max(kernel[2:]))
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=tolerance,
                                  atol=tolerance * spread), got, want)
@@ -412,7 +417,8 @@ def test_convs_take_the_compiled_kernels_where_they_are_faster():
 @hypothesis.given(h=st.integers(2, 7), w=st.integers(2, 7),
                   seed=st.integers(0, 2**16))
 def test_max_pool_matches_flax_values_and_gradients(h, w, seed):
-  x = jax.random.normal(jax.random.key(seed), (2, h, w, 3))  # no ties
+  x = np.random.default_rng(seed).normal(size=(2, h, w, 3)).astype(
+      np.float32)  # no ties
   def loss(pool, x):
     return jnp.sum(pool(x) * jnp.arange(1.0, 1 + pool(x).size).reshape(
         pool(x).shape))
@@ -420,8 +426,9 @@ def test_max_pool_matches_flax_values_and_gradients(h, w, seed):
                                 strides=(2, 2))
   gradient = lambda pool: jax.grad(functools.partial(loss, pool))
   for of in (lambda pool: pool, gradient):  # jitted: one compile per shape
-    np.testing.assert_array_equal(jax.jit(of(models.max_pool_2x2))(x),
-                                  jax.jit(of(flax_pool))(x))
+    np.testing.assert_array_equal(
+        helpers.jit_fast_compile(of(models.max_pool_2x2))(x),
+        helpers.jit_fast_compile(of(flax_pool))(x))
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU path")

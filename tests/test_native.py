@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from twa_jax import kernels
 from twa_jax import native
 from twa_jax import quantization
@@ -96,15 +97,30 @@ def test_gradients_through_the_kernels_match_xla(storage):
       rtol=1e-5, atol=1e-5)
 
 
-@needs_compiler
+# A stand-in compiler that records its command lines and writes its output
+# file: the cache's logic without half a minute of compiling (every test that
+# runs a kernel builds and loads the real library).
+_RECORDING_CXX = """#!/bin/sh
+echo "$@" >> "$(dirname "$0")/calls"
+while [ "$#" -gt 2 ]; do shift; done
+echo built > "$2"
+"""
+
+
 def test_build_is_cached_and_leaves_no_partial_file(tmp_path):
-  path = native.build(native.compiler(), tmp_path)
-  built = path.stat().st_mtime_ns
-  assert native.build(native.compiler(), tmp_path) == path
-  assert path.stat().st_mtime_ns == built  # not compiled again
+  cxx = tmp_path / "bin" / "cxx"
+  cxx.parent.mkdir()
+  cxx.write_text(_RECORDING_CXX)
+  cxx.chmod(0o755)
+  cache = tmp_path / "cache"
+  path = native.build(str(cxx), cache)
+  assert native.build(str(cxx), cache) == path
+  calls = (cxx.parent / "calls").read_text().splitlines()
+  assert len(calls) == 1 and calls[0].endswith(".so.partial")  # compiled once
+  assert str(native.SOURCE) in calls[0] and path.read_text() == "built\n"
   with pytest.raises(subprocess.CalledProcessError):
-    native.build("false", tmp_path / "failed")
-  assert {p.name for p in tmp_path.rglob("*")} == {path.name, "failed"}
+    native.build("false", cache / "failed")
+  assert {p.name for p in cache.rglob("*")} == {path.name, "failed"}
 
 
 _FALLBACK = """
@@ -151,18 +167,22 @@ def test_without_the_kernels_products_run_in_xla(tmp_path, env, warning):
     assert "compiled CPU kernels are unavailable" in out and warning in out
 
 
+def _xla_conv(x, w, stride, pad):
+  return jax.lax.conv_general_dilated(
+      x, w, (stride, stride), ((pad, pad),) * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 def _conv_operands(seed, n, size, c_in, c_out, kernel, stride, pad):
   """x, dy and XLA's kernel gradient of a random NHWC/HWIO conv."""
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=(n, size, size + 1, c_in)), jnp.float32)
-  def conv(w):
-    return jax.lax.conv_general_dilated(
-        x, w, (stride, stride), ((pad, pad),) * 2,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
   w = jnp.zeros((kernel, kernel, c_in, c_out))
-  y, vjp = jax.vjp(conv, w)
-  dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
-  return x, dy, vjp(dy)[0]
+  conv = lambda x, w: _xla_conv(x, w, stride, pad)
+  dy = jnp.asarray(rng.normal(size=jax.eval_shape(conv, x, w).shape),
+                   jnp.float32)
+  gradient = lambda x, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]
+  return x, dy, helpers.jit_fast_compile(gradient)(x, dy)
 
 
 # Random conv geometries the compiled kernels take (and the map size apart).
@@ -177,8 +197,8 @@ def _assert_kernel_gradient_matches_xla(seed, n, size, c_in, c_out, kernel,
                                         stride, pad, **options):
   hypothesis.assume(size + 2 * pad >= kernel)
   x, dy, want = _conv_operands(seed, n, size, c_in, c_out, kernel, stride, pad)
-  got = native.conv_kernel_gradient(x, dy, (kernel, kernel), (stride, stride),
-                                    (pad, pad), **options)
+  got = helpers.jit_fast_compile(lambda x, dy: native.conv_kernel_gradient(
+      x, dy, (kernel, kernel), (stride, stride), (pad, pad), **options))(x, dy)
   scale = float(jnp.sqrt(n * dy.shape[1] * dy.shape[2]))  # a sum's spread
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
 
@@ -189,10 +209,10 @@ def _assert_conv_matches_xla(seed, n, size, c_in, c_out, kernel, stride, pad,
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=(n, size, size + 1, c_in)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(kernel, kernel, c_in, c_out)), jnp.float32)
-  want = jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad),) * 2,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  got = native.conv(x, w, (stride, stride), (pad, pad), want.shape[1:3],
-                    **options)
+  want = helpers.jit_fast_compile(_xla_conv, static_argnums=(2, 3))(
+      x, w, stride, pad)
+  got = helpers.jit_fast_compile(lambda x, w: native.conv(
+      x, w, (stride, stride), (pad, pad), want.shape[1:3], **options))(x, w)
   scale = float(np.sqrt(kernel * kernel * c_in))  # a sum's spread
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
 
