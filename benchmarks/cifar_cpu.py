@@ -12,9 +12,10 @@ copy of the run's workdir without its twa phase. --overrides passes config
 overrides to every run, e.g. TWA-v (config.twa.holdout_fraction).
 
 Several seeds (--seeds) are summarized as mean and standard deviation per
-method. --sweep-heads adds the sweep phase (Figure 3: SWA and TWA over epochs
-0..k for each head k, and SGD trained for k + twa.epochs epochs with its
-schedule compressed). --select-twa chooses TWA's learning rate and epochs on
+method, apart for each setting (the config's, each swa_lr, each variant).
+--sweep-heads adds the sweep phase (Figure 3: SWA and TWA over epochs 0..k
+for each head k, and SGD trained for k + twa.epochs epochs with its schedule
+compressed). --select-twa chooses TWA's learning rate and epochs on
 held-out training data first (never on test): one SGD run of the first seed
 with 20% of the training set held out as its test split, --select-sgd-epochs
 epochs at the config's initial learning rate (its schedule before the first
@@ -115,20 +116,24 @@ def tail_claims(summary: dict) -> dict:
 def variant(stage: str, head: str, granularity: str, storage: str,
             overrides: list[str], smoke: bool,
             settings: list[str] | None = None) -> dict:
-  """TWA again on `head`'s trajectory, in a copy of it without the twa phase
-  (by default with the given granularity and storage; `settings`: other
-  config overrides instead)."""
+  """TWA again on `head`'s trajectory, in a copy of it without the twa and
+  sweep phases (by default with the given granularity and storage;
+  `settings`: other config overrides instead)."""
   workdir = f"{head}_{granularity}_{storage}"
-  if not os.path.exists(workdir):
-    shutil.copytree(head, workdir,
-                    ignore=lambda d, names: {"twa", "summary.json", "plots",
-                                             "lock"}
+  if not os.path.exists(workdir):  # copied whole or not at all
+    partial = f"{workdir}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(head, partial,
+                    ignore=lambda d, names: {"twa", "sweep", "summary.json",
+                                             "plots", "lock"}
                     if d == head else set())
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = os.path.join(partial, "metrics.jsonl")
     with open(path) as f:
-      kept = [r for r in f if json.loads(r)["phase"] != "twa"]
+      kept = [r for r in f
+              if json.loads(r)["phase"].split("/")[0] not in ("twa", "sweep")]
     with open(path, "w") as f:
       f.writelines(kept)
+    os.rename(partial, workdir)
   if settings is None:
     settings = [f"--config.twa.granularity={granularity}",
                 f"--config.twa.storage={storage}"]
@@ -249,28 +254,31 @@ def main() -> None:
     data += ["--config.phases=sgd,swa,twa,sweep,report",
              f"--config.sweep.heads=({args.sweep_heads},)",
              "--config.sweep.budget_matched_sgd=True"]
+  variants = [v.split(":") for v in args.variants.split(",") if v]
   runs = report["runs"]
   for seed in seeds:
     lrs = args.swa_lrs.split(",") if args.stage == "tail" else [None]
     for lr in lrs:
-      label = f"seed {seed}" + (f", swa_lr {lr}" if lr else "")
+      setting = f"swa_lr {lr}" if lr else ""
       overrides = data + [f"--config.seed={seed}"] + (
           [f"--config.sgd.swa_lr={lr}"] if lr else [])
       workdir = os.path.join(args.workdirs, f"{name}_s{seed}"
                              + (f"_lr{lr}" if lr else ""))
-      summaries = [(label, workdir, run(args.stage, workdir, overrides,
-                                        args.smoke))]
-      for v in (v for v in args.variants.split(",") if v):
-        granularity, storage = v.split(":")
-        summaries.append((f"{label}, {granularity} {storage}",
+      summaries = [(setting, workdir, run(args.stage, workdir, overrides,
+                                          args.smoke))]
+      for granularity, storage in variants:
+        summaries.append((", ".join(filter(None, [
+                              setting, f"{granularity} {storage}"])),
                           f"{workdir}_{granularity}_{storage}",
                           variant(args.stage, workdir, granularity, storage,
                                   overrides, args.smoke)))
-      for label, path, summary in summaries:
+      for setting, path, summary in summaries:
+        label = ", ".join(filter(None, [f"seed {seed}", setting]))
         claims = (head_claims if args.stage == "head" else tail_claims)(
             summary) if "twa" in summary["results"] else {}
         sweep = os.path.join(path, "sweep", "result.json")
-        runs.append({"label": label, "workdir": path, "claims": claims,
+        runs.append({"label": label, "setting": setting or "config",
+                     "workdir": path, "claims": claims,
                      "results": summary["results"],
                      "twa": summary.get("twa"),
                      "sweep": (json.load(open(sweep))
@@ -279,8 +287,12 @@ def main() -> None:
                            ["run", "method", "epochs", "test_acc", "train_acc",
                             "gap"]))
         print(json.dumps(claims))
-  report["aggregate"] = aggregate(runs)
-  print(aggregate_table(report["aggregate"]))
+  # Over the seeds, apart for each setting (swa_lr, variant).
+  report["aggregates"] = {
+      setting: aggregate([r for r in runs if r["setting"] == setting])
+      for setting in dict.fromkeys(r["setting"] for r in runs)}
+  for setting, agg in report["aggregates"].items():
+    print(f"{setting}:\n{aggregate_table(agg)}")
   common.write_json(args.out, report)
 
 
