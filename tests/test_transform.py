@@ -1,5 +1,7 @@
 """The optax transformations: project, twa, scale_by_subspace."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,18 +17,29 @@ import strategies
 import twa_jax as twa
 
 
-def _loss_fn(tree, seed: int):
-  """A smooth non-quadratic loss over any float tree (fixed random weights)."""
-  leaves = jax.tree_util.tree_leaves(tree)
+def _loss_weights(tree, seed: int) -> list[np.ndarray]:
   rng = np.random.default_rng(seed)
-  total = 0.0
-  for leaf in leaves:
-    c = jnp.asarray(rng.normal(size=leaf.shape).astype(np.float32))
-    total = total + jnp.sum(jnp.sin(3.0 * leaf) * c + 0.5 * leaf ** 2)
-  return total
+  return [rng.normal(size=np.shape(leaf)).astype(np.float32)
+          for leaf in jax.tree_util.tree_leaves(tree)]
 
 
-# Fixed layouts: eager dispatch of the small ops compiles once per shape.
+def _weighted_loss(tree, weights):
+  """A smooth non-quadratic loss over any float tree (fixed random weights)."""
+  return sum((jnp.sum(jnp.sin(3.0 * leaf) * c + 0.5 * leaf ** 2)
+              for leaf, c in zip(jax.tree_util.tree_leaves(tree), weights)),
+             jnp.float32(0))
+
+
+_weighted_grad = helpers.jit_fast_compile(jax.grad(_weighted_loss))
+
+
+def _grad_fn(seed: int):
+  """The gradient of `_weighted_loss` with the weights drawn from `seed`,
+  compiled once per tree structure."""
+  return lambda tree: _weighted_grad(tree, _loss_weights(tree, seed))
+
+
+# Fixed layouts: the gradients compile once per layout.
 SNAPSHOTS = strategies.snapshot_sets(layout_strategy=strategies.fixed_layouts())
 
 
@@ -39,9 +52,10 @@ def _out_of_span(basis, tree) -> float:
 
 def _run(tx, params, grad_fn, steps):
   state = tx.init(params)
+  update = helpers.jit_fast_compile(tx.update)
   history = []
   for _ in range(steps):
-    updates, state = tx.update(grad_fn(params), state, params)
+    updates, state = update(grad_fn(params), state, params)
     params = optax.apply_updates(params, updates)
     history.append(params)
   return history
@@ -64,7 +78,7 @@ def test_twa_matches_explicit_update_and_stays_in_span(
   wd = 1e-3
   tx = twa.twa(basis, lr, momentum=momentum, weight_decay=wd,
                nesterov=nesterov and momentum > 0)
-  grad_fn = jax.grad(lambda t: _loss_fn(t, seed))
+  grad_fn = _grad_fn(seed)
   history = _run(tx, params, grad_fn, steps=4)
 
   # The recursion written out with the explicit float64 basis matrix.
@@ -88,7 +102,7 @@ def test_scale_by_subspace_adam_stays_in_span_where_chained_adam_leaves(snaps, s
   basis = twa.basis_from_snapshots(snaps.snapshots)
   rng = np.random.default_rng(seed)
   params = _combination(snaps, rng)
-  grad_fn = jax.grad(lambda t: _loss_fn(t, seed))
+  grad_fn = _grad_fn(seed)
   tx = twa.scale_by_subspace(basis, optax.adam(0.05))
   state = tx.init(params)
   inner = jax.tree_util.tree_leaves(state)
@@ -107,7 +121,7 @@ def test_scale_by_subspace_sgd_equals_projected_sgd(snaps, seed):
   basis = twa.basis_from_snapshots(snaps.snapshots)
   params = strategies.fill(snaps.layout, np.random.default_rng(seed).normal(
       size=snaps.matrix.shape[1]))  # anywhere, not only in the span
-  grad_fn = jax.grad(lambda t: _loss_fn(t, seed))
+  grad_fn = _grad_fn(seed)
   sgd = optax.sgd(0.03, momentum=0.9)
   a = _run(twa.scale_by_subspace(basis, sgd), params, grad_fn, 4)
   b = _run(optax.chain(twa.project(basis), sgd), params, grad_fn, 4)
@@ -139,9 +153,10 @@ def _assert_trees_close(a, b, atol=1e-5):
 def test_jitted_step_matches_eager_with_basis_as_argument():
   snaps, basis = _problem()
   params = twa.swa(snaps)
-  grad_fn = jax.grad(lambda t: _loss_fn(t, 1))
+  weights = _loss_weights(params, 1)
 
   def step(basis, params, opt_state):
+    grad_fn = functools.partial(jax.grad(_weighted_loss), weights=weights)
     tx = twa.twa(basis, 0.1)
     updates, opt_state = tx.update(grad_fn(params), opt_state, params)
     return optax.apply_updates(params, updates), opt_state
@@ -164,7 +179,7 @@ def test_jitted_step_matches_eager_with_basis_as_argument():
 def test_inside_multisteps_equals_one_step_on_the_mean_gradient():
   snaps, basis = _problem()
   params = twa.swa(snaps)
-  grads = [jax.grad(lambda t: _loss_fn(t, s))(params) for s in range(3)]
+  grads = [_grad_fn(s)(params) for s in range(3)]
   multi = optax.MultiSteps(twa.twa(basis, 0.1), every_k_schedule=3)
   state = multi.init(params)
   current = params
@@ -183,7 +198,7 @@ def test_inside_multisteps_equals_one_step_on_the_mean_gradient():
 def test_chained_with_inject_hyperparams_sgd():
   snaps, basis = _problem()
   params = twa.swa(snaps)
-  grad_fn = jax.grad(lambda t: _loss_fn(t, 2))
+  grad_fn = _grad_fn(2)
   tx = optax.chain(twa.project(basis), optax.add_decayed_weights(1e-4),
                    optax.inject_hyperparams(optax.sgd)(learning_rate=0.1,
                                                        momentum=0.9))
@@ -298,7 +313,7 @@ def test_optimizer_states_hold_no_basis():
   """Checkpoints are P-free by construction: no state leaf is P-sized."""
   snaps, basis = _problem()
   params = twa.swa(snaps)
-  grads = jax.grad(lambda t: _loss_fn(t, 4))(params)
+  grads = _grad_fn(4)(params)
   d, k = basis.num_params, basis.dim
   assert k >= 2
   for tx, budget in ((twa.project(basis), 0), (twa.twa(basis, 0.1), d + 1),
